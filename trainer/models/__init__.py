@@ -1,0 +1,1 @@
+"""POUTA, its ablations and the vanilla DRAEM-style baseline."""
