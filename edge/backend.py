@@ -1,0 +1,112 @@
+"""Inference backends behind one protocol, chosen from the model file.
+
+``.onnx`` -> ONNX Runtime (CPU by default, CUDA/TensorRT execution providers when asked
+for and installed); ``.plan``/``.engine`` -> TensorRT (``tensorrt_backend``). Every
+backend checks the artifact's own tensor shapes against its metadata sidecar and
+refuses a mismatch.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from .errors import ConfigError, MetadataError
+from .metadata import (
+    INPUT_NAME,
+    OUTPUT_ANOMALY_MAP,
+    OUTPUT_SCORE,
+    ModelMetadata,
+    check_io,
+    load_for_model,
+)
+
+ONNX_SUFFIXES = (".onnx",)
+TENSORRT_SUFFIXES = (".plan", ".engine", ".trt")
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Runs a batch [N,3,H,W] float32 and returns (anomaly_map [N,1,H,W], score [N])."""
+
+    name: str
+    metadata: ModelMetadata
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+class OnnxRuntimeBackend:
+    """ONNX Runtime session for a contract model. CPU unless providers say otherwise."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        metadata: ModelMetadata | None = None,
+        providers: Sequence[str] | None = None,
+        threads: int | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ConfigError(f"{self.path}: model file not found")
+        self.metadata = metadata if metadata is not None else load_for_model(self.path)
+        available = ort.get_available_providers()
+        wanted = list(providers) if providers else ["CPUExecutionProvider"]
+        missing = [p for p in wanted if p not in available]
+        if missing:
+            raise ConfigError(
+                f"providers: {missing} not available in this onnxruntime build (available: {available})"
+            )
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=wanted)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise MetadataError(f"{self.path}: ONNX Runtime cannot load the model ({exc})") from None
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if INPUT_NAME not in inputs:
+            raise MetadataError(f"{self.path}: has no input '{INPUT_NAME}' (inputs: {sorted(inputs)})")
+        outputs = [o.name for o in self.session.get_outputs()]
+        check_io(self.metadata, tuple(inputs[INPUT_NAME].shape), outputs, str(self.path))
+        self.providers = self.session.get_providers()
+        self.name = f"onnxruntime:{self.providers[0].replace('ExecutionProvider', '').lower()}"
+        self._outputs = [OUTPUT_ANOMALY_MAP, OUTPUT_SCORE]
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return self.metadata.input.height, self.metadata.input.width
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        amap, score = self.session.run(self._outputs, {INPUT_NAME: batch})
+        return amap, score
+
+    def close(self) -> None:
+        self.session = None  # type: ignore[assignment]
+
+
+def open_backend(
+    path: str | os.PathLike[str],
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+) -> Backend:
+    """The backend for a model file, chosen by its suffix."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix in ONNX_SUFFIXES:
+        return OnnxRuntimeBackend(p, providers=providers, threads=threads)
+    if suffix in TENSORRT_SUFFIXES:
+        from .tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(p)
+    raise ConfigError(
+        f"{p}: unknown model type '{suffix}', expected one of {ONNX_SUFFIXES + TENSORRT_SUFFIXES}"
+    )

@@ -1,0 +1,49 @@
+"""Heatmap colouring and blending: the one implementation used by the runtime's overlay
+images, evaluation reports and calibration pictures."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from .preprocess import to_rgb8_or_16
+
+
+def to_bgr8(image: np.ndarray, color_order: str = "BGR") -> np.ndarray:
+    """Any supported image (gray, BGR, BGRA, RGB; uint8/uint16/float [0,1]) -> BGR uint8."""
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype.kind == "f":
+        image = np.clip(image * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    rgb = to_rgb8_or_16(image, color_order)
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+
+
+def colorize(amap: np.ndarray, vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
+    """Anomaly map [H,W] (or [1,H,W]) -> BGR uint8 heatmap (blue = normal, red = anomalous).
+
+    A fixed [vmin, vmax] scale (not per-image min/max) so that a good part stays blue
+    instead of having its noise stretched to full red.
+    """
+    a = np.asarray(amap, dtype=np.float32).squeeze()
+    if a.ndim != 2:
+        raise ValueError(f"anomaly map: expected [H,W] or [1,H,W], got shape {np.shape(amap)}")
+    span = max(vmax - vmin, 1e-12)
+    u8 = np.clip((a - vmin) * (255.0 / span) + 0.5, 0, 255).astype(np.uint8)
+    return cv2.applyColorMap(u8, cv2.COLORMAP_JET)
+
+
+def blend(
+    image_bgr: np.ndarray,
+    amap: np.ndarray,
+    alpha: float = 0.45,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+) -> np.ndarray:
+    """Heatmap blended over the image; the map is resized to the image when sizes differ."""
+    base = to_bgr8(image_bgr)
+    a = np.asarray(amap, dtype=np.float32).squeeze()
+    if a.shape != base.shape[:2]:
+        a = cv2.resize(a, (base.shape[1], base.shape[0]), interpolation=cv2.INTER_LINEAR)
+    heat = colorize(a, vmin, vmax)
+    return cv2.addWeighted(base, 1.0 - alpha, heat, alpha, 0.0)
