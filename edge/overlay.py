@@ -47,3 +47,34 @@ def blend(
         a = cv2.resize(a, (base.shape[1], base.shape[0]), interpolation=cv2.INTER_LINEAR)
     heat = colorize(a, vmin, vmax)
     return cv2.addWeighted(base, 1.0 - alpha, heat, alpha, 0.0)
+
+
+def draw_overlay(
+    image: np.ndarray,
+    amap_source: np.ndarray,
+    verdict: str,
+    score: float,
+    pixel_threshold: float,
+    color_order: str = "BGR",
+    alpha: float = 0.45,
+) -> np.ndarray:
+    """Operator picture: heatmap blended over the part, defect contours, verdict text.
+
+    ``amap_source`` is the anomaly map already mapped to the image size
+    (``Preprocessor.map_to_source``), so contours follow source pixels.
+    """
+    base = to_bgr8(image, color_order)
+    out = blend(base, amap_source, alpha)
+    mask = (np.asarray(amap_source, dtype=np.float32) > pixel_threshold).astype(np.uint8)
+    if mask.any():
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, (255, 255, 255), max(1, out.shape[1] // 400))
+    color = (0, 0, 255) if verdict == "NG" else (0, 200, 0)
+    scale = max(0.4, out.shape[1] / 800.0)
+    thick = max(1, round(scale * 2))
+    text = f"{verdict} {score:.3f}"
+    org = (max(4, out.shape[1] // 100), max(12, round(22 * scale)))
+    # Dark outline first so the text stays readable on any heatmap colour.
+    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick + 2, cv2.LINE_AA)
+    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, color, thick, cv2.LINE_AA)
+    return out

@@ -1,0 +1,306 @@
+"""``pouta-edge``: run | capture | cameras.
+
+Exit codes (documented in ``--help`` too):
+  0  finished (end of input, --max-frames/--duration reached, or stopped by SIGINT/SIGTERM
+     after flushing every pending result)
+  1  unexpected internal error
+  2  invalid usage, config or model (metadata mismatch, missing file, bad value)
+  3  the frame source could not be opened (camera not found, no producer, no images)
+  4  finished, but some result files could not be written (kept in memory, counted)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import PoutaError
+from .sources import SourceError
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_CONFIG = 2
+EXIT_SOURCE = 3
+EXIT_WRITE_ERRORS = 4
+
+EPILOG = """exit codes:
+  0  finished, or stopped by SIGINT/SIGTERM after flushing pending results
+  1  unexpected internal error
+  2  invalid usage, config or model (e.g. metadata mismatch)
+  3  frame source could not be opened
+  4  finished, but some result files could not be written
+"""
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("frame source (one of)")
+    g.add_argument("--images", metavar="DIR|GLOB", help="replay an image folder (recursive) or glob")
+    g.add_argument("--video", metavar="FILE", help="video file through OpenCV")
+    g.add_argument("--uvc", metavar="N", type=int, help="UVC/V4L2 camera index through OpenCV")
+    g.add_argument("--camera", metavar="N|sim", help="GenICam camera index, or 'sim' for viky.cti")
+    g.add_argument("--camera-serial", metavar="S", help="GenICam camera by serial number")
+    g.add_argument("--camera-id", metavar="ID", help="GenICam camera by device id")
+    g.add_argument("--cti", metavar="FILE", help="GenTL producer (default: $GENICAM_GENTL64_PATH)")
+    g.add_argument("--pixel-format", help="GenICam PixelFormat, e.g. Mono8, BayerRG8, RGBa8")
+    g.add_argument("--software-trigger", action="store_true", default=None)
+    g.add_argument("--fps", type=float, help="replay rate for --images/--video")
+    g.add_argument("--loop", action="store_true", default=None, help="replay --images/--video forever")
+
+
+def _source_overrides(a: argparse.Namespace) -> dict[str, Any]:
+    s: dict[str, Any] = {}
+    if a.images:
+        s.update(kind="images", path=a.images)
+    elif a.video:
+        s.update(kind="video", path=a.video)
+    elif a.uvc is not None:
+        s.update(kind="uvc", camera=a.uvc)
+    elif a.camera is not None or a.camera_serial or a.camera_id:
+        s.update(kind="genicam", camera=a.camera, serial=a.camera_serial, device_id=a.camera_id)
+    for key, val in (
+        ("cti", a.cti),
+        ("pixel_format", a.pixel_format),
+        ("software_trigger", a.software_trigger),
+        ("fps", a.fps),
+        ("loop", a.loop),
+    ):
+        if val is not None:
+            s[key] = val
+    return s
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="pouta-edge",
+        description="Line-side anomaly inspection: frames in, OK/NG result files out.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run", help="inspect parts", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    run.add_argument(
+        "--config", metavar="YAML", help="run config (defaults: pouta/edge/configs/default.yaml)"
+    )
+    run.add_argument("--model", "--engine", dest="model", metavar="FILE", help=".onnx or .plan/.engine model")
+    run.add_argument("--providers", help="ONNX Runtime providers, comma separated (default CPU)")
+    run.add_argument("--threads", type=int)
+    run.add_argument("--expect-kind", help="refuse a model whose metadata model_kind differs")
+    run.add_argument("--expect-precision", help="refuse a model whose metadata precision differs")
+    _add_source_args(run)
+    run.add_argument("--roi", help="x,y,width,height crop in source pixels")
+    run.add_argument("--out", metavar="DIR", help="result folder")
+    run.add_argument("--overlays", choices=("ng", "all", "none"))
+    run.add_argument("--no-fsync", action="store_true", help="skip fsync (faster, not power-loss safe)")
+    run.add_argument("--policy", choices=("drop-oldest", "block"))
+    run.add_argument("--queue-size", type=int)
+    run.add_argument("--max-frames", type=int)
+    run.add_argument("--duration", type=float, help="seconds")
+    run.add_argument("--quiet", action="store_true", help="no live status line")
+    run.add_argument("--summary-json", metavar="FILE", help="also write the final summary as JSON")
+
+    cap = sub.add_parser("capture", help="save camera frames (normal parts) for training")
+    _add_source_args(cap)
+    cap.add_argument("--frames", type=int, default=50)
+    cap.add_argument("--out", required=True, metavar="DIR")
+    cap.add_argument("--format", choices=("png", "bmp", "tif"), default="png")
+
+    cams = sub.add_parser("cameras", help="list the GenICam devices of a producer")
+    cams.add_argument("--cti", metavar="FILE|sim")
+    return ap
+
+
+def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
+    o: dict[str, Any] = {}
+    m = {
+        k: v
+        for k, v in (
+            ("path", a.model),
+            ("threads", a.threads),
+            ("expect_kind", a.expect_kind),
+            ("expect_precision", a.expect_precision),
+            ("providers", a.providers.split(",") if a.providers else None),
+        )
+        if v is not None
+    }
+    if m:
+        o["model"] = m
+    s = _source_overrides(a)
+    if s:
+        o["source"] = s
+    if a.roi:
+        o["preprocess"] = {"roi": a.roi}
+    out = {
+        k: v
+        for k, v in (("dir", a.out), ("overlays", a.overlays), ("fsync", False if a.no_fsync else None))
+        if v is not None
+    }
+    if out:
+        o["output"] = out
+    pl = {
+        k: v
+        for k, v in (
+            ("policy", a.policy),
+            ("queue_size", a.queue_size),
+            ("max_frames", a.max_frames),
+            ("duration", a.duration),
+        )
+        if v is not None
+    }
+    if pl:
+        o["pipeline"] = pl
+    return o
+
+
+def _print_summary(s: dict[str, Any], out_dir: str) -> None:
+    lat = s["latency_ms"].get("total", {"p50": 0.0, "p99": 0.0})
+    lines = [
+        f"parts {s['processed']}  OK {s['ok']}  NG {s['ng']}  fps {s['mean_fps']:.1f}  "
+        f"latency p50 {lat['p50']:.1f} ms p99 {lat['p99']:.1f} ms",
+        f"dropped {s['dropped']}  corrupt {s['corrupt']}  timeouts {s['timeouts']}  reconnects "
+        f"{s['reconnects']}  frame errors {s['frame_errors']}  write errors {s['write_errors']}",
+    ]
+    if s["labelled"]:
+        lines.append(
+            f"verdicts right {s['correct']} / {s['labelled']} ({100.0 * s['correct'] / s['labelled']:.1f}%), "
+            f"wrong {s['labelled'] - s['correct']}"
+        )
+    lines.append(f"results in {out_dir}  (model {s['model_id']}, {s['backend']})")
+    print("\n".join(lines), flush=True)
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from .config import build_pipeline, load_config
+
+    cfg = load_config(a.config, _run_overrides(a))
+    pipe = build_pipeline(cfg)
+    stop_reason: list[str] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop_reason.append(signal.Signals(signum).name)
+        pipe.stop()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            pipe.start()
+        except SourceError:
+            pipe.backend.close()
+            raise
+        interval = float(cfg["pipeline"]["status_interval"] or 1.0)
+        live = not a.quiet and sys.stderr.isatty()
+        while pipe.running:
+            pipe.join(timeout=interval)
+            if not a.quiet:
+                line = pipe.stats.status_line()
+                # One updating line on a terminal, plain lines in a log file.
+                sys.stderr.write(f"\r{line}\033[K" if live else line + "\n")
+                sys.stderr.flush()
+        if live:
+            sys.stderr.write("\n")
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    summary = pipe.summary()
+    summary["stopped_by"] = stop_reason[0] if stop_reason else None
+    pipe.backend.close()
+    _print_summary(summary, cfg["output"]["dir"])
+    if a.summary_json:
+        from .fsutil import atomic_write_json
+
+        atomic_write_json(a.summary_json, summary)
+    if pipe.fatal is not None:
+        return EXIT_INTERNAL
+    return EXIT_WRITE_ERRORS if summary["write_errors"] else EXIT_OK
+
+
+def cmd_capture(a: argparse.Namespace) -> int:
+    import cv2
+
+    from .config import load_config, make_source
+    from .fsutil import atomic_write_bytes
+    from .overlay import to_bgr8
+    from .sources import FrameTimeout
+
+    cfg = load_config(None, {"source": _source_overrides(a)})
+    src = make_source(cfg["source"])
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    src.open()
+    saved = failures = 0
+    try:
+        while saved < a.frames:
+            try:
+                frame = src.read()
+            except (FrameTimeout, PoutaError) as exc:
+                failures += 1
+                print(f"skipped: {exc}", file=sys.stderr)
+                if failures > 10 * a.frames:
+                    break
+                continue
+            if frame is None:
+                break
+            img = frame.image
+            # Keep 16-bit data as is; colour goes to BGR because that is what image files store.
+            if img.ndim == 3:
+                img = to_bgr8(img, frame.color_order)
+            ok, buf = cv2.imencode(f".{a.format}", img)
+            if not ok:
+                raise PoutaError(f"cannot encode frame {frame.frame_id} as {a.format}")
+            atomic_write_bytes(out / f"frame_{saved:06d}.{a.format}", buf.tobytes())
+            saved += 1
+    finally:
+        src.close()
+    print(f"saved {saved} frames to {out}")
+    return EXIT_OK if saved == a.frames else EXIT_SOURCE
+
+
+def cmd_cameras(a: argparse.Namespace) -> int:
+    from .genicam import list_cameras
+
+    cams = list_cameras(a.cti)
+    if not cams:
+        print("no devices found")
+        return EXIT_SOURCE
+    for c in cams:
+        print(json.dumps(c, default=str))
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    t0 = time.perf_counter()
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "capture":
+            return cmd_capture(args)
+        return cmd_cameras(args)
+    except SourceError as exc:
+        print(f"pouta-edge: {exc}", file=sys.stderr)
+        return EXIT_SOURCE
+    except PoutaError as exc:
+        print(f"pouta-edge: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return EXIT_OK
+    finally:
+        if args.verbose:
+            print(f"took {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

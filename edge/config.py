@@ -1,0 +1,144 @@
+"""Run configuration: packaged defaults <- user YAML <- CLI flags, then wired into a Pipeline."""
+
+from __future__ import annotations
+
+import copy
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .backend import Backend, open_backend
+from .errors import ConfigError
+from .metadata import check_request
+from .pipeline import Pipeline
+from .postprocess import PostProcessor
+from .preprocess import Preprocessor, Roi
+from .sinks import ResultWriter
+from .sources import FrameSource, ImageFolderSource, VideoSource
+
+
+def default_config() -> dict[str, Any]:
+    text = resources.files("pouta.edge").joinpath("configs/default.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+def merge(base: dict[str, Any], override: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Deep merge; an unknown key is an error naming it (typos must not be silently ignored)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        path = f"{where}{key}"
+        if key not in base:
+            raise ConfigError(f"config: unknown key '{path}' (known: {', '.join(sorted(base))})")
+        if isinstance(base[key], dict) and key != "nodes":
+            if not isinstance(value, dict):
+                raise ConfigError(f"config: '{path}' must be a mapping, got {type(value).__name__}")
+            out[key] = merge(base[key], value, f"{path}.")
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    cfg = default_config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            user = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level")
+        cfg = merge(cfg, user)
+    if overrides:
+        cfg = merge(cfg, overrides)
+    return cfg
+
+
+def make_source(scfg: dict[str, Any]) -> FrameSource:
+    kind = scfg.get("kind")
+    if kind == "images":
+        return ImageFolderSource(
+            scfg["path"], fps=scfg["fps"], loop=bool(scfg["loop"]), labels=scfg["labels"]
+        )
+    if kind == "video":
+        return VideoSource(str(scfg["path"]), fps=scfg["fps"], loop=bool(scfg["loop"]))
+    if kind == "uvc":
+        return VideoSource(int(scfg["camera"] or 0))
+    if kind == "genicam":
+        from .genicam import GenICamSource
+
+        return GenICamSource.from_config(scfg)
+    raise ConfigError(
+        "source: none given; use --images DIR, --video FILE, --uvc N or --camera N|sim (or source.kind)"
+    )
+
+
+def make_backend(mcfg: dict[str, Any]) -> Backend:
+    if not mcfg.get("path"):
+        raise ConfigError("model.path: no model given (use --model/--engine FILE)")
+    backend = open_backend(mcfg["path"], providers=mcfg.get("providers"), threads=mcfg.get("threads"))
+    try:
+        check_request(
+            backend.metadata,
+            str(mcfg["path"]),
+            model_kind=mcfg.get("expect_kind"),
+            precision=mcfg.get("expect_precision"),
+        )
+    except Exception:
+        backend.close()
+        raise
+    return backend
+
+
+def build_pipeline(cfg: dict[str, Any], source: FrameSource | None = None) -> Pipeline:
+    backend = make_backend(cfg["model"])
+    meta = backend.metadata
+    pc = cfg["preprocess"]
+    pre = Preprocessor(
+        meta.input.height, meta.input.width, roi=Roi.parse(pc["roi"]), interpolation=pc["interpolation"]
+    )
+    oc = cfg["postprocess"]
+    post = PostProcessor(
+        meta.thresholds,
+        pre,
+        min_area=oc["min_area"],
+        max_regions=oc["max_regions"],
+        image_threshold=oc["image_threshold"],
+        pixel_threshold=oc["pixel_threshold"],
+    )
+    out = cfg["output"]
+    sink = ResultWriter(
+        out["dir"],
+        json_files=out["json"],
+        csv=out["csv"],
+        latest=out["latest"],
+        overlays=out["overlays"],
+        overlay_format=out["overlay_format"],
+        keep_files=out["keep_files"],
+        keep_mb=out["keep_mb"],
+        fsync=out["fsync"],
+    )
+    pl = cfg["pipeline"]
+    policy = pl["policy"]
+    sc = cfg["source"]
+    if source is None and sc.get("kind") in ("images", "video") and not sc.get("fps"):
+        # A file replayed as fast as inference takes it has no line rate to keep up with.
+        policy = "block"
+    return Pipeline(
+        source if source is not None else make_source(cfg["source"]),
+        pre,
+        backend,
+        post,
+        sink,
+        queue_size=int(pl["queue_size"]),
+        policy=policy,
+        max_frames=pl["max_frames"],
+        duration=pl["duration"],
+    )

@@ -1,0 +1,264 @@
+"""Frame sources: anything that yields camera-like frames, behind one small protocol.
+
+A source's ``read`` returns the next ``Frame``, ``None`` at the end of the stream, or
+raises: ``ImageReadError`` for one corrupt frame (the pipeline skips and counts it) and
+``FrameTimeout`` when nothing arrived in time (counted; the source recovers by itself).
+Any other exception is a bug in one frame and is counted too, never fatal.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from .errors import ConfigError, ImageReadError, PoutaError
+from .preprocess import is_image_file, read_image
+
+OK = "OK"
+NG = "NG"
+GOOD_FOLDER_NAMES = frozenset({"good", "ok", "normal"})
+
+
+class FrameTimeout(PoutaError):
+    """No frame arrived within the source's timeout."""
+
+
+class SourceError(PoutaError):
+    """A source cannot be opened (camera not found, file missing)."""
+
+
+@dataclass
+class Frame:
+    """One acquired image plus what the result files need to say about it."""
+
+    image: np.ndarray
+    frame_id: int
+    timestamp_ns: int  # camera timestamp when the camera has one, else wall clock
+    source: str
+    label: str | None = None  # OK/NG when known (replayed labelled folder)
+    path: str | None = None
+    color_order: str = "BGR"  # of ``image`` when it has 3/4 channels
+    acquired: float = field(default_factory=time.perf_counter)
+
+
+@runtime_checkable
+class FrameSource(Protocol):
+    name: str
+
+    def open(self) -> None: ...
+
+    def read(self) -> Frame | None: ...
+
+    def close(self) -> None: ...
+
+
+def label_for(path: Path, root: Path | None) -> str | None:
+    """OK for images under a ``good``/``ok`` folder, NG under any other sub-folder.
+
+    Only images in sub-folders of the replayed root get a label: a flat folder of
+    captures says nothing about the parts in it.
+    """
+    if root is None:
+        return None
+    try:
+        rel = path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return None
+    if len(rel.parts) < 2:
+        return None
+    return OK if rel.parts[-2].lower() in GOOD_FOLDER_NAMES else NG
+
+
+def list_images(spec: str | os.PathLike[str]) -> tuple[list[Path], Path | None]:
+    """A folder (recursive) or a glob pattern -> sorted image paths and the label root."""
+    s = os.fspath(spec)
+    p = Path(s)
+    if p.is_dir():
+        files = sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q))
+        root: Path | None = p
+    elif any(ch in s for ch in "*?["):
+        files = sorted(Path(q) for q in glob.glob(s, recursive=True) if is_image_file(q))
+        root = None
+    elif p.is_file():
+        files, root = [p], None
+    else:
+        raise SourceError(f"{s}: image folder or pattern not found")
+    if not files:
+        raise SourceError(f"{s}: no image files found (expected one of .png .jpg .bmp .tif ...)")
+    return files, root
+
+
+class _Pacer:
+    """Keeps a source at ``fps`` frames per second (no-op when fps is None/0)."""
+
+    def __init__(self, fps: float | None) -> None:
+        self.period = 1.0 / fps if fps else 0.0
+        self.next = 0.0
+
+    def wait(self, stop: threading.Event | None = None) -> None:
+        if not self.period:
+            return
+        now = time.perf_counter()
+        if self.next == 0.0:
+            self.next = now
+        delay = self.next - now
+        if delay > 0:
+            if stop is not None:
+                stop.wait(delay)
+            else:
+                time.sleep(delay)
+        # A late frame does not cause a burst of catch-up frames.
+        self.next = max(self.next, time.perf_counter() - self.period) + self.period
+
+
+class ImageFolderSource:
+    """Replays a folder (recursively) or glob of images as a camera."""
+
+    def __init__(
+        self,
+        spec: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+        fps: float | None = None,
+        loop: bool = False,
+        labels: bool = True,
+    ) -> None:
+        if isinstance(spec, str | os.PathLike):
+            self.files, root = list_images(spec)
+            self.name = f"images:{os.fspath(spec)}"
+        else:
+            self.files, root = [Path(p) for p in spec], None
+            self.name = "images"
+        self.labels = [label_for(f, root) if labels else None for f in self.files]
+        self.loop = loop
+        self._pacer = _Pacer(fps)
+        self._index = 0
+        self._frame_id = 0
+        self.stop_event: threading.Event | None = None
+
+    def open(self) -> None:
+        self._index = 0
+
+    def read(self) -> Frame | None:
+        if self._index >= len(self.files):
+            if not self.loop:
+                return None
+            self._index = 0
+        i = self._index
+        self._index += 1
+        self._pacer.wait(self.stop_event)
+        path = self.files[i]
+        frame_id = self._frame_id
+        self._frame_id += 1
+        image = read_image(path)  # ImageReadError -> skipped and counted by the pipeline
+        return Frame(
+            image=image,
+            frame_id=frame_id,
+            timestamp_ns=time.time_ns(),
+            source=self.name,
+            label=self.labels[i],
+            path=str(path),
+            color_order="BGR",
+        )
+
+    def close(self) -> None:
+        pass
+
+
+class ArraySource:
+    """In-memory frames (benchmarks, tests): replays a list of images at ``fps``."""
+
+    def __init__(
+        self,
+        images: Sequence[np.ndarray],
+        labels: Sequence[str | None] | None = None,
+        fps: float | None = None,
+        count: int | None = None,
+        name: str = "arrays",
+    ) -> None:
+        if not images:
+            raise ConfigError("ArraySource: expected at least one image")
+        self.images = list(images)
+        self.labels = list(labels) if labels is not None else [None] * len(self.images)
+        self.count = count if count is not None else len(self.images)
+        self.name = name
+        self._pacer = _Pacer(fps)
+        self._n = 0
+        self.stop_event: threading.Event | None = None
+
+    def open(self) -> None:
+        self._n = 0
+
+    def read(self) -> Frame | None:
+        if self._n >= self.count:
+            return None
+        self._pacer.wait(self.stop_event)
+        i = self._n % len(self.images)
+        self._n += 1
+        return Frame(self.images[i], self._n - 1, time.time_ns(), self.name, self.labels[i])
+
+    def close(self) -> None:
+        pass
+
+
+class VideoSource:
+    """OpenCV ``VideoCapture``: a video file (``--video``) or a UVC/V4L2 camera (``--uvc``)."""
+
+    def __init__(self, target: str | int, fps: float | None = None, loop: bool = False) -> None:
+        self.target = target
+        self.loop = loop and not isinstance(target, int)
+        self.name = f"uvc:{target}" if isinstance(target, int) else f"video:{target}"
+        self._pacer = _Pacer(fps)
+        self._cap: object | None = None
+        self._frame_id = 0
+        self.stop_event: threading.Event | None = None
+
+    def open(self) -> None:
+        import cv2
+
+        if not isinstance(self.target, int) and not Path(self.target).is_file():
+            raise SourceError(f"{self.target}: video file not found")
+        cap = cv2.VideoCapture(self.target)
+        if not cap.isOpened():
+            raise SourceError(f"{self.name}: OpenCV cannot open this video/camera")
+        self._cap = cap
+
+    def read(self) -> Frame | None:
+        cap = self._cap
+        if cap is None:
+            raise SourceError(f"{self.name}: read before open()")
+        self._pacer.wait(self.stop_event)
+        ok, image = cap.read()  # type: ignore[attr-defined]
+        if not ok and self.loop:
+            cap.set(1, 0)  # type: ignore[attr-defined]  # CAP_PROP_POS_FRAMES
+            ok, image = cap.read()  # type: ignore[attr-defined]
+        if not ok:
+            if isinstance(self.target, int):
+                raise FrameTimeout(f"{self.name}: no frame from camera")
+            return None
+        fid = self._frame_id
+        self._frame_id += 1
+        return Frame(image, fid, time.time_ns(), self.name)
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()  # type: ignore[attr-defined]
+            self._cap = None
+
+
+def iterate(source: FrameSource) -> Iterator[Frame]:
+    """Frames of a finite source, skipping corrupt ones (for small tools and tests)."""
+    while True:
+        try:
+            frame = source.read()
+        except ImageReadError:
+            continue
+        if frame is None:
+            return
+        yield frame

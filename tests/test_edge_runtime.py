@@ -1,0 +1,334 @@
+"""Edge runtime: folder replay, result files, faults, CLI, torch-free imports."""
+
+from __future__ import annotations
+
+import json
+import os
+import pkgutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from contract_models import dark_part, make_brightness_model
+from pouta.edge import cli
+from pouta.edge.config import build_pipeline, load_config
+from pouta.edge.errors import ConfigError, MetadataError
+from pouta.edge.metadata import load_for_model, metadata_path
+from pouta.edge.pipeline import Pipeline
+from pouta.edge.postprocess import PostProcessor
+from pouta.edge.preprocess import Preprocessor, Roi
+from pouta.edge.sinks import ResultWriter
+from pouta.edge.sources import ArraySource, ImageFolderSource, label_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_folder(root: Path, n_good: int = 6, n_bad: int = 6, size: int = 96, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for name, defect, n in (("good", False, n_good), ("scratch", True, n_bad)):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            cv2.imwrite(str(root / name / f"{i:03d}.png"), dark_part(size, size, rng, defect))
+    return root
+
+
+def run_cfg(model: Path, images: Path, out: Path, **pipeline: object) -> dict:
+    return load_config(
+        None,
+        {
+            "model": {"path": str(model)},
+            "source": {"kind": "images", "path": str(images)},
+            "output": {"dir": str(out), "fsync": False},
+            "pipeline": pipeline,
+        },
+    )
+
+
+def test_labels_from_parent_folder(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "test", 1, 1)
+    assert label_for(root / "good" / "000.png", root) == "OK"
+    assert label_for(root / "scratch" / "000.png", root) == "NG"
+    assert label_for(root / "x.png", root) is None
+    src = ImageFolderSource(root)
+    assert sorted(src.labels) == ["NG", "OK"]
+
+
+def test_folder_replay_with_labels_and_corrupt_frame(brightness_onnx: Path, tmp_path: Path) -> None:
+    images = make_folder(tmp_path / "test")
+    (images / "scratch" / "broken.png").write_bytes(b"\x89PNG not really")
+    pipe = build_pipeline(run_cfg(brightness_onnx, images, tmp_path / "out"))
+    s = pipe.run()
+    assert s["corrupt"] == 1 and s["processed"] == 12 and s["dropped"] == 0
+    assert s["labelled"] == 12 and s["correct"] == 12 and (s["ok"], s["ng"]) == (6, 6)
+    parts = sorted((tmp_path / "out" / "parts").glob("*.json"))
+    assert len(parts) == 12 == s["written"]
+    rows = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    assert len(rows) == 13 and rows[0].startswith("wall_time,")
+    assert len(list((tmp_path / "out" / "overlays").glob("*.jpg"))) == 6  # NG only by default
+    d = json.loads(parts[-1].read_text())
+    for key in ("frame_id", "camera_timestamp_ns", "wall_time", "score", "threshold", "verdict", "regions"):
+        assert key in d
+    assert set(d["latency_ms"]) >= {"preprocess", "infer", "postprocess", "total"}
+
+
+def test_regions_in_source_pixels_with_roi() -> None:
+    pre = Preprocessor(32, 32, roi=Roi(100, 50, 64, 64))
+    from pouta.edge.metadata import Thresholds
+
+    post = PostProcessor(Thresholds(0.5, 0.5, "fixed"), pre, min_area=10)
+    amap = np.zeros((32, 32), np.float32)
+    amap[4:8, 10:14] = 0.9  # 4x4 model px -> 8x8 source px at (100+20, 50+8)
+    amap[20, 20] = 0.8  # 1 model px = 4 source px: below min_area
+    v = post(amap, 0.7, (300, 300))
+    assert v.verdict == "NG" and len(v.regions) == 1
+    r = v.regions[0]
+    assert (r.x, r.y, r.width, r.height, r.area) == (120, 58, 8, 8, 64)
+    assert r.max_score == pytest.approx(0.9)
+
+
+def test_concurrent_reader_never_sees_invalid_json(brightness_onnx: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    imgs = [dark_part(64, 64, rng, i % 2 == 1) for i in range(8)]
+    out = tmp_path / "out"
+    sink = ResultWriter(out, overlays="none", fsync=False)
+    cfg = run_cfg(brightness_onnx, tmp_path, out, policy="block")
+    pipe = build_pipeline(cfg, source=ArraySource(imgs, count=150))
+    pipe.sink = sink
+    bad: list[str] = []
+    reads = [0]
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            for p in [out / "latest.json", *list((out / "parts").glob("*.json"))[-3:]]:
+                try:
+                    text = p.read_text()
+                except FileNotFoundError:
+                    continue
+                try:
+                    json.loads(text)
+                    reads[0] += 1
+                except json.JSONDecodeError:
+                    bad.append(text)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    s = pipe.run()
+    done.set()
+    t.join()
+    assert not bad and reads[0] > 20
+    assert s["written"] == 150 == len(list((out / "parts").glob("*.json")))
+
+
+def test_unwritable_output_is_counted_and_loop_continues(brightness_onnx: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    sink = ResultWriter(out, overlays="all", fsync=False)
+    rng = np.random.default_rng(2)
+    pipe = build_pipeline(
+        run_cfg(brightness_onnx, tmp_path, out, policy="block"),
+        source=ArraySource([dark_part(64, 64, rng, True)], count=30),
+    )
+    pipe.sink = sink
+    # Removing the folders under the writer is what a failed/unmounted disk looks like,
+    # and works even as root (where chmod would not stop writes).
+    for sub in ("parts", "overlays"):
+        for f in (out / sub).iterdir():
+            f.unlink()
+        (out / sub).rmdir()
+    (out / "parts").write_text("not a folder")
+    s = pipe.run()
+    assert s["processed"] == 30 and s["write_errors"] >= 30 and s["frame_errors"] == 0
+    assert s["unsaved_in_memory"] == 30
+    # The disk comes back: the backlog is written in order with the next part.
+    (out / "parts").unlink()
+    (out / "parts").mkdir()
+    (out / "overlays").mkdir()
+    pipe2 = Pipeline(
+        ArraySource([dark_part(64, 64, rng, False)], count=1),
+        pipe.pre,
+        pipe.backend,
+        pipe.post,
+        sink,
+        policy="block",
+    )
+    s2 = pipe2.run()
+    assert s2["write_errors"] == 0 and sink.backlog == 0
+    assert len(list((out / "parts").glob("*.json"))) == 31
+
+
+def test_retention_keeps_last_files(tmp_path: Path, brightness_onnx: Path) -> None:
+    out = tmp_path / "out"
+    sink = ResultWriter(out, overlays="all", keep_files=10, fsync=False)
+    rng = np.random.default_rng(3)
+    pipe = build_pipeline(
+        run_cfg(brightness_onnx, tmp_path, out, policy="block"),
+        source=ArraySource([dark_part(64, 64, rng, True)], count=20),
+    )
+    pipe.sink = sink
+    pipe.run()
+    kept = list((out / "parts").glob("*.json")) + list((out / "overlays").glob("*.jpg"))
+    assert len(kept) == 10
+    assert len((out / "results.csv").read_text().splitlines()) == 21
+
+
+def test_drop_oldest_counts_drops_and_loses_no_results(brightness_onnx: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    rng = np.random.default_rng(4)
+    cfg = run_cfg(brightness_onnx, tmp_path, out, queue_size=1, policy="drop-oldest")
+    pipe = build_pipeline(cfg, source=ArraySource([dark_part(64, 64, rng, False)], count=400))
+    slow = pipe.backend.run
+
+    def run_slowly(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        time.sleep(0.002)
+        return slow(x)
+
+    pipe.backend.run = run_slowly  # type: ignore[method-assign]
+    s = pipe.run()
+    assert s["dropped"] > 0 and s["processed"] + s["dropped"] == 400
+    assert len(list((out / "parts").glob("*.json"))) == s["processed"] == s["written"]
+
+
+def test_exception_in_one_frame_does_not_kill_the_loop(brightness_onnx: Path, tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    cfg = run_cfg(brightness_onnx, tmp_path, tmp_path / "out", policy="block")
+    pipe = build_pipeline(cfg, source=ArraySource([dark_part(64, 64, rng, False)], count=10))
+    real, n = pipe.backend.run, [0]
+
+    def flaky(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        n[0] += 1
+        if n[0] == 3:
+            raise RuntimeError("injected")
+        return real(x)
+
+    pipe.backend.run = flaky  # type: ignore[method-assign]
+    s = pipe.run()
+    assert s["frame_errors"] == 1 and s["processed"] == 9
+
+
+def test_metadata_mismatch_refused(tmp_path: Path) -> None:
+    model = make_brightness_model(tmp_path / "m.onnx", 64, 64)
+    meta = load_for_model(model)
+    meta.input.height = meta.input.width = 96
+    meta.save(metadata_path(model))
+    with pytest.raises(MetadataError, match="96"):
+        build_pipeline(run_cfg(model, tmp_path, tmp_path / "o"))
+    ok = make_brightness_model(tmp_path / "ok.onnx", 64, 64)
+    cfg = run_cfg(ok, tmp_path, tmp_path / "o")
+    cfg["model"]["expect_kind"] = "pouta"
+    with pytest.raises(MetadataError, match="model_kind"):
+        build_pipeline(cfg)
+
+
+def test_config_rejects_unknown_key(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("output:\n  dri: x\n")
+    with pytest.raises(ConfigError, match="output.dri"):
+        load_config(p)
+
+
+def test_cli_run_exit_codes(
+    brightness_onnx: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = make_folder(tmp_path / "test", 3, 3, size=64)
+    rc = cli.main(
+        [
+            "run",
+            "--model",
+            str(brightness_onnx),
+            "--images",
+            str(images),
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+            "--no-fsync",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert rc == cli.EXIT_OK and "verdicts right 6 / 6" in out
+    assert (
+        cli.main(["run", "--model", str(brightness_onnx), "--images", str(tmp_path / "nope"), "--quiet"])
+        == cli.EXIT_SOURCE
+    )
+    assert (
+        cli.main(["run", "--model", str(tmp_path / "none.onnx"), "--images", str(images), "--quiet"])
+        == cli.EXIT_CONFIG
+    )
+    assert (
+        cli.main(
+            [
+                "run",
+                "--model",
+                str(brightness_onnx),
+                "--images",
+                str(images),
+                "--expect-kind",
+                "pouta",
+                "--quiet",
+            ]
+        )
+        == cli.EXIT_CONFIG
+    )
+
+
+def test_sigterm_flushes_pending_results(brightness_onnx: Path, tmp_path: Path) -> None:
+    images = make_folder(tmp_path / "test", 2, 2, size=64)
+    out = tmp_path / "out"
+    summary = tmp_path / "summary.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pouta.edge.cli",
+        "run",
+        "--model",
+        str(brightness_onnx),
+        "--images",
+        str(images),
+    ]
+    cmd += ["--loop", "--fps", "50", "--out", str(out), "--no-fsync", "--summary-json", str(summary)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (out / "latest.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        _stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == cli.EXIT_OK, stderr
+    s = json.loads(summary.read_text())
+    assert s["stopped_by"] == "SIGTERM" and s["processed"] > 0
+    assert s["written"] == s["processed"] == len(list((out / "parts").glob("*.json")))
+    assert len((out / "results.csv").read_text().splitlines()) == s["processed"] + 1
+
+
+def test_edge_imports_without_torch() -> None:
+    import pouta.edge as edge
+
+    names = [m.name for m in pkgutil.iter_modules(edge.__path__)]
+    assert {"cli", "pipeline", "genicam", "tensorrt_backend", "cuda_memory", "bench_runtime"} <= set(names)
+    code = f"""
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in the edge runtime")
+        return None
+sys.meta_path.insert(0, Block())
+import importlib
+for n in {names!r}:
+    importlib.import_module("pouta.edge." + n)
+assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules)
+assert "tensorrt" not in sys.modules and "pycuda" not in sys.modules
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
