@@ -1,0 +1,149 @@
+"""Anomaly synthesis: masks, blends, determinism, texture sources, TrainingSet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from pouta.edge.errors import ConfigError
+from pouta.edge.preprocess import Preprocessor
+from pouta.trainer.synthesis import AnomalySynthesizer, SynthesisConfig, perlin_noise
+
+H, W = 48, 64
+
+
+def _image(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.random((H, W, 3), dtype=np.float32) * 0.5 + 0.25
+
+
+@pytest.fixture(scope="module")
+def synth() -> AnomalySynthesizer:
+    return AnomalySynthesizer(SynthesisConfig(), H, W)
+
+
+def test_perlin_noise_is_smooth_and_any_size() -> None:
+    n = perlin_noise((37, 50), (4, 8), np.random.default_rng(0))
+    assert n.shape == (37, 50) and n.dtype == np.float32
+    assert -1.5 < n.min() < 0 < n.max() < 1.5
+    # lattice corners are zeros of gradient noise
+    assert abs(n[0, 0]) < 1e-6
+    # neighbouring pixels differ far less than the overall range (it is noise, not white noise)
+    assert np.abs(np.diff(n, axis=1)).mean() < 0.1 * (n.max() - n.min())
+
+
+def test_anomalous_samples(synth: AnomalySynthesizer) -> None:
+    img = _image()
+    seen = 0
+    for k in range(12):
+        aug, mask, has = synth(img, np.random.default_rng([7, k]), force_anomaly=True)
+        assert has and aug.shape == (H, W, 3) and aug.dtype == np.float32
+        assert mask.shape == (H, W) and mask.dtype == np.float32
+        assert set(np.unique(mask)) <= {0.0, 1.0}
+        assert mask.sum() > 0
+        assert aug.min() >= 0.0 and aug.max() <= 1.0
+        outside = mask == 0
+        np.testing.assert_allclose(aug[outside], img[outside], atol=1e-6)
+        seen += int(np.abs(aug[~outside] - img[~outside]).max() > 1e-3)
+    assert seen >= 10  # the masked region really changes
+
+
+def test_normal_samples_are_untouched(synth: AnomalySynthesizer) -> None:
+    img = _image(1)
+    for k in range(6):
+        aug, mask, has = synth(img, np.random.default_rng(k), force_anomaly=False)
+        assert not has and not mask.any()
+        np.testing.assert_array_equal(aug, img)
+
+
+def test_anomaly_share_follows_config() -> None:
+    img = _image()
+    for prob, lo, hi in ((0.0, 0, 0), (1.0, 40, 40), (0.5, 10, 30)):
+        s = AnomalySynthesizer(SynthesisConfig(anomaly_prob=prob, n_augment=1), H, W)
+        n = sum(s(img, np.random.default_rng([3, k]))[2] for k in range(40))
+        assert lo <= n <= hi, (prob, n)
+
+
+def test_deterministic_under_rng(synth: AnomalySynthesizer) -> None:
+    img = _image()
+    a1, m1, h1 = synth(img, np.random.default_rng([1, 2, 3]))
+    a2, m2, h2 = synth(img, np.random.default_rng([1, 2, 3]))
+    assert h1 == h2
+    np.testing.assert_array_equal(a1, a2)
+    np.testing.assert_array_equal(m1, m2)
+    masks = {synth(img, np.random.default_rng([9, k]), force_anomaly=True)[1].tobytes() for k in range(4)}
+    assert len(masks) == 4
+
+
+def test_mask_is_never_empty_even_for_a_high_threshold() -> None:
+    s = AnomalySynthesizer(SynthesisConfig(threshold=5.0, n_augment=1), H, W)
+    _, mask, has = s(_image(), np.random.default_rng(0), force_anomaly=True)
+    assert has and mask.sum() > 0
+
+
+def test_texture_folder_source(tmp_path: Path) -> None:
+    # DTD layout: images/<class>/*.jpg, found recursively; a pure-red texture so its
+    # colour shows up inside the mask.
+    folder = tmp_path / "dtd" / "images" / "red"
+    folder.mkdir(parents=True)
+    red = np.zeros((40, 40, 3), np.uint8)
+    red[..., 2] = 255  # BGR on disk
+    cv2.imwrite(str(folder / "r.png"), red)
+    (folder / "readme.txt").write_text("x")
+    cfg = SynthesisConfig(texture_dir=str(tmp_path / "dtd"), n_augment=1, fuse_prob=0.0, beta_max=0.01)
+    s = AnomalySynthesizer(cfg, H, W)
+    assert len(s.textures) == 1
+    gray = np.full((H, W, 3), 0.5, np.float32)
+    reds = 0
+    for k in range(8):
+        aug, mask, _ = s(gray, np.random.default_rng(k), force_anomaly=True)
+        inside = aug[mask > 0]
+        reds += int(inside[:, 0].mean() > inside[:, 2].mean() + 0.2)
+    # one augmentation of 10 may change the hue/invert, most keep the red
+    assert reds >= 4
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="no image files"):
+        AnomalySynthesizer(SynthesisConfig(texture_dir=str(empty)), H, W)
+    with pytest.raises(ConfigError, match="not a folder"):
+        AnomalySynthesizer(SynthesisConfig(texture_dir=str(tmp_path / "missing")), H, W)
+
+
+def test_save_grid_writes_png(tmp_path: Path, synth: AnomalySynthesizer) -> None:
+    out = synth.save_grid([_image(0), _image(1).transpose(2, 0, 1)], tmp_path / "sub" / "grid.png", n=6)
+    assert out.is_file()
+    grid = cv2.imread(str(out))
+    assert grid is not None and grid.shape[0] >= 2 * H and grid.shape[1] >= 3 * 2 * W
+
+
+def test_training_set_is_a_pure_function_of_seed_epoch_index(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from pouta.trainer.synthesis import TrainingSet
+
+    paths = []
+    for i in range(4):
+        p = tmp_path / f"{i}.png"
+        cv2.imwrite(str(p), np.full((30, 30, 3), 60 * i, np.uint8))
+        paths.append(p)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"nope")
+    pre = Preprocessor(H, W)
+    synth = AnomalySynthesizer(SynthesisConfig(anomaly_prob=1.0), H, W)
+    with pytest.warns(UserWarning, match="broken.png"):
+        ts = TrainingSet([*paths, broken], pre, synth, seed=5)
+    assert isinstance(ts, torch.utils.data.Dataset) and len(ts) == 4
+    item = ts[2]
+    assert item["image"].shape == (3, H, W) and item["original"].shape == (3, H, W)
+    assert item["mask"].shape == (1, H, W) and item["has_anomaly"].shape == ()
+    assert float(item["has_anomaly"]) == 1.0 and item["mask"].sum() > 0
+    assert torch.allclose(item["original"][0], torch.full((H, W), 120 / 255))
+
+    again = TrainingSet(paths, pre, synth, seed=5)[2]
+    assert all(torch.equal(item[k], again[k]) for k in item)
+    ts.set_epoch(1)
+    assert not torch.equal(ts[2]["mask"], item["mask"])
+    ts.set_epoch(0)
+    assert torch.equal(ts[2]["mask"], item["mask"])

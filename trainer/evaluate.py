@@ -1,0 +1,384 @@
+"""``pouta-eval``: image AUROC, pixel AUROC/AP, AUPRO, per-defect-type breakdown, report.
+
+``evaluate`` is scorer-agnostic: a scorer is any callable taking a [N,3,H,W] float32 batch
+and returning (anomaly maps, image scores), so PyTorch checkpoints, ONNX models and the
+edge runtime are measured by the same code. Only ``torch_scorer`` imports torch, lazily.
+
+With ``out_dir`` it writes ``report.json``, ``score_histogram.png`` (good vs defective)
+and overlays (input | heatmap | heatmap on input | ground truth) of the worst false
+positives (highest-scoring good images) and false negatives (lowest-scoring defective).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from pouta.edge.errors import PoutaError
+from pouta.edge.overlay import blend, colorize, to_bgr8
+from pouta.edge.preprocess import Preprocessor, batch
+
+from .data import InspectionDataset, open_dataset
+from .metrics import aupro, average_precision, pixel_metrics, roc_auc
+
+log = logging.getLogger(__name__)
+
+Scorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+NO_MASKS_NOTE = "no ground_truth/: pixel metrics skipped"
+
+
+def _num(x: float | None) -> float | None:
+    """JSON-safe metric: NaN (undefined, e.g. one class only) becomes None."""
+    if x is None or not math.isfinite(float(x)):
+        return None
+    return float(x)
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
+
+
+def _run_scorer(scorer: Scorer, x: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    maps, scores = scorer(x)
+    maps = np.asarray(maps, dtype=np.float32)
+    scores = np.asarray(scores, dtype=np.float32).reshape(-1)
+    if maps.ndim == 4:
+        if maps.shape[1] != 1:
+            raise ValueError(f"scorer: anomaly maps must be [N,1,H,W] or [N,H,W], got {maps.shape}")
+        maps = maps[:, 0]
+    if maps.ndim != 3 or maps.shape[0] != x.shape[0] or scores.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"scorer: expected maps [N,H,W] and scores [N] for N={x.shape[0]}, got {maps.shape} and {scores.shape}"
+        )
+    if maps.shape[1:] != (h, w):
+        maps = np.stack([cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) for m in maps])
+    return maps, scores
+
+
+def _pixel_block(maps: np.ndarray, masks: np.ndarray) -> dict[str, Any]:
+    pm = pixel_metrics(maps, masks)
+    return {
+        "pixel_auroc": _num(pm.auroc),
+        "pixel_ap": _num(pm.ap),
+        "aupro": _num(aupro(maps, masks)),
+        "pixel_method": pm.method,
+    }
+
+
+def _safe_name(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{path.parent.name}_{path.stem}")
+
+
+def _label(img: np.ndarray, text: str) -> np.ndarray:
+    out = img.copy()
+    cv2.putText(out, text, (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 0, 0), 2, cv2.LINE_AA)
+    cv2.putText(out, text, (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 255), 1, cv2.LINE_AA)
+    return out
+
+
+def _overlay_png(
+    path: Path, image_chw: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, vmin: float, vmax: float
+) -> None:
+    bgr = to_bgr8(np.ascontiguousarray(image_chw.transpose(1, 2, 0)), "RGB")
+    heat = colorize(amap, vmin, vmax)
+    over = blend(bgr, amap, 0.45, vmin, vmax)
+    if mask is None:
+        gt = np.full_like(bgr, 64)
+        gt_text = "no mask"
+    else:
+        gt = np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, axis=-1)
+        gt_text = "ground truth"
+    sep = np.full((bgr.shape[0], 3, 3), 255, np.uint8)
+    panels = [
+        _label(bgr, "input"),
+        sep,
+        _label(heat, "heatmap"),
+        sep,
+        _label(over, "overlay"),
+        sep,
+        _label(gt, gt_text),
+    ]
+    if not cv2.imwrite(str(path), np.concatenate(panels, axis=1)):
+        raise OSError(f"{path}: could not write overlay PNG")
+
+
+def _histogram_png(path: Path, scores: np.ndarray, labels: np.ndarray, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    lo, hi = float(scores.min()), float(scores.max())
+    bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 31)
+    ax.hist(
+        scores[labels == 0],
+        bins=bins,
+        alpha=0.6,
+        label=f"good ({int((labels == 0).sum())})",
+        color="tab:blue",
+    )
+    ax.hist(
+        scores[labels == 1],
+        bins=bins,
+        alpha=0.6,
+        label=f"defective ({int((labels == 1).sum())})",
+        color="tab:red",
+    )
+    ax.set_xlabel("image score")
+    ax.set_ylabel("images")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def evaluate(
+    scorer: Scorer,
+    dataset: InspectionDataset,
+    pre: Preprocessor,
+    out_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    n_worst: int = 4,
+) -> dict[str, Any]:
+    """Score every image of ``dataset`` and return the metrics (JSON-ready dict).
+
+    Undefined metrics (one class only, no masks) are None. Defective images without a
+    mask file count for image metrics only.
+    """
+    t0 = time.monotonic()
+    n = len(dataset.records)
+    h, w = pre.height, pre.width
+    maps = np.empty((n, h, w), np.float32)
+    scores = np.empty(n, np.float32)
+    masks: list[np.ndarray | None] = [None] * n
+    bar = _progress(n, progress, f"eval {dataset.name}")
+    try:
+        for start in range(0, n, batch_size):
+            idx = list(range(start, min(n, start + batch_size)))
+            images = []
+            for i in idx:
+                img, m = dataset.load(i, pre)
+                images.append(img)
+                masks[i] = m
+            bmaps, bscores = _run_scorer(scorer, batch(images), h, w)
+            maps[idx] = bmaps
+            scores[idx] = bscores
+            if bar is not None:
+                bar.update(len(idx))
+    finally:
+        if bar is not None:
+            bar.close()
+    if not (np.all(np.isfinite(scores)) and np.all(np.isfinite(maps))):
+        raise PoutaError(f"{dataset.name}: the model produced NaN/inf scores or maps")
+
+    labels = np.array([r.label for r in dataset.records], np.int64)
+    types = np.array([r.defect_type for r in dataset.records])
+    with_mask = np.array([m is not None for m in masks])
+    report: dict[str, Any] = {
+        "dataset": dataset.name,
+        "layout": dataset.layout,
+        "root": str(dataset.root),
+        "split": dataset.split,
+        "input_size": [h, w],
+        "counts": dataset.counts(),
+        "image_auroc": _num(roc_auc(labels, scores)),
+        "pixel_auroc": None,
+        "pixel_ap": None,
+        "aupro": None,
+        "pixel_method": None,
+        "notes": [],
+    }
+    report["image_ap"] = _num(average_precision(labels, scores))
+    if not dataset.has_masks:
+        report["notes"].append(NO_MASKS_NOTE)
+        print(f"pouta-eval: {dataset.name}: {NO_MASKS_NOTE}", file=sys.stderr)
+    elif with_mask.any():
+        stacked = np.stack([m for m in masks if m is not None])
+        report.update(_pixel_block(maps[with_mask], stacked))
+        if dataset.missing_masks:
+            report["notes"].append(
+                f"{len(dataset.missing_masks)} defective image(s) without a mask: image metrics only for them"
+            )
+
+    per_type: dict[str, dict[str, Any]] = {}
+    good = labels == 0
+    for t in dataset.defect_types:
+        sel = types == t
+        entry: dict[str, Any] = {
+            "n": int(sel.sum()),
+            "image_auroc": _num(roc_auc(labels[good | sel], scores[good | sel])),
+            "mean_score": float(scores[sel].mean()),
+        }
+        if dataset.has_masks:
+            keep = (good | sel) & with_mask
+            if (sel & with_mask).any():
+                entry.update(_pixel_block(maps[keep], np.stack([masks[i] for i in np.nonzero(keep)[0]])))
+        per_type[t] = entry
+    report["per_defect_type"] = per_type
+    report["score_stats"] = {
+        name: (
+            {
+                "mean": float(scores[sel].mean()),
+                "min": float(scores[sel].min()),
+                "max": float(scores[sel].max()),
+            }
+            if sel.any()
+            else None
+        )
+        for name, sel in (("good", good), ("defective", ~good))
+    }
+    worst_fp = [int(i) for i in np.nonzero(good)[0][np.argsort(-scores[good], kind="stable")][:n_worst]]
+    worst_fn = [int(i) for i in np.nonzero(~good)[0][np.argsort(scores[~good], kind="stable")][:n_worst]]
+    report["worst_false_positives"] = [
+        {"path": str(dataset.records[i].path), "score": float(scores[i])} for i in worst_fp
+    ]
+    report["worst_false_negatives"] = [
+        {"path": str(dataset.records[i].path), "defect_type": str(types[i]), "score": float(scores[i])}
+        for i in worst_fn
+    ]
+    report["seconds"] = round(time.monotonic() - t0, 3)
+
+    if out_dir is not None:
+        out = Path(out_dir)
+        (out / "overlays").mkdir(parents=True, exist_ok=True)
+        files: list[str] = []
+        hist = out / "score_histogram.png"
+        _histogram_png(hist, scores, labels, f"{dataset.name}: image scores")
+        files.append(hist.name)
+        # One colour scale for every overlay; [0, 1] for probability maps, else the range seen.
+        vmin, vmax = (
+            (0.0, 1.0) if maps.min() >= 0 and maps.max() <= 1 else (float(maps.min()), float(maps.max()))
+        )
+        for tag, chosen in (("fp", worst_fp), ("fn", worst_fn)):
+            for rank, i in enumerate(chosen):
+                img, _ = dataset.load(i, pre)
+                p = out / "overlays" / f"{tag}{rank:02d}_{_safe_name(dataset.records[i].path)}.png"
+                _overlay_png(p, img, maps[i], masks[i], vmin, vmax)
+                files.append(str(p.relative_to(out)))
+        report["files"] = [*files, "report.json"]
+        (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def torch_scorer(model: Any, device: str | Any = "cpu") -> Scorer:
+    """Wrap a torch model whose forward returns ``.anomaly_map`` [N,1,H,W] and ``.score`` [N]."""
+    import torch
+
+    dev = torch.device(device)
+    model.eval()
+
+    def score(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            out = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev))
+            return out.anomaly_map.float().cpu().numpy(), out.score.float().cpu().numpy()
+
+    return score
+
+
+def onnx_scorer(path: str | os.PathLike[str]) -> Scorer:
+    """Run an ONNX model (input ``image``; outputs ``anomaly_map``, ``score``) on the CPU."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def score(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        amap, s = sess.run(["anomaly_map", "score"], {"image": np.ascontiguousarray(x, dtype=np.float32)})
+        return amap, s
+
+    return score
+
+
+def _parse_size(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"--size: expected HxW such as 256x256, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def _summary(res: dict[str, Any]) -> str:
+    def f(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    lines = [
+        f"{res['dataset']} ({res['split']}, {res['counts']['good']} good / {res['counts']['defective']} defective): "
+        f"image AUROC {f(res['image_auroc'])}, pixel AUROC {f(res['pixel_auroc'])}, "
+        f"pixel AP {f(res['pixel_ap'])}, AUPRO {f(res['aupro'])}"
+    ]
+    for t, e in res["per_defect_type"].items():
+        lines.append(
+            f"  {t:<20} n={e['n']:<4} image AUROC {f(e['image_auroc'])}  pixel AUROC {f(e.get('pixel_auroc'))}"
+        )
+    lines.extend(f"  note: {n}" for n in res["notes"])
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pouta-eval", description="Evaluate a POUTA model on a test split.")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="training checkpoint (.pt) written by pouta-train")
+    src.add_argument("--onnx", help="exported ONNX model (its metadata .json sidecar gives the input size)")
+    ap.add_argument("--data", required=True, help="dataset folder (category folder, or root with --category)")
+    ap.add_argument("--category", default=None)
+    ap.add_argument("--layout", default="auto", choices=["auto", "mvtec", "visa", "dagm", "folder"])
+    ap.add_argument("--size", type=_parse_size, default=None, help="input HxW (default: the model's)")
+    ap.add_argument("--out", default=None, help="write report.json, histogram and overlays here")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", default="cpu", help="torch device for --checkpoint")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        if args.checkpoint:
+            from .checkpoint import load_model
+
+            model, cfg, _ = load_model(args.checkpoint, device=args.device)
+            size = (int(cfg.height), int(cfg.width))
+            scorer = torch_scorer(model, args.device)
+        else:
+            from pouta.edge.metadata import load_for_model
+
+            meta = load_for_model(args.onnx)
+            size = (int(meta.input.height), int(meta.input.width))
+            scorer = onnx_scorer(args.onnx)
+        if args.size is not None:
+            size = args.size
+        dataset = open_dataset(args.data, split="test", layout=args.layout, category=args.category)
+        res = evaluate(
+            scorer,
+            dataset,
+            Preprocessor(*size),
+            out_dir=args.out,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+    except (PoutaError, OSError) as exc:
+        print(f"pouta-eval: {exc}", file=sys.stderr)
+        return 2
+    print(_summary(res))
+    if args.out:
+        print(f"report: {Path(args.out) / 'report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,481 @@
+"""Training-time anomaly synthesis (DRAEM recipe, as POUTA uses it).
+
+A Perlin-noise map at random scales, rotated and thresholded, is the anomaly mask M.
+The anomaly source is a texture photo (a texture folder such as DTD, or the real photos
+bundled in scikit-image's wheel) after 3 random photometric augmentations, optionally
+fused with a translated/rotated copy of the image itself (the POUTA paper), pasted with
+an opacity factor beta ~ U(0, beta_max):
+
+    out = img * (1 - M) + (1 - beta) * src * M + beta * img * M
+
+A share ``1 - anomaly_prob`` of samples stays normal (M = 0, image unchanged).
+
+Every random choice is drawn from the ``np.random.Generator`` passed in, so a sample is a
+pure function of that generator's seed. ``TrainingSet`` seeds it with (seed, epoch,
+index): batches are reproducible after a resume and independent of DataLoader workers.
+Only ``TrainingSet`` needs torch, and imports it lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from pouta.edge.errors import ConfigError, ImageReadError
+from pouta.edge.preprocess import Preprocessor, is_image_file, read_image, to_rgb8_or_16
+
+log = logging.getLogger(__name__)
+
+# Real photos inside scikit-image's wheel (no download). Textures first: they are the
+# closest to DTD; the rest add colour and structure variety.
+BUILTIN_TEXTURES: tuple[str, ...] = (
+    "brick",
+    "gravel",
+    "grass",
+    "rocket",
+    "coffee",
+    "astronaut",
+    "camera",
+    "chelsea",
+    "coins",
+    "moon",
+    "text",
+    "page",
+    "cell",
+    "clock",
+    "immunohistochemistry",
+    "hubble_deep_field",
+    "colorwheel",
+)
+
+
+@dataclass
+class SynthesisConfig:
+    anomaly_prob: float = 0.5
+    # Perlin grid resolution per axis is 2**randint(min, max) (max exclusive, as DRAEM).
+    perlin_min_scale: int = 0
+    perlin_max_scale: int = 6
+    threshold: float = 0.5
+    rotate_mask: float = 90.0  # mask noise rotated by U(-r, r) degrees
+    beta_max: float = 0.8
+    texture_dir: str | None = None
+    n_augment: int = 3  # photometric augmentations applied to the texture, of the 10 below
+    # Fuse the texture with a translated/rotated/identity copy of the image (paper):
+    # src = w * texture + (1 - w) * transformed_image, w ~ U(fuse_weight).
+    fuse_prob: float = 0.5
+    fuse_weight: tuple[float, float] = (0.3, 0.7)
+    max_translate: float = 0.25  # fraction of the image size
+    # DRAEM also rotates the *original* (and so the target) by U(-90, 90) for 30% of samples;
+    # harmful for parts with a fixed orientation, so off unless asked for.
+    rotate_original_prob: float = 0.0
+    texture_crop: tuple[float, float] = (0.5, 1.0)  # random crop side, fraction of the texture's short side
+    texture_cache: int = 256  # decoded textures kept per process
+
+    def validate(self) -> None:
+        if not 0.0 <= self.anomaly_prob <= 1.0:
+            raise ConfigError(f"synthesis.anomaly_prob: expected a value in [0, 1], got {self.anomaly_prob}")
+        if not 0 <= self.perlin_min_scale < self.perlin_max_scale:
+            raise ConfigError(
+                "synthesis.perlin_min_scale/perlin_max_scale: expected 0 <= min < max, got "
+                f"{self.perlin_min_scale}/{self.perlin_max_scale}"
+            )
+        if not 0.0 <= self.beta_max < 1.0:
+            raise ConfigError(f"synthesis.beta_max: expected a value in [0, 1), got {self.beta_max}")
+        if not 1 <= self.n_augment <= len(_AUGMENTS):
+            raise ConfigError(f"synthesis.n_augment: expected 1..{len(_AUGMENTS)}, got {self.n_augment}")
+        if self.texture_dir is not None and not Path(self.texture_dir).is_dir():
+            raise ConfigError(f"synthesis.texture_dir: {self.texture_dir} is not a folder")
+
+
+# ---------------------------------------------------------------- Perlin noise
+
+
+def _fade(t: np.ndarray) -> np.ndarray:
+    return 6 * t**5 - 15 * t**4 + 10 * t**3
+
+
+def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """2-D gradient (Perlin) noise with ``res`` lattice cells per axis; any image size.
+
+    Values lie roughly in [-1, 1] (scaled by sqrt(2) as DRAEM's implementation).
+    """
+    h, w = shape
+    ry, rx = res
+    angles = rng.uniform(0.0, 2.0 * math.pi, size=(ry + 1, rx + 1))
+    grads = np.stack((np.cos(angles), np.sin(angles)), axis=-1)
+    uy = np.arange(h, dtype=np.float64) * (ry / h)
+    ux = np.arange(w, dtype=np.float64) * (rx / w)
+    iy = np.floor(uy).astype(np.int64)
+    ix = np.floor(ux).astype(np.int64)
+    fy = (uy - iy)[:, None]
+    fx = (ux - ix)[None, :]
+
+    def dot(oy: int, ox: int) -> np.ndarray:
+        g = grads[(iy + oy)[:, None], (ix + ox)[None, :]]
+        return g[..., 0] * (fy - oy) + g[..., 1] * (fx - ox)
+
+    ty, tx = _fade(fy), _fade(fx)
+    n0 = dot(0, 0) * (1 - tx) + dot(0, 1) * tx
+    n1 = dot(1, 0) * (1 - tx) + dot(1, 1) * tx
+    return (math.sqrt(2.0) * (n0 * (1 - ty) + n1 * ty)).astype(np.float32)
+
+
+def _rotate(img: np.ndarray, degrees: float, border: int = cv2.BORDER_REFLECT_101) -> np.ndarray:
+    h, w = img.shape[:2]
+    m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), degrees, 1.0)
+    return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=border)
+
+
+# ---------------------------------------------------- photometric augmentations
+# All take and return HxWx3 float32 RGB in [0, 1]; DRAEM's 10 imgaug operations.
+
+
+def _gamma(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.power(x, rng.uniform(0.5, 2.0, size=3).astype(np.float32))
+
+
+def _brightness(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return x * rng.uniform(0.8, 1.2) + rng.uniform(-30, 30) / 255.0
+
+
+def _sharpness(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    smooth = cv2.blur(x, (3, 3))
+    return smooth + rng.uniform(0.0, 2.0) * (x - smooth)
+
+
+def _hue_saturation(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    hsv = cv2.cvtColor(np.clip(x, 0, 1).astype(np.float32), cv2.COLOR_RGB2HSV)
+    hsv[..., 0] = (hsv[..., 0] + rng.uniform(-50, 50) * 360.0 / 255.0) % 360.0
+    hsv[..., 1] = np.clip(hsv[..., 1] + rng.uniform(-50, 50) / 255.0, 0.0, 1.0)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+
+
+def _solarize(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if rng.random() < 0.5:
+        return x
+    t = rng.uniform(32, 128) / 255.0
+    return np.where(x >= t, 1.0 - x, x)
+
+
+def _posterize(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    levels = 2 ** int(rng.integers(1, 9))
+    return np.floor(np.clip(x, 0, 1) * (levels - 1) + 0.5) / (levels - 1)
+
+
+def _invert(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return 1.0 - x
+
+
+def _autocontrast(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    lo = x.min(axis=(0, 1), keepdims=True)
+    hi = x.max(axis=(0, 1), keepdims=True)
+    return (x - lo) / np.maximum(hi - lo, 1e-6)
+
+
+def _equalize(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    u8 = np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.stack([cv2.equalizeHist(u8[..., c]) for c in range(3)], axis=-1).astype(np.float32) / 255.0
+
+
+def _affine_rotate(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return _rotate(x, rng.uniform(-45, 45))
+
+
+_AUGMENTS: tuple[Callable[[np.ndarray, np.random.Generator], np.ndarray], ...] = (
+    _gamma,
+    _brightness,
+    _sharpness,
+    _hue_saturation,
+    _solarize,
+    _posterize,
+    _invert,
+    _autocontrast,
+    _equalize,
+    _affine_rotate,
+)
+
+
+# ------------------------------------------------------------------ textures
+
+
+def _load_builtin(name: str) -> np.ndarray:
+    import skimage.data
+
+    img = np.asarray(getattr(skimage.data, name)())
+    if img.dtype == bool:
+        img = img.astype(np.uint8) * 255
+    if img.dtype != np.uint8:
+        img = np.clip(img, 0, 255).astype(np.uint8)
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = img[..., :3]
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    return np.ascontiguousarray(img)  # already RGB
+
+
+class TextureSource:
+    """Texture photos as HxWx3 uint8 RGB, loaded on first use and kept in a small LRU cache."""
+
+    def __init__(self, texture_dir: str | os.PathLike[str] | None, cache_size: int = 256) -> None:
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache_size = max(1, cache_size)
+        if texture_dir is None:
+            self.paths: list[Path] = []
+            self.names: list[str] = list(BUILTIN_TEXTURES)
+            self.description = "scikit-image bundled photos"
+        else:
+            folder = Path(texture_dir)
+            if not folder.is_dir():
+                raise ConfigError(f"texture_dir: {folder} is not a folder")
+            # Recursive: DTD keeps its images in images/<class>/.
+            self.paths = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+            if not self.paths:
+                raise ConfigError(
+                    f"texture_dir: {folder} holds no image files ({', '.join(('.png', '.jpg'))}, ...)"
+                )
+            self.names = [str(p) for p in self.paths]
+            self.description = f"{len(self.paths)} images under {folder}"
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def get(self, i: int) -> np.ndarray | None:
+        if i in self._cache:
+            self._cache.move_to_end(i)
+            return self._cache[i]
+        try:
+            if self.paths:
+                img = read_image(self.paths[i])
+                if img.dtype == np.uint16:
+                    img = (img >> 8).astype(np.uint8)
+                img = to_rgb8_or_16(img, "BGR")
+            else:
+                img = _load_builtin(self.names[i])
+        except (ImageReadError, ValueError, OSError, ImportError) as exc:
+            warnings.warn(f"texture {self.names[i]} skipped: {exc}", stacklevel=2)
+            return None
+        self._cache[i] = img
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return img
+
+
+# ------------------------------------------------------------------ synthesis
+
+
+class AnomalySynthesizer:
+    def __init__(self, cfg: SynthesisConfig, height: int, width: int) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.height = int(height)
+        self.width = int(width)
+        self.textures = TextureSource(cfg.texture_dir, cfg.texture_cache)
+
+    # --- pieces, each a pure function of the generator state
+
+    def perlin_mask(self, rng: np.random.Generator) -> np.ndarray:
+        """Binary float32 [H,W] mask with at least one pixel set."""
+        c = self.cfg
+        noise = np.zeros((self.height, self.width), dtype=np.float32)
+        for _ in range(16):
+            ry = 2 ** int(rng.integers(c.perlin_min_scale, c.perlin_max_scale))
+            rx = 2 ** int(rng.integers(c.perlin_min_scale, c.perlin_max_scale))
+            noise = perlin_noise((self.height, self.width), (ry, rx), rng)
+            if c.rotate_mask:
+                noise = _rotate(noise, rng.uniform(-c.rotate_mask, c.rotate_mask))
+            mask = (noise > c.threshold).astype(np.float32)
+            if mask.any():
+                return mask
+        # Vanishingly rare with the defaults; keep the strongest 5% so has_anomaly holds.
+        return (noise >= np.quantile(noise, 0.95)).astype(np.float32)
+
+    def texture(self, rng: np.random.Generator) -> np.ndarray:
+        """A random texture crop at model size after ``n_augment`` photometric augmentations."""
+        c = self.cfg
+        img = None
+        for _ in range(8):
+            img = self.textures.get(int(rng.integers(len(self.textures))))
+            if img is not None:
+                break
+        if img is None:
+            raise ConfigError(f"synthesis: no readable texture in {self.textures.description}")
+        th, tw = img.shape[:2]
+        side = max(8, int(min(th, tw) * rng.uniform(*c.texture_crop)))
+        ch, cw = min(side, th), min(side, tw)
+        y0 = int(rng.integers(0, th - ch + 1))
+        x0 = int(rng.integers(0, tw - cw + 1))
+        crop = img[y0 : y0 + ch, x0 : x0 + cw]
+        tex = cv2.resize(crop, (self.width, self.height), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+        tex /= 255.0
+        for k in rng.choice(len(_AUGMENTS), size=c.n_augment, replace=False):
+            # Clip after each step: gamma of a negative value is NaN.
+            tex = np.clip(_AUGMENTS[int(k)](tex, rng), 0.0, 1.0).astype(np.float32)
+        return tex
+
+    def transformed_copy(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The image translated, rotated or unchanged (one of three, equally likely)."""
+        kind = int(rng.integers(3))
+        if kind == 0:
+            return image
+        h, w = image.shape[:2]
+        if kind == 1:
+            t = self.cfg.max_translate
+            dx, dy = rng.uniform(-t, t) * w, rng.uniform(-t, t) * h
+            m = np.float32([[1, 0, dx], [0, 1, dy]])
+            return cv2.warpAffine(image, m, (w, h), borderMode=cv2.BORDER_REFLECT_101)
+        return _rotate(image, rng.uniform(-90, 90))
+
+    def __call__(
+        self, image_hwc_rgb01: np.ndarray, rng: np.random.Generator, force_anomaly: bool | None = None
+    ) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(augmented [H,W,3] float32 in [0,1], mask [H,W] float32 {0,1}, has_anomaly).
+
+        ``force_anomaly`` overrides the ``anomaly_prob`` draw (grids, tests); the draw is
+        still consumed so the rest of the stream does not shift.
+        """
+        img = np.asarray(image_hwc_rgb01, dtype=np.float32)
+        if img.shape != (self.height, self.width, 3):
+            raise ValueError(
+                f"synthesis: expected an image of shape {(self.height, self.width, 3)}, got {img.shape}"
+            )
+        c = self.cfg
+        draw = rng.random() < c.anomaly_prob
+        anomalous = draw if force_anomaly is None else force_anomaly
+        if not anomalous:
+            return img.copy(), np.zeros((self.height, self.width), dtype=np.float32), False
+        mask = self.perlin_mask(rng)
+        src = self.texture(rng)
+        if rng.random() < c.fuse_prob:
+            w = rng.uniform(*c.fuse_weight)
+            src = w * src + (1.0 - w) * self.transformed_copy(img, rng)
+        beta = np.float32(rng.uniform(0.0, c.beta_max))
+        m = mask[..., None]
+        out = img * (1.0 - m) + (1.0 - beta) * src * m + beta * img * m
+        # The blend of two [0,1] images stays in [0,1]; clip only float noise, and only
+        # inside the mask so pixels outside it are bit-identical to the input.
+        out = np.where(m > 0, np.clip(out, 0.0, 1.0), img).astype(np.float32)
+        return out, mask, True
+
+    def save_grid(
+        self, images: Sequence[np.ndarray], path: str | os.PathLike[str], seed: int = 0, n: int = 16
+    ) -> Path:
+        """PNG grid of ``n`` synthesized anomalies (each: augmented image | its mask).
+
+        ``images`` are [H,W,3] or [3,H,W] RGB float in [0,1] at model size. Every cell is
+        anomalous, because the grid is for checking what the anomalies look like.
+        """
+        if not images:
+            raise ValueError("save_grid: no images given")
+        cells = []
+        for k in range(n):
+            img = np.asarray(images[k % len(images)], dtype=np.float32)
+            if img.ndim == 3 and img.shape[0] == 3 and img.shape[-1] != 3:
+                img = img.transpose(1, 2, 0)
+            aug, mask, _ = self(img, np.random.default_rng([seed, k]), force_anomaly=True)
+            mask_rgb = np.repeat(mask[..., None], 3, axis=-1)
+            sep = np.ones((self.height, 2, 3), np.float32)
+            cells.append(np.concatenate([aug, sep, mask_rgb], axis=1))
+        cols = min(4, n)
+        rows = math.ceil(n / cols)
+        ch, cw = cells[0].shape[:2]
+        pad = 4
+        grid = np.ones((rows * (ch + pad) + pad, cols * (cw + pad) + pad, 3), np.float32) * 0.5
+        for k, cell in enumerate(cells):
+            r, col = divmod(k, cols)
+            y, x = pad + r * (ch + pad), pad + col * (cw + pad)
+            grid[y : y + ch, x : x + cw] = cell
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        bgr = cv2.cvtColor(np.clip(grid * 255.0 + 0.5, 0, 255).astype(np.uint8), cv2.COLOR_RGB2BGR)
+        if not cv2.imwrite(str(out), bgr):
+            raise OSError(f"{out}: could not write the synthesis grid PNG")
+        return out
+
+
+class _TrainingSetImpl:
+    """Good images with synthetic anomalies, as torch tensors.
+
+    Originals are decoded and preprocessed once, at construction, and kept in memory
+    (forked DataLoader workers share them copy-on-write). Sample ``i`` of epoch ``e`` is
+    drawn from ``default_rng([seed, e, i])``: reproducible after a resume and with any
+    number of workers. Call ``set_epoch`` before creating each epoch's iterator (with
+    ``persistent_workers=False``, the default, workers get the updated object).
+    """
+
+    def __init__(
+        self, paths: Sequence[Path], pre: Preprocessor, synth: AnomalySynthesizer, seed: int
+    ) -> None:
+        if (pre.height, pre.width) != (synth.height, synth.width):
+            raise ConfigError(
+                f"synthesis size {synth.height}x{synth.width} differs from input size {pre.height}x{pre.width}"
+            )
+        self.pre = pre
+        self.synth = synth
+        self.seed = int(seed)
+        self.epoch = 0
+        kept: list[Path] = []
+        arrays: list[np.ndarray] = []
+        self.skipped: list[tuple[Path, str]] = []
+        for p in paths:
+            try:
+                arrays.append(pre(read_image(p)).transpose(1, 2, 0))
+            except ImageReadError as exc:
+                self.skipped.append((Path(p), str(exc)))
+                warnings.warn(f"skipping unreadable training image {exc}", stacklevel=2)
+                continue
+            kept.append(Path(p))
+        if not arrays:
+            raise ImageReadError(f"training set: none of the {len(paths)} given images could be read")
+        self.paths = kept
+        self.originals = np.ascontiguousarray(np.stack(arrays), dtype=np.float32)  # [N,H,W,3]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def sample(self, i: int, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+        """(augmented, original, mask, has_anomaly) as numpy: HWC images, [H,W] mask."""
+        e = self.epoch if epoch is None else int(epoch)
+        rng = np.random.default_rng([self.seed, e, int(i)])
+        original = self.originals[i]
+        c = self.synth.cfg
+        if c.rotate_original_prob > 0 and rng.random() < c.rotate_original_prob:
+            original = _rotate(original, rng.uniform(-90, 90))
+        aug, mask, has = self.synth(original, rng)
+        return aug, original, mask, has
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        import torch
+
+        aug, original, mask, has = self.sample(i)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(aug.transpose(2, 0, 1))),
+            "original": torch.from_numpy(np.ascontiguousarray(original.transpose(2, 0, 1))),
+            "mask": torch.from_numpy(mask[None].copy()),
+            "has_anomaly": torch.tensor(float(has), dtype=torch.float32),
+        }
+
+
+def __getattr__(name: str) -> Any:
+    # ``TrainingSet`` subclasses torch's Dataset, so it is built on first access: importing
+    # this module (synthesis grids, calibration tools) must not pull in torch. It is stored
+    # in the module so pickling (spawned DataLoader workers) finds the same class.
+    if name == "TrainingSet":
+        from torch.utils.data import Dataset
+
+        cls = type(name, (_TrainingSetImpl, Dataset), {"__module__": __name__, "__qualname__": name})
+        cls.__doc__ = _TrainingSetImpl.__doc__
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
