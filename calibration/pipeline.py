@@ -1,0 +1,322 @@
+"""Calibration and build steps shared by ``pouta-calibrate`` and ``pouta-build-engine``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pouta.edge.backend import OnnxRuntimeBackend
+from pouta.edge.fsutil import atomic_write_json, sha256_file
+from pouta.edge.metadata import ModelMetadata, Thresholds, load_for_model, metadata_path
+
+from .calibset import (
+    DEFAULT_MIN_IMAGES,
+    DEFAULT_N_CALIB,
+    DEFAULT_SYNTHETIC_FRACTION,
+    ImageSet,
+    ImageSetReader,
+    list_images,
+    load_image_set,
+    preprocessor_for,
+)
+from .errors import CalibrationError
+from .fp16 import FP16_SUFFIX, convert_to_fp16
+from .guard import GuardReport, compare
+from .plots import save_score_histogram
+from .quantize import CPU_SUFFIX, DEFAULT_CALIB_METHOD, TRT_SUFFIX, artifact_path, quantize_pair
+from .scoring import score_set
+from .thresholds import (
+    DEFAULT_IMAGE_RULE,
+    DEFAULT_IQR_K,
+    DEFAULT_MARGIN,
+    DEFAULT_PIXEL_QUANTILE,
+    DEFAULT_QUANTILE,
+    calibrate_thresholds,
+)
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class ThresholdOptions:
+    rule: str = DEFAULT_IMAGE_RULE
+    margin: float = DEFAULT_MARGIN
+    quantile: float = DEFAULT_QUANTILE
+    iqr_k: float = DEFAULT_IQR_K
+    pixel_rule: str = "normal-quantile"
+    pixel_quantile: float = DEFAULT_PIXEL_QUANTILE
+    pixel_value: float = 0.5
+
+
+@dataclass
+class CalibOptions:
+    calib_dir: Path
+    defects_dir: Path | None = None
+    n_calib: int = DEFAULT_N_CALIB
+    min_calib: int = DEFAULT_MIN_IMAGES
+    seed: int = 0
+    batch_size: int = 8
+    thresholds: ThresholdOptions = field(default_factory=ThresholdOptions)
+
+
+def _skip_logger(log: Log) -> Callable[[Path, str], None]:
+    return lambda path, reason: log(f"skipped: {reason}")
+
+
+def load_sets(meta: ModelMetadata, opts: CalibOptions, log: Log = print) -> tuple[ImageSet, ImageSet | None]:
+    pre = preprocessor_for(meta)
+    normal = load_image_set(
+        opts.calib_dir,
+        pre,
+        n=opts.n_calib,
+        seed=opts.seed,
+        min_images=opts.min_calib,
+        on_skip=_skip_logger(log),
+    )
+    log(
+        f"calibration set: {len(normal)} of {normal.n_found} images from {opts.calib_dir} "
+        f"({len(normal.skipped)} unreadable skipped)"
+    )
+    defects = None
+    if opts.defects_dir is not None:
+        defects = load_image_set(
+            opts.defects_dir, pre, n=None, min_images=1, what="defect", on_skip=_skip_logger(log)
+        )
+        log(f"defect set: {len(defects)} images from {opts.defects_dir}")
+    return normal, defects
+
+
+def calibrate_artifact(
+    artifact: str | os.PathLike[str],
+    meta: ModelMetadata,
+    normal: ImageSet,
+    defects: ImageSet | None,
+    opts: ThresholdOptions,
+    batch_size: int = 8,
+    histogram: str | os.PathLike[str] | None = None,
+    log: Log = print,
+) -> tuple[Thresholds, np.ndarray, np.ndarray]:
+    """Score ``artifact`` itself (through the runtime backend) and choose its thresholds."""
+    artifact = Path(artifact)
+    backend = OnnxRuntimeBackend(artifact, metadata=meta)
+    log(f"scoring {len(normal)} normal images with {artifact.name} ...")
+    n = score_set(backend, normal, batch_size, collect_pixels=True)
+    d = np.zeros(0)
+    if defects is not None:
+        log(f"scoring {len(defects)} defect images with {artifact.name} ...")
+        d = score_set(backend, defects, batch_size).scores
+    t = opts
+    thresholds = calibrate_thresholds(
+        n.scores,
+        d if d.size else None,
+        n.pixels,
+        rule=t.rule,
+        margin=t.margin,
+        quantile=t.quantile,
+        iqr_k=t.iqr_k,
+        pixel_rule=t.pixel_rule,
+        pixel_quantile=t.pixel_quantile,
+        pixel_value=t.pixel_value,
+        scored_with=artifact.name,
+    )
+    if histogram is not None:
+        save_score_histogram(histogram, n.scores, thresholds.image, d, title=f"{artifact.name}: {t.rule}")
+    log(
+        f"{artifact.name}: image threshold {thresholds.image:.5g} ({t.rule}), pixel threshold {thresholds.pixel:.4g}"
+    )
+    return thresholds, n.scores, d
+
+
+def calibration_record(normal: ImageSet, method: str | None, **extra: Any) -> dict[str, Any]:
+    rec = normal.describe()
+    if method is not None:
+        rec["method"] = method
+    rec.update(extra)
+    return rec
+
+
+def write_sidecar(
+    parent: ModelMetadata,
+    parent_path: Path,
+    artifact: Path,
+    precision: str,
+    thresholds: Thresholds,
+    calibration: dict[str, Any],
+    build: dict[str, Any],
+) -> Path:
+    meta = parent.derive(
+        precision=precision,
+        thresholds=thresholds,
+        parent_artifact=parent_path.name,
+        artifact_sha256=sha256_file(artifact),
+        calibration=calibration,
+        build=build,
+        created_utc="",
+        versions={},
+    )
+    return meta.save(metadata_path(artifact))
+
+
+def calibrate_model(model: str | os.PathLike[str], opts: CalibOptions, log: Log = print) -> Thresholds:
+    """``pouta-calibrate``: thresholds for ``model`` written into its own sidecar."""
+    model = Path(model)
+    if not model.is_file():
+        raise CalibrationError(f"{model}: model file not found")
+    meta = load_for_model(model)
+    normal, defects = load_sets(meta, opts, log)
+    hist = model.with_name(model.name + ".scores.png")
+    thresholds, _, _ = calibrate_artifact(
+        model, meta, normal, defects, opts.thresholds, opts.batch_size, hist, log
+    )
+    meta.thresholds = thresholds
+    meta.calibration = {**meta.calibration, "thresholds": calibration_record(normal, None)}
+    meta.save(metadata_path(model))
+    log(f"wrote thresholds to {metadata_path(model)}; histogram {hist}")
+    return thresholds
+
+
+@dataclass
+class PortableResult:
+    artifacts: dict[str, Path]  # precision tag -> path ("fp32", "fp16", "int8-cpu", "int8-trt")
+    thresholds: dict[str, Thresholds]
+    guard: GuardReport | None = None
+
+
+def holdout_sets(
+    meta: ModelMetadata,
+    normal: ImageSet,
+    defects: ImageSet | None,
+    holdout_dir: Path | None,
+    log: Log = print,
+) -> tuple[ImageSet | None, ImageSet | None, str]:
+    """(held-out normals, held-out defects, description).
+
+    ``--holdout DIR`` with a ``good``/``normal`` subfolder is a labelled test split
+    (MVTec layout: every other subfolder holds defects); without one, DIR holds normals
+    and defects come from ``--defects``. Without ``--holdout`` the calibration folder's
+    images that the sample did not use are the held-out normals.
+    """
+    pre = normal.preprocessor
+    if holdout_dir is not None:
+        good = next((holdout_dir / n for n in ("good", "normal") if (holdout_dir / n).is_dir()), None)
+        if good is not None:
+            h_norm = load_image_set(good, pre, n=None, min_images=1, what="held-out normal")
+            bad_files = [p for p in list_images(holdout_dir, "held-out") if good not in p.parents]
+            h_def = (
+                load_image_set(
+                    holdout_dir, pre, n=None, min_images=1, what="held-out defect", exclude=h_norm.files
+                )
+                if bad_files
+                else None
+            )
+            return h_norm, h_def, f"{holdout_dir} (labelled split)"
+        h_norm = load_image_set(holdout_dir, pre, n=None, min_images=1, what="held-out normal")
+        return h_norm, defects, f"{holdout_dir} + defects"
+    if normal.n_found > len(normal):
+        rest = load_image_set(normal.folder, pre, n=None, min_images=1, exclude=normal.files)
+        return rest, defects, "calibration images not in the sample + defects"
+    log("no held-out normals (all calibration images were used); the guard reuses the calibration set")
+    return normal, defects, "calibration set (not held out)"
+
+
+def build_portable(
+    model: str | os.PathLike[str],
+    opts: CalibOptions,
+    fp16: bool = True,
+    int8: bool = True,
+    calib_method: str = DEFAULT_CALIB_METHOD,
+    synthetic_fraction: float = DEFAULT_SYNTHETIC_FRACTION,
+    cpu_format: str = "qdq",
+    holdout_dir: Path | None = None,
+    max_auroc_drop: float | None = None,
+    report_path: Path | None = None,
+    log: Log = print,
+) -> PortableResult:
+    """FP16 ONNX, INT8 CPU ONNX and INT8 TensorRT Q/DQ ONNX, each with calibrated thresholds."""
+    model = Path(model)
+    if not model.is_file():
+        raise CalibrationError(f"{model}: model file not found")
+    meta = load_for_model(model)
+    normal, defects = load_sets(meta, opts, log)
+    arts: dict[str, Path] = {"fp32": model}
+    builds: dict[str, dict[str, Any]] = {}
+    calibs: dict[str, dict[str, Any]] = {}
+    if fp16:
+        log("converting to FP16 ...")
+        p = convert_to_fp16(model, artifact_path(model, FP16_SUFFIX))
+        arts["fp16"] = p
+        builds["fp16"] = {"format": "onnx-fp16", "converter": "onnxconverter-common", "io": "fp32"}
+        calibs["fp16"] = calibration_record(normal, None)
+    if int8:
+        log(
+            f"INT8 calibration ({calib_method}, {len(normal)} images, {synthetic_fraction:.0%} synthetic defects) ..."
+        )
+        reader = ImageSetReader(normal, synthetic_fraction=synthetic_fraction, seed=opts.seed)
+        results = quantize_pair(
+            model,
+            reader,
+            trt_out=artifact_path(model, TRT_SUFFIX),
+            cpu_out=artifact_path(model, CPU_SUFFIX),
+            method=calib_method,
+            cpu_format=cpu_format,
+        )
+        for r in results:
+            tag = "int8-trt" if r.target == "tensorrt" else "int8-cpu"
+            arts[tag] = r.path
+            builds[tag] = r.describe()
+            calibs[tag] = calibration_record(normal, calib_method, synthetic_fraction=synthetic_fraction)
+    thresholds: dict[str, Thresholds] = {}
+    for tag, path in arts.items():
+        hist = path.with_name(path.name + ".scores.png")
+        thr, _, _ = calibrate_artifact(
+            path, meta, normal, defects, opts.thresholds, opts.batch_size, hist, log
+        )
+        thresholds[tag] = thr
+        if tag == "fp32":
+            continue
+        precision = "fp16" if tag == "fp16" else "int8"
+        write_sidecar(meta, model, path, precision, thr, calibs[tag], builds[tag])
+        log(f"wrote {path} (+ {metadata_path(path).name})")
+    result = PortableResult(arts, thresholds)
+    h_norm, h_def, split = holdout_sets(meta, normal, defects, holdout_dir, log)
+    if h_norm is not None and len(arts) > 1:
+        result.guard = run_guard(
+            meta, arts, thresholds, h_norm, h_def, split, max_auroc_drop, opts.batch_size, log
+        )
+        if report_path is not None:
+            atomic_write_json(report_path, result.guard.to_dict(), fsync=False)
+    return result
+
+
+def run_guard(
+    meta: ModelMetadata,
+    arts: dict[str, Path],
+    thresholds: dict[str, Thresholds],
+    normal: ImageSet,
+    defects: ImageSet | None,
+    split: str,
+    max_auroc_drop: float | None,
+    batch_size: int = 8,
+    log: Log = print,
+) -> GuardReport:
+    log(
+        f"accuracy guard on {len(normal)} normal + {len(defects) if defects else 0} defect held-out images ..."
+    )
+    scores: dict[str, np.ndarray] = {}
+    for tag, path in arts.items():
+        backend = OnnxRuntimeBackend(path, metadata=meta)
+        parts = [score_set(backend, normal, batch_size).scores]
+        if defects is not None:
+            parts.append(score_set(backend, defects, batch_size).scores)
+        scores[tag] = np.concatenate(parts)
+    labels = np.concatenate([np.zeros(len(normal), bool), np.ones(len(defects) if defects else 0, bool)])
+    candidates = [
+        (arts[tag].name, "fp16" if tag == "fp16" else "int8", scores[tag], thresholds[tag].image)
+        for tag in arts
+        if tag != "fp32"
+    ]
+    return compare(labels, scores["fp32"], thresholds["fp32"].image, candidates, max_auroc_drop, split)

@@ -1,0 +1,441 @@
+"""INT8 artifacts from one calibration set with ONNX Runtime static quantization.
+
+Two files come out of one calibration pass (the activation ranges are computed once and
+reused through ONNX Runtime's calibration cache):
+
+- ``model.int8.trt.onnx`` for TensorRT: Q/DQ, symmetric signed int8 activations and
+  weights (every zero point 0), per-channel weights on the output-channel axis (Conv: 0,
+  ConvTranspose: 1), float biases. This explicit-quantization form is the only INT8 path
+  TensorRT keeps from 11.0 on, and TensorRT's int8 kernels assume zero point 0.
+- ``model.int8.onnx`` for ONNX Runtime on CPU: uint8 activations, int8 per-channel weights
+  (u8s8), QDQ format by default. ONNX Runtime's x86 integer conv kernels are built for
+  u8s8. Measured on the ``paper`` preset at 224x224, one thread, AVX512-VNNI x86, FP32 =
+  1.00: u8s8 QDQ 0.44, u8s8 QOperator 0.46, s8s8 QDQ (the TensorRT file) 0.62. QDQ
+  is also the form other execution providers understand; ``cpu_format="qoperator"``
+  remains available.
+
+Never quantized (``exclusions``): the detection head. The anomaly map is a probability
+that the image score and both thresholds are read from; int8 would put it on a grid of
+1/127 (or 1/255) and move scores that sit near the threshold across it. Concretely:
+the Softmax/Sigmoid producing ``anomaly_map``, every node between it and the outputs
+(channel slice, upsampling, the 21x21 score AveragePool, ReduceMax), and the last
+Conv/ConvTranspose feeding it, whose logits the saturating softmax/sigmoid amplifies
+near 0. Sigmoid/Softmax elsewhere (POUTA's HSG gates) are not quantized either: their
+[0, 1] outputs multiply feature maps, and a symmetric int8 grid spends half its codes on
+negative values they never take.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import inspect
+import logging
+import os
+import tempfile
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from pouta.edge.metadata import INPUT_NAME, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, VALUE_RANGE
+
+from .errors import CalibrationError
+
+CALIB_METHODS: dict[str, CalibrationMethod] = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+DEFAULT_CALIB_METHOD = "minmax"
+TRT_SUFFIX = ".int8.trt.onnx"
+CPU_SUFFIX = ".int8.onnx"
+MIN_QDQ_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (axis attribute)
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1}
+# Probability-valued gates: see the module docstring.
+NEVER_QUANTIZE_OP_TYPES = frozenset({"Sigmoid", "Softmax"})
+# Nodes that only select, reshape or resample the map on its way to the outputs.
+_HEAD_PASS_THROUGH = frozenset(
+    {
+        "Sigmoid",
+        "Softmax",
+        "Slice",
+        "Gather",
+        "Split",
+        "Squeeze",
+        "Unsqueeze",
+        "Reshape",
+        "Flatten",
+        "Resize",
+        "Upsample",
+        "AveragePool",
+        "ReduceMax",
+        "ReduceMean",
+        "Identity",
+        "Cast",
+        "Clip",
+        "Mul",
+        "Add",
+        "Sub",
+        "Div",
+    }
+)
+
+
+def artifact_path(model: str | os.PathLike[str], suffix: str) -> Path:
+    """``model.onnx`` + ``.int8.onnx`` -> ``model.int8.onnx`` (beside the source)."""
+    p = Path(model)
+    stem = p.name[: -len(".onnx")] if p.name.endswith(".onnx") else p.name
+    return p.with_name(stem + suffix)
+
+
+def op_types_to_quantize() -> list[str]:
+    """Every op type ONNX Runtime can quantize, less the probability gates."""
+    return sorted((set(QLinearOpsRegistry) | set(QDQRegistry)) - NEVER_QUANTIZE_OP_TYPES)
+
+
+def prepare_model(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """``quant_pre_process`` (shape inference + graph cleanup), opset >= 13, named nodes.
+
+    The symbolic shape inference inside needs sympy; without it the step runs with
+    ONNX's own shape inference only. Node names are made unique because exclusions are
+    given to the quantizer by name and exported graphs may leave names empty.
+    """
+    dst = Path(dst)
+    has_sympy = importlib.util.find_spec("sympy") is not None
+    try:
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=not has_sympy)
+    except Exception as exc:  # the pre-processor raises assorted onnx/ort/sympy errors
+        raise CalibrationError(f"{src}: quantization pre-processing failed ({exc})") from None
+    model = onnx.load(str(dst))
+    opset = _default_opset(model)
+    if opset < MIN_QDQ_OPSET:
+        model = onnx.version_converter.convert_version(model, MIN_QDQ_OPSET)
+    _name_nodes(model)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        if not node.name or node.name in seen:
+            node.name = f"{node.op_type}_{i}"
+        seen.add(node.name)
+
+
+def head_exclusions(model: onnx.ModelProto) -> dict[str, str]:
+    """Nodes of the detection head, by name, with the reason each stays in float.
+
+    Walks back from both contract outputs through map-preserving ops (softmax/sigmoid,
+    channel slices, resizes, pooling, reductions) and stops after the first
+    Conv/ConvTranspose on each path, which is the head's logit layer.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    excluded: dict[str, str] = {}
+    queue: deque[str] = deque([OUTPUT_ANOMALY_MAP, OUTPUT_SCORE])
+    visited: set[str] = set()
+    while queue:
+        tensor = queue.popleft()
+        node = producers.get(tensor)
+        if node is None or node.name in visited:
+            continue
+        visited.add(node.name)
+        if node.op_type in ("Conv", "ConvTranspose"):
+            excluded[node.name] = "head logit conv: its errors are amplified by the softmax/sigmoid near 0"
+            continue
+        if node.op_type not in _HEAD_PASS_THROUGH:
+            continue
+        excluded[node.name] = _HEAD_REASONS.get(node.op_type, "between the anomaly map and the outputs")
+        queue.extend(i for i in node.input if i)
+    return excluded
+
+
+_HEAD_REASONS = {
+    "Sigmoid": "produces the anomaly probability the thresholds are read from",
+    "Softmax": "produces the anomaly probability the thresholds are read from",
+    "AveragePool": "21x21 score pooling: the image score must keep full precision near the threshold",
+    "ReduceMax": "image score reduction: the score must keep full precision near the threshold",
+    "Resize": "upsamples the anomaly map to input size",
+    "Upsample": "upsamples the anomaly map to input size",
+}
+
+
+@dataclass
+class QuantizeResult:
+    path: Path
+    target: str  # "tensorrt" | "onnxruntime-cpu"
+    quant_format: str  # "qdq" | "qoperator"
+    activation_type: str
+    weight_type: str
+    excluded: dict[str, str] = field(default_factory=dict)
+    extra_options: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "format": self.quant_format,
+            "activations": self.activation_type,
+            "weights": self.weight_type + "-per-channel",
+            "excluded_nodes": self.excluded,
+            "not_quantized_op_types": sorted(NEVER_QUANTIZE_OP_TYPES),
+            "extra_options": _to_json(self.extra_options),
+        }
+
+
+def _to_json(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _to_json(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_to_json(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def tensorrt_options() -> dict[str, Any]:
+    """``extra_options`` for the TensorRT Q/DQ file (why each is set is in the comments)."""
+    return {
+        # Zero point 0 for every activation: TensorRT's int8 is symmetric only.
+        "ActivationSymmetric": True,
+        "WeightSymmetric": True,
+        # TensorRT takes float biases and folds them into the int8 conv itself; an int32
+        # DequantizeLinear on a bias does not parse in TensorRT 8.6.
+        "QuantizeBias": False,
+        # Keep Relu/Clip in the graph: TensorRT fuses them with the conv, and removing
+        # them is only valid when the Q/DQ pairs are kept, which is TensorRT's choice.
+        "QDQKeepRemovableActivations": True,
+        "QDQOpTypePerChannelSupportToAxis": dict(WEIGHT_AXIS),
+        "TensorQuantOverrides": input_range_override(),
+    }
+
+
+def input_range_override() -> dict[str, list[dict[str, np.float32]]]:
+    # The contract fixes the input to [0, 1]; calibrating it would clip bright defects
+    # to the brightest normal pixel.
+    lo, hi = (np.float32(v) for v in VALUE_RANGE)
+    return {INPUT_NAME: [{"rmin": lo, "rmax": hi}]}
+
+
+def cpu_options() -> dict[str, Any]:
+    return {
+        "ActivationSymmetric": False,
+        "WeightSymmetric": True,
+        "QDQOpTypePerChannelSupportToAxis": dict(WEIGHT_AXIS),
+        "TensorQuantOverrides": input_range_override(),
+    }
+
+
+def _supports_cache() -> bool:
+    return "calibration_cache_path" in inspect.signature(quantize_static).parameters
+
+
+def quantize_pair(
+    fp32_model: str | os.PathLike[str],
+    reader: CalibrationDataReader,
+    trt_out: str | os.PathLike[str] | None = None,
+    cpu_out: str | os.PathLike[str] | None = None,
+    method: str = DEFAULT_CALIB_METHOD,
+    cpu_format: str = "qdq",
+    exclude: Iterable[str] = (),
+) -> list[QuantizeResult]:
+    """Quantize ``fp32_model`` into the TensorRT and/or CPU artifact from one reader.
+
+    ``exclude`` adds node names (of the pre-processed graph) to the head exclusions.
+    """
+    if method not in CALIB_METHODS:
+        raise CalibrationError(
+            f"calibration method {method!r} is unknown, expected one of {sorted(CALIB_METHODS)}"
+        )
+    if cpu_format not in ("qoperator", "qdq"):
+        raise CalibrationError(f"cpu format {cpu_format!r} is unknown, expected 'qoperator' or 'qdq'")
+    results: list[QuantizeResult] = []
+    with tempfile.TemporaryDirectory(prefix="pouta-quant-") as tmp:
+        prepared = prepare_model(fp32_model, Path(tmp) / "prepared.onnx")
+        model = onnx.load(str(prepared))
+        excluded = head_exclusions(model)
+        names = {n.name for n in model.graph.node}
+        for name in exclude:
+            if name not in names:
+                raise CalibrationError(f"--exclude {name!r}: no such node in {fp32_model}")
+            excluded.setdefault(name, "excluded on request")
+        cache = Path(tmp) / "calibration_cache.json" if _supports_cache() else None
+        jobs: list[tuple[Path, str, QuantFormat, QuantType, dict[str, Any]]] = []
+        if trt_out is not None:
+            jobs.append((Path(trt_out), "tensorrt", QuantFormat.QDQ, QuantType.QInt8, tensorrt_options()))
+        if cpu_out is not None:
+            fmt = QuantFormat.QOperator if cpu_format == "qoperator" else QuantFormat.QDQ
+            jobs.append((Path(cpu_out), "onnxruntime-cpu", fmt, QuantType.QUInt8, cpu_options()))
+        for out, target, fmt, act_type, options in jobs:
+            reader.rewind()
+            kwargs: dict[str, Any] = {}
+            if cache is not None:
+                kwargs["calibration_cache_path"] = str(cache)
+            tmp_out = Path(tmp) / out.name
+            try:
+                with _quiet_shape_warnings():
+                    quantize_static(
+                        str(prepared),
+                        str(tmp_out),
+                        calibration_data_reader=reader,
+                        quant_format=fmt,
+                        op_types_to_quantize=op_types_to_quantize(),
+                        per_channel=True,
+                        reduce_range=False,
+                        activation_type=act_type,
+                        weight_type=QuantType.QInt8,
+                        nodes_to_exclude=sorted(excluded),
+                        calibrate_method=CALIB_METHODS[method],
+                        extra_options=options,
+                        **kwargs,
+                    )
+            except Exception as exc:
+                raise CalibrationError(
+                    f"{fp32_model}: ONNX Runtime quantization for {target} failed ({exc})"
+                ) from None
+            quantized = onnx.load(str(tmp_out))
+            quantized.producer_name = "pouta-calibration"
+            onnx.checker.check_model(quantized)
+            _save_atomic(quantized, out)
+            results.append(
+                QuantizeResult(
+                    path=out,
+                    target=target,
+                    quant_format="qdq" if fmt == QuantFormat.QDQ else "qoperator",
+                    activation_type="int8-symmetric" if act_type == QuantType.QInt8 else "uint8-asymmetric",
+                    weight_type="int8-symmetric",
+                    excluded=dict(excluded),
+                    extra_options=options,
+                )
+            )
+    return results
+
+
+class _DropShapeWarnings(logging.Filter):
+    # ONNX Runtime warns once per int64 shape tensor (Shape->Gather->Resize sizes) that
+    # it cannot quantize; they are not meant to be quantized, and dozens of lines of
+    # them would hide the build's real progress output.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "unsupported type to quantize" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_shape_warnings() -> Iterator[None]:
+    f = _DropShapeWarnings()
+    root = logging.getLogger()
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
+
+
+def _save_atomic(model: onnx.ModelProto, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def check_tensorrt_qdq(model: onnx.ModelProto | str | os.PathLike[str]) -> list[str]:
+    """Problems that would make a Q/DQ file wrong for TensorRT (empty list: none).
+
+    Read from the graph itself rather than trusted from the quantizer's options: every
+    scale positive and finite, every zero point present, int8 and 0, weights per-channel
+    on the output-channel axis, opset >= 13, no int32 (bias) dequantization.
+    """
+    m = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    problems: list[str] = []
+    opset = _default_opset(m)
+    if opset < MIN_QDQ_OPSET:
+        problems.append(f"opset {opset} < {MIN_QDQ_OPSET}")
+    inits = {t.name: t for t in m.graph.initializer}
+    consts = {
+        n.output[0]: next(a.t for a in n.attribute if a.name == "value")
+        for n in m.graph.node
+        if n.op_type == "Constant" and any(a.name == "value" for a in n.attribute)
+    }
+    tensors = {**consts, **inits}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in m.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    n_qdq = 0
+    for node in m.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        n_qdq += 1
+        where = f"{node.op_type} {node.name or node.output[0]}"
+        scale = tensors.get(node.input[1])
+        if scale is None:
+            problems.append(f"{where}: scale is not a constant")
+            continue
+        s = numpy_helper.to_array(scale)
+        if not (np.all(np.isfinite(s)) and np.all(s > 0)):
+            problems.append(f"{where}: scale has non-positive or non-finite values")
+        if len(node.input) < 3 or not node.input[2]:
+            # An omitted zero point means uint8, which TensorRT rejects.
+            problems.append(f"{where}: zero point missing (defaults to uint8)")
+            continue
+        zp_t = tensors.get(node.input[2])
+        if zp_t is None:
+            problems.append(f"{where}: zero point is not a constant")
+            continue
+        zp = numpy_helper.to_array(zp_t)
+        if zp.dtype != np.int8:
+            problems.append(f"{where}: zero point dtype {zp.dtype}, expected int8")
+        if np.any(zp != 0):
+            problems.append(f"{where}: non-zero zero point")
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            w = numpy_helper.to_array(inits[node.input[0]])
+            if w.dtype != np.int8:
+                problems.append(f"{where}: dequantizes {w.dtype} data (TensorRT takes int8 only)")
+            elif w.size and int(w.min()) < -127:
+                # TensorRT's int8 weights are [-127, 127]; -128 breaks the symmetry it assumes.
+                problems.append(f"{where}: int8 weight value -128 (TensorRT expects [-127, 127])")
+            for user in consumers.get(node.output[0], []):
+                if user.op_type in WEIGHT_AXIS and len(user.input) > 1 and user.input[1] == node.output[0]:
+                    want = WEIGHT_AXIS[user.op_type]
+                    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+                    # A one-channel conv (POUTA's spatial gate) has one scale either way.
+                    if s.size != w.shape[want] or (s.size > 1 and axis != want):
+                        problems.append(
+                            f"{where}: {user.op_type} weight not per-channel on axis {want} "
+                            f"(axis {axis}, {s.size} scales for shape {list(w.shape)})"
+                        )
+    if n_qdq == 0:
+        problems.append("no QuantizeLinear/DequantizeLinear nodes: the model is not quantized")
+    return problems
+
+
+def quantized_weight_layers(model: onnx.ModelProto) -> list[str]:
+    """Names of Conv/ConvTranspose/Gemm/MatMul nodes that run in int8 in this graph."""
+    dq_out = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    out = []
+    for n in model.graph.node:
+        integer_op = n.op_type.startswith("QLinear") or n.op_type in ("ConvInteger", "MatMulInteger")
+        qdq_op = n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in dq_out
+        if integer_op or qdq_op:
+            out.append(n.name)
+    return out
