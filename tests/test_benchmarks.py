@@ -1,0 +1,176 @@
+"""``pouta-bench --quick`` end to end, plus the pieces that decide what its numbers mean."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pouta.benchmarks import cli, common, latency, report
+from pouta.benchmarks.accuracy import checkpoint_for
+
+
+def _has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, float]:
+    # No --data: quick mode generates its own small category, as it does in CI.
+    out = tmp_path_factory.mktemp("bench") / "out"
+    t0 = time.perf_counter()
+    assert cli.main(["--quick", "--out", str(out)]) == 0
+    seconds = time.perf_counter() - t0
+    return json.loads((out / "results.json").read_text()), out, seconds
+
+
+def test_quick_cost_has_real_numbers(quick_run: tuple[dict, Path, float]) -> None:
+    res, _, _ = quick_run
+    cost = res["sections"]["cost"]
+    assert cost["status"] == "ok", cost
+    p, v = cost["rows"]["pouta"], cost["rows"]["vanilla"]
+    for row in (p, v):
+        assert row["params"] > 0 and row["macs"] > 0
+        # FlopCounterMode counts a multiply-add as two FLOPs.
+        assert row["flops"] == pytest.approx(2 * row["macs"], rel=1e-6)
+    assert cost["flop_ratio"] == pytest.approx(p["flops"] / v["flops"])
+    assert all(cost["rows"][f"pouta-{var}"]["params"] > 0 for var in ("base", "hsg", "mss"))
+    # Quick mode is not the paper setting: targets are reported but not judged.
+    assert {t["met"] for t in cost["targets"]} == {None}
+
+
+def test_quick_latency_measures_both_models_per_backend(quick_run: tuple[dict, Path, float]) -> None:
+    res, _, _ = quick_run
+    lat = res["sections"]["latency"]
+    assert lat["status"] == "ok", lat
+    measured = [n for n, be in lat["backends"].items() if be["status"] == "ok"]
+    assert {"torch-cpu-fp32", "ort-cpu-fp32"} <= set(measured), lat["backends"]
+    if _has("pouta.calibration.quantize"):
+        assert "ort-cpu-int8" in measured, lat["backends"]["ort-cpu-int8"]
+    for name in measured:
+        for b in ("1", "2"):
+            r = lat["backends"][name]["batches"][b]
+            for kind in ("pouta", "vanilla"):
+                st = r[kind]
+                assert st["n"] >= 3 and 0 < st["median_ms"] <= st["p99_ms"]
+            assert r["ratio_median"] == pytest.approx(r["pouta"]["median_ms"] / r["vanilla"]["median_ms"])
+            assert r["ratio_paired"] > 0
+    for name, be in lat["backends"].items():
+        if be["status"] == "unavailable":
+            assert be["error"], name  # every skipped backend says why
+    if "ort-cpu-int8" in measured:
+        q = lat["int8_fp32_ratio"]["1"]["pouta"]
+        want = lat["backends"]["ort-cpu-int8"]["batches"]["1"]["pouta"]["median_ms"]
+        want /= lat["backends"]["ort-cpu-fp32"]["batches"]["1"]["pouta"]["median_ms"]
+        assert q == pytest.approx(want)
+        assert lat["int8_fp32_ratio_paired"]["1"]["pouta"] > 0
+
+
+def test_quick_accuracy_and_endtoend(quick_run: tuple[dict, Path, float]) -> None:
+    res, _, _ = quick_run
+    acc = res["sections"]["accuracy"]
+    if not _has("pouta.trainer.evaluate"):
+        assert acc["status"] == "unavailable"
+    else:
+        assert acc["status"] == "ok", acc
+        for key in ("pouta-fp32-torch", "vanilla-fp32-torch", "pouta-fp32-ort"):
+            row = acc["rows"][key]
+            assert row["params"] > 0
+            for m in ("image_auroc", "pixel_auroc", "pixel_ap"):
+                assert 0.0 <= row[m] <= 1.0
+            assert acc["training"][row["kind"]]["untrained"]  # quick mode scores without training
+        assert acc["rows"]["pouta-int8-ort"]["precision"] == "int8"
+        assert isinstance(acc["rows"]["pouta-int8-ort"]["image_auroc"], float)
+        assert acc["latency_b1"]["pouta-int8"]["median_ms"] > 0
+    e2e = res["sections"]["e2e"]
+    if not _has("pouta.edge.bench_runtime"):
+        assert e2e["status"] == "unavailable"
+    else:
+        assert e2e["status"] == "ok", e2e
+        row = e2e["rows"]["pouta-fp32"]
+        assert row["fps"] > 0 and row["stages_median_ms"].get("backend", 0) > 0
+
+
+def test_quick_report_and_charts(quick_run: tuple[dict, Path, float]) -> None:
+    res, out, seconds = quick_run
+    text = (out / "report.md").read_text()
+    assert text.startswith("# POUTA vs vanilla")
+    assert res["command"] in text and "--quick" in res["command"]
+    assert res["machine"]["cpu"] in text and res["machine"]["threads"] >= 1
+    assert "torch" in res["versions"] and "onnxruntime" in res["versions"]
+    p = res["sections"]["cost"]["rows"]["pouta"]["params"]
+    assert f"{p / 1e6:.2f}M" in text
+    r = res["sections"]["latency"]["backends"]["ort-cpu-fp32"]["batches"]["1"]["ratio_median"]
+    assert f"{r:.3f}" in text
+    for chart in ("cost.png", "latency.png"):
+        assert (out / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert seconds < 120, f"quick run took {seconds:.0f} s"
+
+
+def test_reproduce_command_round_trips() -> None:
+    opts = cli.resolve(cli.parser().parse_args(["--quick", "--out", "x", "--batches", "1,4"]))
+    argv = opts.command().split()[1:]
+    again = cli.resolve(cli.parser().parse_args(argv))
+    assert again == opts
+
+
+def test_interleaved_alternates_and_respects_budget() -> None:
+    calls: list[str] = []
+    runners = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    plan = latency.TimingPlan(warmup=1, iters=4, min_iters=2, budget_s=60)
+    samples = latency.interleaved(runners, plan)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
+    assert len(samples["a"]) == len(samples["b"]) == 4
+
+    def slow() -> None:
+        time.sleep(0.02)
+
+    samples = latency.interleaved({"s": slow}, latency.TimingPlan(0, 1000, 3, budget_s=0.05))
+    assert 3 <= len(samples["s"]) < 10
+
+
+def test_failing_section_is_reported_not_raised() -> None:
+    def boom() -> dict:
+        raise RuntimeError("backend exploded\nsecond line")
+
+    res = common.run_isolated("x", boom)
+    assert res["status"] == "error" and res["error"].startswith("RuntimeError: backend exploded")
+    assert "test_benchmarks.py" in res["error"]
+    missing = common.run_isolated("y", lambda: __import__("pouta.no_such_module"))
+    assert missing["status"] == "unavailable"
+    text = report.markdown({"sections": {"cost": res, "latency": missing}, "targets": []})
+    assert "backend exploded" in text and "unavailable" in text
+
+
+def test_module_entry_point_help() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pouta.benchmarks", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0 and "--quick" in proc.stdout
+
+
+def test_train_command_uses_flags_the_trainer_has(tmp_path: Path) -> None:
+    from pouta.benchmarks.accuracy import train_command
+
+    cmd = train_command(tmp_path / "data", "pouta", "tiny", 8.0, 100, tmp_path / "out", 0, "128x128")
+    proc = subprocess.run([*cmd[:3], "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for flag in (a for a in cmd[3:] if a.startswith("--")):
+        assert flag in proc.stdout, flag
+
+
+def test_checkpoints_are_found_in_run_folders_and_files(tmp_path: Path) -> None:
+    (tmp_path / "train-pouta").mkdir()
+    (tmp_path / "train-pouta" / "last.pt").write_bytes(b"x")
+    (tmp_path / "train-pouta" / "model.pt").write_bytes(b"x")
+    (tmp_path / "vanilla-bottle.pt").write_bytes(b"x")
+    assert checkpoint_for("pouta", tmp_path) == tmp_path / "train-pouta" / "model.pt"
+    assert checkpoint_for("vanilla", tmp_path) == tmp_path / "vanilla-bottle.pt"
+    assert checkpoint_for("pouta", tmp_path / "missing") is None
