@@ -44,33 +44,21 @@ def int8_onnx(fp32: Path, calib_dir: Path | None, target: str = "int8", n_calib:
     if want.is_file() and Path(f"{want}.json").is_file():
         return want
     log(f"  quantizing {fp32.name} -> {cpu.name}, {trt.name} (calibration: {calib_dir})")
-    from pouta.calibration.calibset import ImageSetReader, load_image_set, preprocessor_for
-    from pouta.calibration.quantize import quantize_pair
-    from pouta.edge.metadata import load_for_model
+    from pouta.calibration.calibset import DEFAULT_N_CALIB
+    from pouta.calibration.pipeline import CalibOptions, build_portable
 
-    meta = load_for_model(fp32)
-    if n_calib is None:
-        images = load_image_set(calib_dir, preprocessor_for(meta))
-    else:
-        images = load_image_set(calib_dir, preprocessor_for(meta), n=n_calib)
-    reader = ImageSetReader(images)
-    # Both files from one calibration pass, as `pouta-build-engine --int8` does.
+    # Exactly what `pouta-build-engine --int8` does (same calibration inputs, synthetic
+    # defect share, sidecars and thresholds), so benchmark accuracy is what users get.
     # ONNX Runtime's quantizer logs a root-logger warning per tensor it skips (shape
     # tensors): hundreds of lines that bury the benchmark's progress output.
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        results = quantize_pair(fp32, reader, trt_out=trt, cpu_out=cpu)
+        opts = CalibOptions(calib_dir=Path(calib_dir), n_calib=n_calib or DEFAULT_N_CALIB, min_calib=4)
+        build_portable(fp32, opts, fp16=False, int8=True, log=lambda msg: log(f"    {msg}"))
     finally:
         root.setLevel(level)
-    for res in results:
-        derived = meta.derive(
-            precision="int8",
-            parent_artifact=fp32.name,
-            calibration={**images.describe(), **res.describe()},
-        )
-        derived.save(f"{res.path}.json")
     return want
 
 
