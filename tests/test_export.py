@@ -1,0 +1,93 @@
+"""ONNX export: the contract, parity with PyTorch, the metadata sidecar, the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from pouta.edge.fsutil import sha256_file
+from pouta.edge.metadata import ModelMetadata, check_io, metadata_path
+from pouta.trainer.checkpoint import save_checkpoint
+from pouta.trainer.export import export_onnx
+from pouta.trainer.export import main as export_main
+from pouta.trainer.models import build_model, preset_config
+
+torch.set_num_threads(2)
+H, W = 32, 48
+
+
+def _trained_like(kind: str, variant: str = "full") -> tuple[torch.nn.Module, object]:
+    """A model whose BatchNorm statistics are not the identity, so eval mode matters."""
+    torch.manual_seed(0)
+    cfg = preset_config("tiny", kind, variant, height=H, width=W)
+    model = build_model(cfg)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(4, 3, H, W) * 0.5 + 0.3)
+    return model.eval(), cfg
+
+
+@pytest.mark.parametrize(("kind", "variant"), [("pouta", "full"), ("vanilla", "full")])
+def test_export_contract_and_parity(tmp_path: Path, kind: str, variant: str) -> None:
+    model, cfg = _trained_like(kind, variant)
+    path = tmp_path / "model.onnx"
+    rep = export_onnx(model, cfg, path, H, W, checkpoint_sha256="abc", training_info={"steps": 3})
+    assert rep["max_abs_diff_map"] <= 1e-4 and rep["max_abs_diff_score"] <= 1e-4
+
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert [i.name for i in proto.graph.input] == ["image"]
+    assert [o.name for o in proto.graph.output] == ["anomaly_map", "score"]
+    batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch_dim.dim_param and not batch_dim.dim_value  # dynamic batch
+    # Only the inference path is in the graph: every Conv2d except MSS heads / POUTA image head.
+    skipped = ("mss_heads", "ae.image_head") if kind == "pouta" else ()
+    n_conv = sum(
+        isinstance(m, torch.nn.Conv2d) and not any(s in name for s in skipped)
+        for name, m in model.named_modules()
+    )
+    assert sum(n.op_type == "Conv" for n in proto.graph.node) == n_conv
+
+    meta = ModelMetadata.load(metadata_path(path))
+    assert meta.model_kind == kind and meta.input.height == H and meta.input.width == W
+    assert meta.precision == "fp32" and meta.thresholds is None
+    assert meta.artifact_sha256 == sha256_file(path) and meta.source_checkpoint_sha256 == "abc"
+    assert meta.training == {"steps": 3} and meta.model_config["ae_widths"] == list(cfg.ae_widths)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    check_io(meta, tuple(sess.get_inputs()[0].shape), [o.name for o in sess.get_outputs()], str(path))
+
+    x = np.random.default_rng(0).random((3, 3, H, W), dtype=np.float32)
+    amap, score = sess.run(None, {"image": x})
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x))
+    assert amap.shape == (3, 1, H, W) and score.shape == (3,)
+    np.testing.assert_allclose(amap, ref.anomaly_map.numpy(), atol=1e-4)
+    np.testing.assert_allclose(score, ref.score.numpy(), atol=1e-4)
+
+
+def test_export_cli_from_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model, cfg = _trained_like("pouta", "base")
+    ck = save_checkpoint(tmp_path / "model.pt", model, cfg, step=5, info={"status": "done"})
+    out = tmp_path / "out" / "m.onnx"
+    export_main([str(ck), "-o", str(out), "--size", "64x32"])
+    assert "max abs diff" in capsys.readouterr().out
+    meta = ModelMetadata.load(metadata_path(out))
+    assert (meta.input.height, meta.input.width) == (64, 32)
+    assert meta.variant == "base" and meta.source_checkpoint_sha256 == sha256_file(ck)
+    assert meta.training["step"] == 5 and meta.training["trained_size"] == [H, W]
+
+
+def test_export_cli_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="missing.pt: checkpoint not found"):
+        export_main([str(tmp_path / "missing.pt"), "-o", str(tmp_path / "m.onnx")])
+    model, cfg = _trained_like("pouta")
+    ck = save_checkpoint(tmp_path / "model.pt", model, cfg)
+    with pytest.raises(SystemExit, match="50x64"):
+        export_main([str(ck), "-o", str(tmp_path / "m.onnx"), "--size", "50x64"])
+    assert not (tmp_path / "m.onnx").exists()

@@ -1,0 +1,108 @@
+"""POUTA / vanilla models: shapes, ranges, the score definition, variants, presets' cost."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pouta.edge.errors import ConfigError
+from pouta.trainer.models import (
+    POUTA,
+    ModelConfig,
+    VanillaDRAEM,
+    build_model,
+    count_params,
+    preset_config,
+)
+from pouta.trainer.models.cost import model_cost
+
+torch.set_num_threads(2)
+
+VARIANTS = [("pouta", "full"), ("pouta", "base"), ("pouta", "hsg"), ("pouta", "mss"), ("vanilla", "full")]
+
+
+@pytest.mark.parametrize(("kind", "variant"), VARIANTS)
+def test_forward_shapes_and_ranges(kind: str, variant: str) -> None:
+    torch.manual_seed(0)
+    h, w = 32, 48  # non-square
+    model = build_model(preset_config("tiny", kind, variant, height=h, width=w))
+    x = torch.rand(2, 3, h, w)
+    out = model.train()(x)
+    assert out.anomaly_map.shape == (2, 1, h, w)
+    assert out.logits.shape == (2, 2, h, w)
+    assert out.score.shape == (2,)
+    assert out.reconstruction is not None and out.reconstruction.shape == (2, 3, h, w)
+    assert float(out.anomaly_map.detach().min()) >= 0.0 and float(out.anomaly_map.detach().max()) <= 1.0
+    assert float(out.reconstruction.detach().min()) >= 0.0 and float(out.reconstruction.detach().max()) <= 1.0
+    assert torch.allclose(out.anomaly_map, torch.softmax(out.logits, 1)[:, 1:2])
+    with_mss = kind == "pouta" and variant in ("full", "mss")
+    assert len(out.side_logits) == (4 if with_mss else 0)
+    for s in out.side_logits:
+        assert s.shape == (2, 2, h, w)
+    # gradients reach the whole network (no dead branch)
+    loss = out.logits.square().mean() + out.reconstruction.mean() + sum(s.mean() for s in out.side_logits)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize(("kind", "variant"), [("pouta", "full"), ("vanilla", "full")])
+def test_score_is_21x21_avgpool_max(kind: str, variant: str) -> None:
+    torch.manual_seed(1)
+    model = build_model(preset_config("tiny", kind, variant, height=48, width=64)).eval()
+    with torch.no_grad():
+        out = model(torch.rand(3, 3, 48, 64))
+    pooled = F.avg_pool2d(out.anomaly_map, 21, stride=1, padding=10, count_include_pad=True)
+    assert torch.allclose(out.score, pooled.flatten(1).max(dim=1).values, atol=1e-7)
+    # a single hot spot, hand-checked: the 21x21 window covering the centre averages it
+    from pouta.trainer.models import image_score
+
+    amap = torch.zeros(1, 1, 48, 64)
+    amap[0, 0, 20:25, 30:35] = 1.0
+    assert torch.allclose(image_score(amap), torch.tensor([25.0 / 441.0]))
+
+
+def test_eval_path_skips_training_only_outputs() -> None:
+    model = build_model(preset_config("tiny", "pouta", "full", height=32, width=32)).eval()
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        full, lean = model(x, aux=True), model(x, aux=False)
+    assert lean.side_logits == [] and lean.reconstruction is None
+    assert torch.allclose(full.anomaly_map, lean.anomaly_map)
+
+
+def test_variants_have_the_right_modules() -> None:
+    base = build_model(preset_config("tiny", "pouta", "base"))
+    full = build_model(preset_config("tiny", "pouta", "full"))
+    assert isinstance(base, POUTA) and base.hsg is None and base.mss_heads is None
+    assert full.hsg is not None and full.mss_heads is not None and len(full.mss_heads) == 4
+    assert isinstance(build_model(preset_config("tiny", "vanilla")), VanillaDRAEM)
+
+
+def test_bad_sizes_and_fields_are_named() -> None:
+    with pytest.raises(ConfigError, match="100x128"):
+        preset_config("tiny", height=100, width=128)
+    model = build_model(preset_config("tiny", height=32, width=32))
+    with pytest.raises(ConfigError, match="40x32"):
+        model(torch.rand(1, 3, 40, 32))
+    with pytest.raises(ConfigError, match=r"model\.variant"):
+        preset_config("tiny", variant="nope")
+    with pytest.raises(ConfigError, match="unknown model field"):
+        ModelConfig.from_dict({"kind": "pouta", "bogus": 1})
+
+
+def test_config_json_round_trip() -> None:
+    cfg = preset_config("paper", "pouta", "mss", height=224, width=320, mss_head="conv3x3")
+    again = ModelConfig.from_dict(cfg.to_dict())
+    assert again == cfg
+    assert count_params(build_model(again)) == count_params(build_model(cfg))
+
+
+def test_paper_presets_match_table5() -> None:
+    pouta = model_cost(preset_config("paper", "pouta", "full"), 224, 224)
+    vanilla = model_cost(preset_config("paper", "vanilla"), 224, 224)
+    assert abs(pouta["params"] - 15.02e6) / 15.02e6 < 0.10, pouta["params"]
+    assert abs(vanilla["params"] - 28.68e6) / 28.68e6 < 0.10, vanilla["params"]
+    assert pouta["flops"] / vanilla["flops"] <= 0.90
+    assert pouta["flops"] == 2 * pouta["macs"]
+    # the paper's "35.37G FLOPs" are MACs; ours must be in that range
+    assert 30e9 < pouta["macs"] < 40e9

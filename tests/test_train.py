@@ -1,0 +1,161 @@
+"""Training: config handling, deterministic data order, LR schedule, checkpoints, resume after kill -9."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from pouta.edge.errors import ConfigError
+from pouta.trainer.checkpoint import load_model, read_checkpoint, save_checkpoint
+from pouta.trainer.models import build_model, preset_config
+from pouta.trainer.train import build_config, epoch_batches, lr_at, train
+
+torch.set_num_threads(2)
+
+
+def _args(**kw: object) -> argparse.Namespace:
+    base = dict.fromkeys(
+        [
+            "config",
+            "data",
+            "category",
+            "preset",
+            "variant",
+            "kind",
+            "steps",
+            "batch_size",
+            "size",
+            "out",
+            "seed",
+            "device",
+            "time_limit_min",
+            "set",
+        ]
+    )
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_config_overrides_and_errors() -> None:
+    cfg = build_config(
+        _args(
+            preset="tiny",
+            size="64x96",
+            steps=7,
+            set=["train.lr=0.001", "synthesis.anomaly_prob=0.7", "model.fusion_width=8"],
+        )
+    )
+    assert cfg["model"]["height"] == 64 and cfg["model"]["width"] == 96
+    assert cfg["train"]["steps"] == 7 and cfg["train"]["lr"] == pytest.approx(1e-3)
+    assert cfg["synthesis"]["anomaly_prob"] == pytest.approx(0.7) and cfg["model"]["fusion_width"] == 8
+    with pytest.raises(ConfigError, match="--size"):
+        build_config(_args(size="big"))
+    with pytest.raises(ConfigError, match="60x64"):
+        build_config(_args(size="60x64"))
+    with pytest.raises(ConfigError, match="key=value"):
+        build_config(_args(set=["train.lr"]))
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        build_config(_args(config="nope.yaml"))
+    assert build_config(_args(preset="paper"))["model"]["height"] == 224
+
+
+def test_data_order_is_a_function_of_seed_and_epoch() -> None:
+    a = epoch_batches(10, 3, seed=1, epoch=2)
+    assert a == epoch_batches(10, 3, seed=1, epoch=2)
+    assert len(a) == 3 and all(len(b) == 3 for b in a) and len({i for b in a for i in b}) == 9
+    assert a != epoch_batches(10, 3, seed=1, epoch=3) or a != epoch_batches(10, 3, seed=2, epoch=2)
+    assert epoch_batches(2, 8, 0, 0)[0] in ([0, 1], [1, 0])  # fewer images than the batch size
+
+
+def test_lr_schedule_steps_at_80_and_90_percent() -> None:
+    lrs = [lr_at(s, 100, 2e-4, [0.8, 0.9], 0.2) for s in (0, 79, 80, 89, 90, 99)]
+    assert lrs == pytest.approx([2e-4, 2e-4, 4e-5, 4e-5, 8e-6, 8e-6])
+
+
+def test_checkpoint_is_weights_only_and_round_trips(tmp_path: Path) -> None:
+    cfg = preset_config("tiny", "pouta", "hsg", height=32, width=32)
+    model = build_model(cfg)
+    opt = torch.optim.Adam(model.parameters())
+    path = save_checkpoint(tmp_path / "ck.pt", model, cfg, optimizer=opt, step=9, info={"note": "x"})
+    raw = torch.load(path, weights_only=True)  # no pickled objects
+    assert isinstance(raw["model_config"], str) and raw["step"] == 9
+    loaded, cfg2, info = load_model(path)
+    assert cfg2 == cfg and info["step"] == 9 and info["note"] == "x" and not loaded.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+    assert not list(tmp_path.glob(".*tmp"))  # temp file renamed away
+    with pytest.raises(ConfigError, match="missing.pt: checkpoint not found"):
+        load_model(tmp_path / "missing.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="bad.pt"):
+        read_checkpoint(tmp_path / "bad.pt")
+
+
+def _make_images(folder: Path, n: int = 6, size: int = 40) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        base = rng.integers(60, 120, size=(size // 4, size // 4, 3), dtype=np.uint8)
+        img = cv2.resize(base, (size, size), interpolation=cv2.INTER_CUBIC)
+        cv2.imwrite(str(folder / f"{i:03d}.png"), img)
+    return folder
+
+
+def _config(data: Path, out: Path, steps: int) -> dict:
+    cfg = build_config(_args(preset="tiny", data=str(data), size="32x32", steps=steps, out=str(out), seed=3))
+    cfg["train"].update(batch_size=2, checkpoint_every=7, log_every=1, num_workers=0, threads=1, lr=1e-3)
+    return cfg
+
+
+@pytest.mark.slow
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
+    data = _make_images(tmp_path / "good")
+    steps = 40  # 3 steps per epoch, checkpoints every 7: the kill lands mid-epoch
+    threads = torch.get_num_threads()
+    try:
+        ref = train(_config(data, tmp_path / "ref", steps), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+
+    run = tmp_path / "run"
+    cfg_path = tmp_path / "cfg.yaml"
+    import yaml
+
+    cfg_path.write_text(yaml.safe_dump(_config(data, run, steps)))
+    exe = [sys.executable, "-m", "pouta.trainer.train"]
+    proc = subprocess.Popen(
+        [*exe, "--config", str(cfg_path), "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 90
+    while not (run / "last.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "trainer exited"
+        assert time.monotonic() < deadline, "no checkpoint within 90 s"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = read_checkpoint(run / "last.pt")["step"]
+    assert 0 < killed_at < steps and not (run / "model.pt").exists(), "the kill must land mid-run"
+
+    res = subprocess.run(
+        [*exe, "--resume", str(run), "--no-progress"], capture_output=True, text=True, timeout=180
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, _, info_a = load_model(ref)
+    b, _, info_b = load_model(run / "model.pt")
+    assert info_a["step"] == info_b["step"] == steps
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=1e-6, msg=f"{k} differs after resume")
+
+    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))  # redone steps are not logged twice
+    assert (run / "loss_curve.png").stat().st_size > 0

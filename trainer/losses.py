@@ -1,0 +1,115 @@
+"""POUTA training losses (paper eqs. 5-8) with DRAEM's conventions.
+
+L_rec = MSE(I_r, I_ori) + (1 - SSIM(I_r, I_ori)), SSIM with an 11x11 Gaussian window,
+sigma 1.5, C1 = 0.01^2, C2 = 0.03^2 (inputs in [0, 1]), mean over pixels/channels.
+L_seg(p, M) = focal(p, M) + L1(p[:, 1], M), focal on the 2-class softmax with alpha = 1,
+gamma = 2: mean over pixels of -(1 - p_t)^gamma * log(p_t), p_t = prob of the true class.
+L_pre = L_seg on the fused logits, L_MSS = sum_i lambda_i * L_seg(side_i),
+lambda = (0.4, 0.3, 0.2, 0.1) for i = 1..4. L_total = L_rec + L_pre + L_MSS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MSS_LAMBDAS: tuple[float, float, float, float] = (0.4, 0.3, 0.2, 0.1)
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+
+
+def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch.Tensor:
+    """Normalised 2-D Gaussian [size, size] (float32)."""
+    coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim(
+    a: torch.Tensor, b: torch.Tensor, size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA
+) -> torch.Tensor:
+    """Mean SSIM of [N,C,H,W] images in [0,1] (per-channel Gaussian window, zero padding as DRAEM)."""
+    c = a.shape[1]
+    win = gaussian_window(size, sigma).to(a)[None, None].expand(c, 1, size, size).contiguous()
+    pad = size // 2
+
+    def filt(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, win, padding=pad, groups=c)
+
+    mu_a, mu_b = filt(a), filt(b)
+    var_a = filt(a * a) - mu_a**2
+    var_b = filt(b * b) - mu_b**2
+    cov = filt(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return s.mean()
+
+
+def reconstruction_loss(rec: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(MSE, 1 - SSIM) between reconstruction and the anomaly-free original."""
+    return F.mse_loss(rec, target), 1.0 - ssim(rec, target)
+
+
+def focal_loss(
+    logits: torch.Tensor, mask: torch.Tensor, alpha: float = 1.0, gamma: float = 2.0
+) -> torch.Tensor:
+    """Focal loss on 2-class softmax probabilities. logits [N,2,H,W], mask [N,1,H,W] in {0,1}."""
+    logp = torch.log_softmax(logits.float(), dim=1)
+    target = mask.float()
+    logp_t = logp[:, 1:2] * target + logp[:, 0:1] * (1.0 - target)
+    p_t = logp_t.exp()
+    return (-alpha * (1.0 - p_t) ** gamma * logp_t).mean()
+
+
+def l1_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean |p_anomaly - M| over pixels."""
+    prob = torch.softmax(logits.float(), dim=1)[:, 1:2]
+    return (prob - mask.float()).abs().mean()
+
+
+def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L_SS / L_pre = focal + L1."""
+    return focal_loss(logits, mask) + l1_loss(logits, mask)
+
+
+@dataclass
+class LossParts:
+    """Total and its parts (tensors; ``as_floats`` for logging)."""
+
+    total: torch.Tensor
+    mse: torch.Tensor
+    ssim: torch.Tensor
+    pre: torch.Tensor
+    mss: torch.Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        return {k: float(getattr(self, k).detach()) for k in ("total", "mse", "ssim", "pre", "mss")}
+
+
+def total_loss(
+    reconstruction: torch.Tensor,
+    original: torch.Tensor,
+    logits: torch.Tensor,
+    mask: torch.Tensor,
+    side_logits: Sequence[torch.Tensor] = (),
+    lambdas: Sequence[float] = MSS_LAMBDAS,
+) -> LossParts:
+    """L_total = L_rec + L_pre + L_MSS (L_MSS = 0 without side logits).
+
+    reconstruction/original [N,3,H,W] in [0,1]; logits and side logits [N,2,H,W];
+    mask [N,1,H,W] in {0,1}.
+    """
+    mse, ssim_l = reconstruction_loss(reconstruction.float(), original.float())
+    pre = segmentation_loss(logits, mask)
+    if side_logits:
+        if len(side_logits) != len(lambdas):
+            raise ValueError(f"side_logits: expected {len(lambdas)} MSS outputs, got {len(side_logits)}")
+        mss = sum(lam * segmentation_loss(s, mask) for lam, s in zip(lambdas, side_logits, strict=True))
+        mss = torch.as_tensor(mss, device=logits.device)
+    else:
+        mss = torch.zeros((), device=logits.device)
+    return LossParts(total=mse + ssim_l + pre + mss, mse=mse, ssim=ssim_l, pre=pre, mss=mss)

@@ -1,0 +1,182 @@
+"""Model configuration: one dataclass, two width presets, JSON-friendly.
+
+The config is the single description of a network: checkpoints store it as JSON,
+the exporter copies it into the artifact's metadata, and ``build_model`` rebuilds the
+exact module from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from pouta.edge.errors import ConfigError
+
+MODEL_KINDS: tuple[str, ...] = ("pouta", "vanilla")
+VARIANTS: tuple[str, ...] = ("full", "base", "hsg", "mss")
+MSS_HEADS: tuple[str, ...] = ("conv1x1", "conv3x3")
+# Four 2x max-pools (three between encoder scales, one before the mapping layer).
+SIZE_MULTIPLE = 16
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model.
+
+    ``ae_widths``: channels of encoder scales F_E1..F_E4 (the decoder mirrors them,
+    the mapping layer keeps F_E4's width). ``disc_widths``: channels of the POUTA
+    contrastive features F_C1..F_C4. ``fusion_width``: hidden channels of the 2-conv
+    fusion layer. ``unet_base``: first U-Net width of the vanilla discriminator
+    (widths base, 2b, 4b, 8b, bottleneck 8b). ``mss_head``: the paper leaves the MSS
+    head open; ``conv1x1`` (default) is a 1x1 conv to 2 classes, bilinear upsample to
+    input size, softmax; ``conv3x3`` is one 3x3 conv to 2 classes instead.
+    ``fusion_scale``: the common size the fusion layer works at, the size of F_C(scale):
+    1 = input resolution, 2 = half, 3 = quarter (the logits are then bilinearly upsampled
+    to the input size, which also makes the map smoother).
+    """
+
+    kind: str = "pouta"
+    variant: str = "full"
+    preset: str = "tiny"
+    height: int = 128
+    width: int = 128
+    ae_widths: tuple[int, int, int, int] = (16, 32, 64, 64)
+    disc_widths: tuple[int, int, int, int] = (16, 16, 32, 32)
+    fusion_width: int = 16
+    fusion_scale: int = 3
+    unet_base: int = 8
+    mss_head: str = "conv1x1"
+
+    def __post_init__(self) -> None:
+        self.ae_widths = tuple(int(v) for v in self.ae_widths)  # type: ignore[assignment]
+        self.disc_widths = tuple(int(v) for v in self.disc_widths)  # type: ignore[assignment]
+        self.validate()
+
+    @property
+    def hsg(self) -> bool:
+        return self.kind == "pouta" and self.variant in ("full", "hsg")
+
+    @property
+    def mss(self) -> bool:
+        return self.kind == "pouta" and self.variant in ("full", "mss")
+
+    def validate(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise ConfigError(f"model.kind: expected one of {MODEL_KINDS}, got {self.kind!r}")
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"model.variant: expected one of {VARIANTS}, got {self.variant!r}")
+        if self.mss_head not in MSS_HEADS:
+            raise ConfigError(f"model.mss_head: expected one of {MSS_HEADS}, got {self.mss_head!r}")
+        if self.fusion_scale not in (1, 2, 3, 4):
+            raise ConfigError(f"model.fusion_scale: expected 1, 2, 3 or 4, got {self.fusion_scale!r}")
+        for name in ("ae_widths", "disc_widths"):
+            v = getattr(self, name)
+            if len(v) != 4 or any(c <= 0 for c in v):
+                raise ConfigError(f"model.{name}: expected 4 positive integers, got {list(v)}")
+        if self.fusion_width <= 0 or self.unet_base <= 0:
+            raise ConfigError("model.fusion_width / model.unet_base: expected positive integers")
+        check_input_size(self.height, self.width, "model.height/width")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ae_widths"] = list(self.ae_widths)
+        d["disc_widths"] = list(self.disc_widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "model config") -> ModelConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a mapping, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown model field(s) {unknown}, expected some of {sorted(names)}")
+        try:
+            return cls(**d)
+        except TypeError as exc:
+            raise ConfigError(f"{source}: malformed model config ({exc})") from None
+
+    def with_(self, **changes: Any) -> ModelConfig:
+        return replace(self, **changes)
+
+
+def check_input_size(height: int, width: int, what: str = "input") -> None:
+    """Both sides must be positive multiples of 16 (four 2x down-samplings)."""
+    if (
+        not isinstance(height, int)
+        or not isinstance(width, int)
+        or height < SIZE_MULTIPLE
+        or width < SIZE_MULTIPLE
+        or height % SIZE_MULTIPLE
+        or width % SIZE_MULTIPLE
+    ):
+        raise ConfigError(
+            f"{what}: size {height}x{width} (HxW) is not supported, both sides must be "
+            f"positive multiples of {SIZE_MULTIPLE}"
+        )
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Width preset: the fields a preset sets; kind/variant/size stay the caller's."""
+
+    name: str
+    height: int
+    width: int
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    # Widths chosen so that at 224x224 POUTA has ~15.0M params and vanilla ~28.7M
+    # (paper Table 5); `pouta-cost` prints the exact numbers.
+    "paper": Preset(
+        "paper",
+        224,
+        224,
+        {
+            "ae_widths": (50, 100, 200, 400),
+            "disc_widths": (32, 64, 128, 256),
+            "fusion_width": 64,
+            "fusion_scale": 2,
+            "unet_base": 55,
+        },
+    ),
+    # Small enough to train a useful detector in minutes on a 2-core CPU.
+    "tiny": Preset(
+        "tiny",
+        128,
+        128,
+        {
+            "ae_widths": (16, 32, 64, 64),
+            "disc_widths": (16, 16, 32, 32),
+            "fusion_width": 16,
+            # Quarter-resolution fusion: 4x cheaper than full resolution and a smoother
+            # map; on MVTec bottle (10 CPU minutes) pixel AUROC 0.77 -> 0.88 vs full res.
+            "fusion_scale": 3,
+            "unet_base": 8,
+        },
+    ),
+}
+
+
+def preset_config(
+    preset: str = "tiny",
+    kind: str = "pouta",
+    variant: str = "full",
+    height: int | None = None,
+    width: int | None = None,
+    **overrides: Any,
+) -> ModelConfig:
+    """A ``ModelConfig`` from a named preset, with optional size and field overrides."""
+    if preset not in PRESETS:
+        raise ConfigError(f"model.preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+    p = PRESETS[preset]
+    values = {**p.values, **overrides}
+    return ModelConfig(
+        kind=kind,
+        variant=variant,
+        preset=preset,
+        height=p.height if height is None else height,
+        width=p.width if width is None else width,
+        **values,
+    )

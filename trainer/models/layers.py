@@ -1,0 +1,83 @@
+"""Building blocks shared by the autoencoder and both discriminators."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from pouta.edge.metadata import SCORE_POOL_SIZE
+from torch import nn
+
+
+@dataclass
+class ModelOutput:
+    """What every model's ``forward`` returns.
+
+    anomaly_map: [N,1,H,W] in [0,1] (softmax channel 1 of ``logits``).
+    score: [N], max of the 21x21 stride-1 average-pooled map (count_include_pad, as DRAEM).
+    logits: [N,2,H,W] final 2-class logits (normal, anomalous) at input size.
+    reconstruction: [N,3,H,W] in [0,1]; None when ``aux=False`` and the model does not need it.
+    side_logits: MSS logits [N,2,H,W] at input size for scales 1..4; empty when MSS is off
+        or ``aux=False``.
+    """
+
+    anomaly_map: torch.Tensor
+    score: torch.Tensor
+    logits: torch.Tensor
+    reconstruction: torch.Tensor | None = None
+    side_logits: list[torch.Tensor] = field(default_factory=list)
+
+
+def image_score(anomaly_map: torch.Tensor) -> torch.Tensor:
+    """[N,1,H,W] -> [N]: max of the 21x21 (stride 1, zero padded) average-pooled map."""
+    # Separable (21x1 then 1x21) box filter: with zero padding counted, it equals the
+    # 21x21 average pool exactly (up to float rounding) at a tenth of the CPU cost.
+    k, pad = SCORE_POOL_SIZE, SCORE_POOL_SIZE // 2
+    pooled = F.avg_pool2d(anomaly_map, (k, 1), stride=1, padding=(pad, 0), count_include_pad=True)
+    pooled = F.avg_pool2d(pooled, (1, k), stride=1, padding=(0, pad), count_include_pad=True)
+    return pooled.amax(dim=(1, 2, 3))
+
+
+def head_output(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-class logits [N,2,H,W] -> (anomaly probability [N,1,H,W], image score [N])."""
+    amap = torch.softmax(logits, dim=1)[:, 1:2]
+    return amap, image_score(amap)
+
+
+def resize_to(x: torch.Tensor, like: torch.Tensor | tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of ``x`` to the spatial size of ``like`` (a no-op when equal)."""
+    size = tuple(like.shape[-2:]) if isinstance(like, torch.Tensor) else tuple(like)
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class ConvBNReLU(nn.Sequential):
+    """conv kxk (no bias) + BatchNorm + ReLU; spatial size kept. [N,Cin,H,W] -> [N,Cout,H,W]."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int = 3) -> None:
+        super().__init__(
+            nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        )
+
+
+class DoubleConv(nn.Sequential):
+    """Two ConvBNReLU 3x3 (DRAEM's block). [N,Cin,H,W] -> [N,Cout,H,W]."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(ConvBNReLU(c_in, c_out), ConvBNReLU(c_out, c_out))
+
+
+class UpBlock(nn.Module):
+    """Bilinear x2 to ``size`` + ConvBNReLU + DoubleConv. [N,Cin,h,w] -> [N,Cout,H,W]."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.reduce = ConvBNReLU(c_in, c_out)
+        self.block = DoubleConv(c_out, c_out)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.block(self.reduce(resize_to(x, size)))
