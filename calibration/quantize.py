@@ -18,9 +18,9 @@ Never quantized (``exclusions``): the detection head. The anomaly map is a proba
 that the image score and both thresholds are read from; int8 would put it on a grid of
 1/127 (or 1/255) and move scores that sit near the threshold across it. Concretely:
 the Softmax/Sigmoid producing ``anomaly_map``, every node between it and the outputs
-(channel slice, upsampling, the 21x21 score AveragePool, ReduceMax), and the last
-Conv/ConvTranspose feeding it, whose logits the saturating softmax/sigmoid amplifies
-near 0. Sigmoid/Softmax elsewhere (POUTA's HSG gates) are not quantized either: their
+(channel slice, upsampling, the fixed map smoothing, the 21x21 score AveragePool,
+ReduceMax), and the last Conv/ConvTranspose feeding it, whose logits the saturating
+softmax/sigmoid amplifies near 0. Sigmoid/Softmax elsewhere (POUTA's HSG gates) are not quantized either: their
 [0, 1] outputs multiply feature maps, and a symmetric int8 grid spends half its codes on
 negative values they never take.
 """
@@ -147,9 +147,14 @@ def head_exclusions(model: onnx.ModelProto) -> dict[str, str]:
 
     Walks back from both contract outputs through map-preserving ops (softmax/sigmoid,
     channel slices, resizes, pooling, reductions) and stops after the first
-    Conv/ConvTranspose on each path, which is the head's logit layer.
+    Conv/ConvTranspose on each path, which is the head's logit layer. Single-channel
+    convs on the way (the model's fixed Gaussian blur of the map) are walked through.
     """
     producers = {out: node for node in model.graph.node for out in node.output}
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:  # weights exported as Constant nodes count too
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            shapes[node.output[0]] = tuple(node.attribute[0].t.dims)
     excluded: dict[str, str] = {}
     queue: deque[str] = deque([OUTPUT_ANOMALY_MAP, OUTPUT_SCORE])
     visited: set[str] = set()
@@ -159,6 +164,10 @@ def head_exclusions(model: onnx.ModelProto) -> dict[str, str]:
         if node is None or node.name in visited:
             continue
         visited.add(node.name)
+        if node.op_type == "Conv" and _is_map_filter(node, shapes):
+            excluded[node.name] = "fixed smoothing of the anomaly map (1 -> 1 channel)"
+            queue.extend(i for i in node.input if i)
+            continue
         if node.op_type in ("Conv", "ConvTranspose"):
             excluded[node.name] = "head logit conv: its errors are amplified by the softmax/sigmoid near 0"
             continue
@@ -167,6 +176,12 @@ def head_exclusions(model: onnx.ModelProto) -> dict[str, str]:
         excluded[node.name] = _HEAD_REASONS.get(node.op_type, "between the anomaly map and the outputs")
         queue.extend(i for i in node.input if i)
     return excluded
+
+
+def _is_map_filter(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """A Conv from one channel to one channel: a filter of the map, not a logit layer."""
+    w = shapes.get(node.input[1]) if len(node.input) > 1 else None
+    return w is not None and len(w) == 4 and w[0] == 1 and w[1] == 1
 
 
 _HEAD_REASONS = {

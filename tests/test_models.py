@@ -34,7 +34,7 @@ def test_forward_shapes_and_ranges(kind: str, variant: str) -> None:
     assert out.reconstruction is not None and out.reconstruction.shape == (2, 3, h, w)
     assert float(out.anomaly_map.detach().min()) >= 0.0 and float(out.anomaly_map.detach().max()) <= 1.0
     assert float(out.reconstruction.detach().min()) >= 0.0 and float(out.reconstruction.detach().max()) <= 1.0
-    assert torch.allclose(out.anomaly_map, torch.softmax(out.logits, 1)[:, 1:2])
+    assert torch.allclose(out.anomaly_map, model.smoothing(torch.softmax(out.logits, 1)[:, 1:2]), atol=1e-6)
     with_mss = kind == "pouta" and variant in ("full", "mss")
     assert len(out.side_logits) == (4 if with_mss else 0)
     for s in out.side_logits:
@@ -106,3 +106,27 @@ def test_paper_presets_match_table5() -> None:
     assert pouta["flops"] == 2 * pouta["macs"]
     # the paper's "35.37G FLOPs" are MACs; ours must be in that range
     assert 30e9 < pouta["macs"] < 40e9
+
+
+def test_map_smoothing_keeps_levels_and_spreads_spikes() -> None:
+    from pouta.trainer.models.layers import MapSmoothing
+
+    blur = MapSmoothing(4.0)
+    flat = torch.full((1, 1, 40, 56), 0.7)
+    # renormalised at the border: a uniform map stays uniform (no darkened edges)
+    assert torch.allclose(blur(flat), flat, atol=1e-6)
+    spike = torch.zeros(1, 1, 64, 64)
+    spike[0, 0, 32, 32] = 1.0
+    out = blur(spike)
+    assert out.sum().item() == pytest.approx(1.0, abs=1e-4)  # mass kept away from borders
+    assert out.max().item() < 0.02 and out[0, 0, 32, 32] == out.max()
+    assert blur.state_dict() == {}  # rebuilt from config, nothing stored in checkpoints
+
+
+def test_map_sigma_zero_gives_the_raw_softmax() -> None:
+    cfg = preset_config("tiny", "pouta", "full", height=32, width=32).with_(map_sigma=0.0)
+    model = build_model(cfg).eval()
+    assert model.smoothing is None
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 32, 32))
+    assert torch.allclose(out.anomaly_map, torch.softmax(out.logits, 1)[:, 1:2])

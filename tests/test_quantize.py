@@ -215,6 +215,10 @@ def test_tiny_pouta_export_quantizes_cleanly(tmp_path: Path) -> None:
     ops = {n.name: n.op_type for n in onnx.load(str(src)).graph.node}
     excluded_ops = sorted({ops[n] for n in trt.excluded if n in ops})
     assert {"Softmax", "AveragePool", "ReduceMax", "Conv"} <= set(excluded_ops)
+    # the fixed map blur (4 single-channel convs) is walked through, up to the logit conv
+    excluded_convs = [n for n in trt.excluded if ops.get(n) == "Conv"]
+    assert len([n for n in excluded_convs if "smoothing" in n]) == 4
+    assert any("fusion" in n for n in excluded_convs)
     fp16 = convert_to_fp16(src, tmp_path / "t.fp16.onnx")
     x = np.stack([images.image(i) for i in range(4)])
     ref_map, ref_score = OnnxRuntimeBackend(src).run(x)

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.data:
         category = Path(args.data)
         calib = category / "train" / "good"
+        holdout = None
     else:
         # A second, differently seeded set of good parts calibrates the threshold: scores
         # of the training images themselves would be optimistically low.
@@ -57,11 +58,12 @@ def main(argv: list[str] | None = None) -> None:
         _run(
             [
                 _script("pouta-demo-data"), "--out", str(out / "holdout"), "--seed", "1",
-                "--n-train", "40", "--n-test-good", "2", "--n-test-defect", "1",
+                "--n-train", "40", "--n-test-good", "10", "--n-test-defect", "3",
             ]
         )  # fmt: skip
         category = out / "data" / "surface"
         calib = out / "holdout" / "surface" / "train" / "good"
+        holdout = out / "holdout" / "surface" / "test"
     run_dir = out / "train"
     _run(
         [
@@ -74,14 +76,16 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )  # fmt: skip
     model = out / "model.onnx"
-    _run([_script("pouta-export"), str(run_dir / "last.ckpt"), "-o", str(model)])
-    _run([_script("pouta-calibrate"), str(model), "--calib", str(calib)])
-    _run([_script("pouta-build-engine"), str(model), "--int8", "--fp16", "--calib", str(calib)])
+    _run([_script("pouta-export"), str(run_dir / "model.pt"), "-o", str(model)])
+    build = [_script("pouta-build-engine"), str(model), "--int8", "--fp16", "--calib", str(calib)]
+    if holdout is not None:
+        build += ["--holdout", str(holdout)]
+    _run(build)
     _run(
         [
             _script("pouta-edge"), "run",
             "--images", str(category / "test"),
-            "--engine", str(model),
+            "--engine", str(out / "model.int8.onnx"),
             "--out", str(out / "results"),
         ]
     )  # fmt: skip

@@ -32,7 +32,9 @@ class ModelConfig:
     input size, softmax; ``conv3x3`` is one 3x3 conv to 2 classes instead.
     ``fusion_scale``: the common size the fusion layer works at, the size of F_C(scale):
     1 = input resolution, 2 = half, 3 = quarter (the logits are then bilinearly upsampled
-    to the input size, which also makes the map smoother).
+    to the input size, which also makes the map smoother). ``map_sigma``: Gaussian blur
+    (pixels at input size, fixed, not trained) applied to the anomaly map inside ``forward``
+    before the image score; 0 turns it off.
     """
 
     kind: str = "pouta"
@@ -46,6 +48,7 @@ class ModelConfig:
     fusion_scale: int = 3
     unet_base: int = 8
     mss_head: str = "conv1x1"
+    map_sigma: float = 4.0
 
     def __post_init__(self) -> None:
         self.ae_widths = tuple(int(v) for v in self.ae_widths)  # type: ignore[assignment]
@@ -73,6 +76,8 @@ class ModelConfig:
             v = getattr(self, name)
             if len(v) != 4 or any(c <= 0 for c in v):
                 raise ConfigError(f"model.{name}: expected 4 positive integers, got {list(v)}")
+        if not isinstance(self.map_sigma, (int, float)) or not 0 <= self.map_sigma <= 32:
+            raise ConfigError(f"model.map_sigma: expected a number in [0, 32], got {self.map_sigma!r}")
         if self.fusion_width <= 0 or self.unet_base <= 0:
             raise ConfigError("model.fusion_width / model.unet_base: expected positive integers")
         check_input_size(self.height, self.width, "model.height/width")

@@ -14,7 +14,8 @@ from torch import nn
 class ModelOutput:
     """What every model's ``forward`` returns.
 
-    anomaly_map: [N,1,H,W] in [0,1] (softmax channel 1 of ``logits``).
+    anomaly_map: [N,1,H,W] in [0,1]: softmax channel 1 of ``logits``, Gaussian-smoothed by
+        ``MapSmoothing`` when the config's ``map_sigma`` > 0.
     score: [N], max of the 21x21 stride-1 average-pooled map (count_include_pad, as DRAEM).
     logits: [N,2,H,W] final 2-class logits (normal, anomalous) at input size.
     reconstruction: [N,3,H,W] in [0,1]; None when ``aux=False`` and the model does not need it.
@@ -39,9 +40,44 @@ def image_score(anomaly_map: torch.Tensor) -> torch.Tensor:
     return pooled.amax(dim=(1, 2, 3))
 
 
-def head_output(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+class MapSmoothing(nn.Module):
+    """Fixed (not trained) Gaussian blur of an anomaly map. [N,1,H,W] -> [N,1,H,W].
+
+    The discriminator's map is sharp at a defect's border and can dip inside large
+    defects; a blur of a few pixels fills those dips, which is worth several points of
+    pixel AUROC on real data (bottle, tiny preset: 0.88 -> 0.95 at sigma 4). It lives
+    inside ``forward`` so the exported ONNX, the evaluation and the runtime all see the
+    same map. Separable, zero padded and renormalised by the blurred ones-image, so the
+    image border is neither darkened nor needs a padding mode TensorRT may lack.
+    """
+
+    def __init__(self, sigma: float) -> None:
+        super().__init__()
+        self.sigma = float(sigma)
+        radius = max(1, int(round(3.0 * self.sigma)))
+        t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        k = torch.exp(-0.5 * (t / self.sigma) ** 2)
+        k = k / k.sum()
+        self.radius = radius
+        # Not persistent: rebuilt from the config, so checkpoints carry no extra tensors.
+        self.register_buffer("kernel_v", k.view(1, 1, -1, 1), persistent=False)
+        self.register_buffer("kernel_h", k.view(1, 1, 1, -1), persistent=False)
+
+    def _blur(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.conv2d(x, self.kernel_v.to(x.dtype), padding=(self.radius, 0))
+        return F.conv2d(x, self.kernel_h.to(x.dtype), padding=(0, self.radius))
+
+    def forward(self, amap: torch.Tensor) -> torch.Tensor:
+        return self._blur(amap) / self._blur(torch.ones_like(amap))
+
+
+def head_output(
+    logits: torch.Tensor, smoothing: nn.Module | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """2-class logits [N,2,H,W] -> (anomaly probability [N,1,H,W], image score [N])."""
     amap = torch.softmax(logits, dim=1)[:, 1:2]
+    if smoothing is not None:
+        amap = smoothing(amap)
     return amap, image_score(amap)
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from .autoencoder import ReconstructiveAE
 from .config import ModelConfig, check_input_size
-from .layers import DoubleConv, ModelOutput, head_output
+from .layers import DoubleConv, MapSmoothing, ModelOutput, head_output
 
 
 class UNetDiscriminator(nn.Module):
@@ -64,6 +64,7 @@ class VanillaDRAEM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.smoothing = MapSmoothing(cfg.map_sigma) if cfg.map_sigma > 0 else None
         self.ae = ReconstructiveAE(cfg.ae_widths)
         self.disc = UNetDiscriminator(cfg.unet_base)
 
@@ -72,5 +73,5 @@ class VanillaDRAEM(nn.Module):
         rec = self.ae(x, with_image=True).reconstruction
         assert rec is not None
         logits = self.disc(torch.cat([x, rec], dim=1))
-        amap, score = head_output(logits)
+        amap, score = head_output(logits, self.smoothing)
         return ModelOutput(amap, score, logits, rec, [])
