@@ -54,7 +54,7 @@ class MapSmoothing(nn.Module):
     def __init__(self, sigma: float) -> None:
         super().__init__()
         self.sigma = float(sigma)
-        radius = max(1, int(round(3.0 * self.sigma)))
+        radius = max(1, round(3.0 * self.sigma))
         t = torch.arange(-radius, radius + 1, dtype=torch.float32)
         k = torch.exp(-0.5 * (t / self.sigma) ** 2)
         k = k / k.sum()
