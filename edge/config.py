@@ -123,6 +123,8 @@ def build_pipeline(cfg: dict[str, Any], source: FrameSource | None = None) -> Pi
         overlay_format=out["overlay_format"],
         keep_files=out["keep_files"],
         keep_mb=out["keep_mb"],
+        csv_max_mb=out["csv_max_mb"],
+        csv_keep=out["csv_keep"],
         fsync=out["fsync"],
     )
     pl = cfg["pipeline"]

@@ -131,6 +131,8 @@ class ResultWriter:
         overlay_format: str = "jpg",
         keep_files: int = 10000,
         keep_mb: float = 1024.0,
+        csv_max_mb: float = 64.0,
+        csv_keep: int = 8,
         fsync: bool = True,
         backlog: int = 1000,
     ) -> None:
@@ -147,6 +149,12 @@ class ResultWriter:
         self.overlays, self.overlay_format = overlays, overlay_format
         self.keep_files = int(keep_files)
         self.keep_bytes = int(keep_mb * 1024 * 1024)
+        if csv_max_mb <= 0 or csv_keep < 0:
+            raise ConfigError(
+                f"output.csv_max_mb/csv_keep: expected a positive size and a count >= 0, got {csv_max_mb}/{csv_keep}"
+            )
+        self.csv_max_bytes = int(csv_max_mb * 1024 * 1024)
+        self.csv_keep = int(csv_keep)
         self.fsync = fsync
         self.write_errors = 0
         self.written = 0
@@ -221,6 +229,28 @@ class ResultWriter:
             with contextlib.suppress(FileNotFoundError):
                 old.unlink()
 
+    def _rotate_csv(self) -> None:
+        # A line PLC polls results.csv for years: rename (atomic) at the size limit and keep
+        # the newest few rotated files, so the CSV never fills the disk either.
+        try:
+            if self.csv_path.stat().st_size < self.csv_max_bytes:
+                return
+        except FileNotFoundError:
+            self._append(self.csv_path, ",".join(CSV_COLUMNS) + "\n")
+            return
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.out / f"results.{stamp}.csv"
+        n = 1
+        while target.exists():
+            target = self.out / f"results.{stamp}-{n}.csv"
+            n += 1
+        os.replace(self.csv_path, target)
+        self._append(self.csv_path, ",".join(CSV_COLUMNS) + "\n")
+        rotated = sorted(self.out.glob("results.*.csv"), key=lambda p: p.stat().st_mtime_ns)
+        for old in rotated[: max(0, len(rotated) - self.csv_keep)]:
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+
     def _write_one(self, r: PartResult) -> None:
         d = r.to_dict()
         stem = r.stem
@@ -231,6 +261,7 @@ class ResultWriter:
         if self.overlays == "all" or (self.overlays == "ng" and r.verdict.is_ng):
             self._write_overlay(r, stem)
         if self.csv:
+            self._rotate_csv()
             self._append(self.csv_path, r.csv_line())
         if self.latest:
             atomic_write_text(self.latest_path, json.dumps(d, indent=1) + "\n", fsync=self.fsync)

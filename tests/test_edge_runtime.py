@@ -178,6 +178,29 @@ def test_retention_keeps_last_files(tmp_path: Path, brightness_onnx: Path) -> No
     assert len((out / "results.csv").read_text().splitlines()) == 21
 
 
+def test_results_csv_rotates_at_size_limit(tmp_path: Path, brightness_onnx: Path) -> None:
+    out = tmp_path / "out"
+    sink = ResultWriter(out, overlays="none", csv_max_mb=1500 / 2**20, csv_keep=2, fsync=False)
+    rng = np.random.default_rng(4)
+    pipe = build_pipeline(
+        run_cfg(brightness_onnx, tmp_path, out, policy="block"),
+        source=ArraySource([dark_part(64, 64, rng, True)], count=40),
+    )
+    pipe.sink = sink
+    pipe.run()
+    rotated = sorted(out.glob("results.*.csv"))
+    assert len(rotated) == 2  # older ones deleted
+    files = [*sorted(rotated, key=lambda p: p.stat().st_mtime_ns), out / "results.csv"]
+    ids = []
+    for f in files:
+        lines = f.read_text().splitlines()
+        assert lines[0].startswith("wall_time,frame_id,")  # header in each file
+        assert f.stat().st_size <= 1500 + 300
+        ids += [int(line.split(",")[1]) for line in lines[1:]]
+    # the newest parts survive, in order, with no gap or duplicate
+    assert ids == list(range(40 - len(ids), 40)) and len(ids) >= 5
+
+
 def test_drop_oldest_counts_drops_and_loses_no_results(brightness_onnx: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     rng = np.random.default_rng(4)
@@ -332,3 +355,35 @@ print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
+
+
+def test_video_source_reads_frames_in_order_and_loops(tmp_path: Path) -> None:
+    from pouta.edge.sources import SourceError, VideoSource, iterate
+
+    path = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write MJPG/AVI")
+    levels = [20, 60, 100, 140, 180, 220]
+    for v in levels:
+        writer.write(np.full((48, 64, 3), v, np.uint8))
+    writer.release()
+
+    src = VideoSource(str(path))
+    src.open()
+    frames = list(iterate(src))
+    src.close()
+    assert [f.frame_id for f in frames] == list(range(len(levels)))
+    assert frames[0].image.shape[:2] == (48, 64)
+    means = [float(f.image.mean()) for f in frames]
+    assert np.allclose(means, levels, atol=6)  # JPEG-compressed, order kept
+
+    looped = VideoSource(str(path), loop=True)
+    looped.open()
+    got = [looped.read() for _ in range(len(levels) + 3)]
+    looped.close()
+    assert all(f is not None for f in got)
+    assert abs(float(got[len(levels)].image.mean()) - levels[0]) < 6  # wrapped to the start
+
+    with pytest.raises(SourceError, match="not found"):
+        VideoSource(str(tmp_path / "missing.avi")).open()
