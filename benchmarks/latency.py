@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,11 @@ class TimingPlan:
     iters: int = 50
     min_iters: int = 10
     budget_s: float = 60.0  # per backend and batch size, both models together
+    # Untimed pause before each timed call. ONNX Runtime's worker threads keep spinning
+    # for a while after a run; on 2 cores the next session in the loop then competes
+    # with them and is billed for it (measured: a tiny model 16 ms alone, 50 ms
+    # interleaved without a pause, 21 ms with 50 ms).
+    settle_s: float = 0.05
 
 
 def interleaved(runners: dict[str, Step], plan: TimingPlan, label: str = "") -> dict[str, list[float]]:
@@ -60,6 +65,8 @@ def interleaved(runners: dict[str, Step], plan: TimingPlan, label: str = "") -> 
     for i in range(plan.iters):
         order = names if i % 2 == 0 else names[::-1]
         for n in order:
+            if plan.settle_s > 0:
+                time.sleep(plan.settle_s)
             t0 = time.perf_counter()
             runners[n]()
             samples[n].append(time.perf_counter() - t0)
@@ -380,7 +387,7 @@ def _measure(
     loop_error = ""
     if runners:
         # The budget is per backend: a group of two gets twice the time.
-        group_plan = TimingPlan(plan.warmup, plan.iters, plan.min_iters, plan.budget_s * len(members))
+        group_plan = replace(plan, budget_s=plan.budget_s * len(members))
         try:
             samples = interleaved(runners, group_plan, label)
         except Exception as exc:

@@ -187,7 +187,10 @@ def _latency_md(sec: Result, charts: dict[str, str]) -> list[str]:
         f"randomly initialised weights (latency does not depend on them). {plan.get('warmup')} warm-up "
         f"iterations, then up to {plan.get('iters')} timed iterations (at least {plan.get('min_iters')}; "
         f"stops after {plan.get('budget_s')} s per backend and batch), POUTA and vanilla alternating "
-        f"(ABBA). Threads: {sec.get('threads')} (torch reports {sec.get('torch_threads')}). "
+        f"(ABBA), with an untimed {1000 * float(plan.get('settle_s') or 0):.0f} ms pause before each call "
+        "(ONNX Runtime's worker threads spin after a run; without the pause the next session "
+        "in the loop is billed for them). "
+        f"Threads: {sec.get('threads')} (torch reports {sec.get('torch_threads')}). "
         "Time per batch in ms; p99 of fewer than 100 samples is close to the maximum. "
         "`ratio` = POUTA median / vanilla median; `paired` = median of per-iteration ratios "
         f"(paper: 32/52 = {PAPER_LATENCY_RATIO:.2f}).",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import subprocess
 import sys
@@ -134,6 +135,18 @@ def test_interleaved_alternates_and_respects_budget() -> None:
 
     samples = latency.interleaved({"s": slow}, latency.TimingPlan(0, 1000, 3, budget_s=0.05))
     assert 3 <= len(samples["s"]) < 10
+
+
+def test_interleaved_pauses_before_each_call_without_timing_the_pause() -> None:
+    starts: list[float] = []
+    runners = {
+        "a": lambda: starts.append(time.perf_counter()),
+        "b": lambda: starts.append(time.perf_counter()),
+    }
+    plan = latency.TimingPlan(warmup=0, iters=3, min_iters=3, budget_s=60, settle_s=0.03)
+    samples = latency.interleaved(runners, plan)
+    assert min(b - a for a, b in itertools.pairwise(starts)) >= 0.03
+    assert max(samples["a"] + samples["b"]) < 0.03
 
 
 def test_failing_section_is_reported_not_raised() -> None:
