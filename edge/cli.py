@@ -94,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", "--engine", dest="model", metavar="FILE", help=".onnx or .plan/.engine model")
     run.add_argument("--providers", help="ONNX Runtime providers, comma separated (default CPU)")
     run.add_argument("--threads", type=int)
+    run.add_argument(
+        "--no-spin",
+        dest="spin",
+        action="store_false",
+        default=None,
+        help="ONNX Runtime workers sleep between frames instead of busy-waiting (frees CPU)",
+    )
     run.add_argument("--expect-kind", help="refuse a model whose metadata model_kind differs")
     run.add_argument("--expect-precision", help="refuse a model whose metadata precision differs")
     _add_source_args(run)
@@ -126,6 +133,7 @@ def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
         for k, v in (
             ("path", a.model),
             ("threads", a.threads),
+            ("spin", a.spin),
             ("expect_kind", a.expect_kind),
             ("expect_precision", a.expect_precision),
             ("providers", a.providers.split(",") if a.providers else None),

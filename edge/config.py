@@ -83,7 +83,12 @@ def make_source(scfg: dict[str, Any]) -> FrameSource:
 def make_backend(mcfg: dict[str, Any]) -> Backend:
     if not mcfg.get("path"):
         raise ConfigError("model.path: no model given (use --model/--engine FILE)")
-    backend = open_backend(mcfg["path"], providers=mcfg.get("providers"), threads=mcfg.get("threads"))
+    backend = open_backend(
+        mcfg["path"],
+        providers=mcfg.get("providers"),
+        threads=mcfg.get("threads"),
+        spin=bool(mcfg.get("spin", True)),
+    )
     try:
         check_request(
             backend.metadata,

@@ -387,3 +387,22 @@ def test_video_source_reads_frames_in_order_and_loops(tmp_path: Path) -> None:
 
     with pytest.raises(SourceError, match="not found"):
         VideoSource(str(tmp_path / "missing.avi")).open()
+
+
+def test_no_spin_reaches_the_onnxruntime_session(brightness_onnx: Path, tmp_path: Path) -> None:
+    from pouta.edge.config import make_backend
+
+    args = cli.build_parser().parse_args(["run", "--model", str(brightness_onnx), "--no-spin"])
+    cfg = load_config(None, cli._run_overrides(args))
+    assert cfg["model"]["spin"] is False
+    quiet = make_backend(cfg["model"])
+    opts = quiet.session.get_session_options()  # type: ignore[attr-defined]
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    quiet.close()
+    default = load_config(None, {"model": {"path": str(brightness_onnx)}})
+    assert default["model"]["spin"] is True
+    spinning = make_backend(default["model"])
+    opts = spinning.session.get_session_options()  # type: ignore[attr-defined]
+    with pytest.raises(Exception, match="allow_spinning"):  # never set: the library default
+        opts.get_session_config_entry("session.intra_op.allow_spinning")
+    spinning.close()
