@@ -68,10 +68,41 @@ def test_plan_without_tensorrt_is_a_clear_error(tmp_path: Path) -> None:
         TensorRTBackend(plan)
 
 
+def _cuda_device_usable() -> bool:
+    try:
+        from pouta.edge.cuda_memory import open_cuda_memory
+
+        open_cuda_memory(None)
+    except Exception:
+        return False
+    return True
+
+
 @pytest.mark.trt
-@pytest.mark.skip(reason="needs TensorRT and a CUDA GPU with a built plan; the lead's GPU suite runs it")
-def test_plan_runs_on_gpu() -> None:  # pragma: no cover
-    pass
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorrt") is None or not _cuda_device_usable(),
+    reason="needs TensorRT and a CUDA GPU (cuda-python or pycuda); neither is in this workplace",
+)
+def test_fp16_plan_matches_onnxruntime(brightness_onnx: Path, tmp_path: Path) -> None:  # pragma: no cover
+    from pouta.calibration.fp16 import convert_to_fp16
+    from pouta.calibration.tensorrt_build import BuildRequest, build_engine, plan_build, tensorrt_version
+    from pouta.edge.backend import OnnxRuntimeBackend
+    from pouta.edge.metadata import load_for_model, metadata_path
+
+    fp16 = convert_to_fp16(brightness_onnx, tmp_path / "m.fp16.onnx")
+    req = BuildRequest(
+        precision="fp16", height=64, width=64, onnx_fp32=brightness_onnx, onnx_fp16=fp16, onnx_int8_qdq=None
+    )
+    plan = build_engine(plan_build(str(tensorrt_version()), req), tmp_path / "m.plan").path
+    meta = load_for_model(brightness_onnx)
+    meta.precision = "fp16"
+    meta.save(metadata_path(plan))
+    batch = np.random.default_rng(0).random((1, 3, 64, 64), dtype=np.float32)
+    trt_map, trt_score = TensorRTBackend(plan).run(batch)
+    ort_map, ort_score = OnnxRuntimeBackend(brightness_onnx).run(batch)
+    assert trt_map.shape == ort_map.shape
+    np.testing.assert_allclose(trt_map, ort_map, atol=2e-2)
+    np.testing.assert_allclose(trt_score, ort_score, atol=2e-2)
 
 
 def test_bench_runtime_smoke(brightness_onnx: Path) -> None:
