@@ -64,8 +64,18 @@ def draw_overlay(
     (``Preprocessor.map_to_source``), so contours follow source pixels.
     """
     base = to_bgr8(image, color_order)
-    out = blend(base, amap_source, alpha)
-    mask = (np.asarray(amap_source, dtype=np.float32) > pixel_threshold).astype(np.uint8)
+    a = np.asarray(amap_source, dtype=np.float32).squeeze()
+    if a.shape != base.shape[:2]:
+        a = cv2.resize(a, (base.shape[1], base.shape[0]), interpolation=cv2.INTER_LINEAR)
+    # Tint only where the map approaches the pixel threshold: an operator must still see
+    # the part itself, and a good part's low-level map noise would otherwise wash the
+    # whole picture blue. Colours run from the threshold (blue-green) to 4x it (red), a
+    # fixed per-model scale so pictures of different parts compare.
+    thr = max(float(pixel_threshold), 1e-6)
+    heat = colorize(a, 0.0, min(1.0, 4.0 * thr)) if thr < 0.25 else colorize(a, 0.0, 1.0)
+    weight = alpha * np.clip((a - 0.5 * thr) / (0.5 * thr), 0.0, 1.0)[..., None]
+    out = (base.astype(np.float32) * (1.0 - weight) + heat.astype(np.float32) * weight + 0.5).astype(np.uint8)
+    mask = (a > pixel_threshold).astype(np.uint8)
     if mask.any():
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(out, contours, -1, (255, 255, 255), max(1, out.shape[1] // 400))

@@ -406,3 +406,17 @@ def test_no_spin_reaches_the_onnxruntime_session(brightness_onnx: Path, tmp_path
     with pytest.raises(Exception, match="allow_spinning"):  # never set: the library default
         opts.get_session_config_entry("session.intra_op.allow_spinning")
     spinning.close()
+
+
+def test_overlay_tints_only_near_and_above_the_pixel_threshold() -> None:
+    from pouta.edge.overlay import draw_overlay
+
+    image = np.full((60, 80), 128, np.uint8)  # grayscale part
+    amap = np.full((60, 80), 0.01, np.float32)  # normal: well below the threshold
+    amap[20:40, 30:50] = 0.2  # defect: far above it
+    pic = draw_overlay(image, amap, "NG", 0.2, pixel_threshold=0.05)
+    assert pic.shape == (60, 80, 3)
+    assert np.array_equal(pic[50:, 60:], np.full((10, 20, 3), 128, np.uint8))  # part untouched
+    inside = pic[25:35, 35:45].astype(int)
+    assert np.abs(inside - 128).max() > 40  # defect visibly coloured
+    assert inside[..., 2].mean() > inside[..., 0].mean()  # 4x threshold and up reads red

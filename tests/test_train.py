@@ -67,6 +67,15 @@ def test_config_overrides_and_errors() -> None:
     with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
         build_config(_args(config="nope.yaml"))
     assert build_config(_args(preset="paper"))["model"]["height"] == 224
+    # a typo or a key from another tool must not be silently ignored
+    with pytest.raises(ConfigError, match=r"^input: unknown config section"):
+        build_config(_args(set=["input.height=96"]))
+    with pytest.raises(ConfigError, match=r"^train\.lr_gama: unknown key"):
+        build_config(_args(set=["train.lr_gama=0.5"]))
+    with pytest.raises(ConfigError, match=r"^model\.heigth: unknown key"):
+        build_config(_args(set=["model.heigth=96"]))
+    with pytest.raises(ConfigError, match=r"^synthesis\.anomaly_probability: unknown key"):
+        build_config(_args(set=["synthesis.anomaly_probability=0.5"]))
 
 
 def test_data_order_is_a_function_of_seed_and_epoch() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -93,7 +94,34 @@ def model_config_from(cfg: dict[str, Any]) -> ModelConfig:
     preset = m.pop("preset", "tiny")
     kind = m.pop("kind", "pouta")
     variant = m.pop("variant", "full")
+    known = {f.name for f in dataclasses.fields(ModelConfig)} | {"preset", "kind", "variant"}
+    unknown = sorted(set(cfg.get("model") or {}) - known)
+    if unknown:
+        raise ConfigError(f"model.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
     return preset_config(preset, kind, variant, **m)
+
+
+def check_config_keys(cfg: dict[str, Any]) -> None:
+    """Refuse keys the trainer would silently ignore (a typo must not train the wrong model)."""
+    from .synthesis import SynthesisConfig
+
+    reference = packaged_config("tiny")
+    sections = {
+        "data": set(reference["data"]),
+        "train": set(reference["train"]),
+        "synthesis": {f.name for f in dataclasses.fields(SynthesisConfig)},
+    }
+    for key in sorted(cfg):
+        if key not in (*sections, "model", "out"):
+            raise ConfigError(f"{key}: unknown config section (known: data, model, out, synthesis, train)")
+    for section, known in sections.items():
+        value = cfg.get(section) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{section}: expected a mapping, got {value!r}")
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"{section}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+    model_config_from(cfg)
 
 
 # -- deterministic data order -------------------------------------------------------
@@ -464,7 +492,7 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"--set: expected key=value, got {item!r}")
         key, raw = item.split("=", 1)
         set_key(cfg, key.strip(), yaml.safe_load(raw))
-    model_config_from(cfg)  # fail now, not after the data are loaded
+    check_config_keys(cfg)  # fail now, not after the data are loaded
     for key in ("steps", "batch_size", "seed", "lr"):
         if key not in cfg["train"]:
             raise ConfigError(f"train.{key}: missing from the config")
