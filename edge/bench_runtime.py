@@ -52,9 +52,10 @@ def measure_overhead(
     fsync: bool = True,
     drop_rate_factor: float = 3.0,
     threads: int | None = None,
+    spin: bool = True,
 ) -> dict[str, Any]:
     """Measure runtime overhead and drop behaviour; returns a JSON-able dict (times in ms)."""
-    backend = open_backend(model_path, threads=threads)
+    backend = open_backend(model_path, threads=threads, spin=spin)
     meta = backend.metadata
     h, w = meta.input.height, meta.input.width
     sh, sw = source_size or (h, w)
@@ -116,6 +117,7 @@ def measure_overhead(
         "source": [sh, sw],
         "frames": frames,
         "fsync": fsync,
+        "spin": spin,
         "pure_backend_ms": _stats(pure),
         "pipeline_backend_ms": _stats([d["infer"] for d in lat]),
         "overhead_ms": _stats(overhead),
@@ -144,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--source-size", type=int, nargs=2, metavar=("H", "W"))
     ap.add_argument("--no-fsync", action="store_true")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--no-spin", action="store_true", help="ONNX Runtime workers sleep between runs")
     ap.add_argument("--out", help="keep the result files here")
     a = ap.parse_args(argv)
     res = measure_overhead(
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         a.out,
         fsync=not a.no_fsync,
         threads=a.threads,
+        spin=not a.no_spin,
     )
     print(json.dumps(res, indent=2))
     return 0

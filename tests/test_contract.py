@@ -170,3 +170,19 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path, monkeypatch: pyt
         atomic_write_bytes(target, b'{"v": 2}')
     assert json.loads(target.read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+
+
+def test_shrink_area_antialiases_and_matches_inter_area() -> None:
+    from pouta.edge.preprocess import shrink_area
+
+    # 1-px checkerboard: an anti-aliased shrink gives flat mid-grey, a bilinear one aliases.
+    board = (np.indices((1080, 1920)).sum(axis=0) % 2 * 255).astype(np.uint8)
+    small = shrink_area(board, 224, 224)
+    assert small.shape == (224, 224) and abs(float(small.mean()) - 127.5) < 2 and small.std() < 20
+    smooth = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 256, (1080, 1920, 3), np.uint8), (0, 0), 3)
+    for src in (smooth, smooth[:256, :256], smooth[:384, :640]):
+        h, w = (224, 224) if src.shape[0] < 1000 else (320, 480)
+        ref = cv2.resize(src, (w, h), interpolation=cv2.INTER_AREA).astype(int)
+        got = shrink_area(src, w, h)
+        assert got.shape == ref.shape and np.abs(got.astype(int) - ref).mean() < 0.5
+    assert Preprocessor(224, 224)(smooth).shape == (3, 224, 224)
