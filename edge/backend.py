@@ -71,7 +71,8 @@ class OnnxRuntimeBackend:
             opts.intra_op_num_threads = int(threads)
         if not spin:
             # Idle intra-op workers otherwise busy-wait after each run and take CPU from
-            # acquisition and writing on a small box (measured 2x on 2 cores in benchmarks).
+            # acquisition and writing on a small box (in the benchmark's interleaved loop
+            # they slowed the next session up to 2x on 2 cores).
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=wanted)

@@ -170,9 +170,11 @@ def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_summary(s: dict[str, Any], out_dir: str) -> None:
+    from .pipeline import FPS_WINDOW
+
     lat = s["latency_ms"].get("total", {"p50": 0.0, "p99": 0.0})
     lines = [
-        f"parts {s['processed']}  OK {s['ok']}  NG {s['ng']}  fps {s['fps']:.1f} (last 256 parts; "
+        f"parts {s['processed']}  OK {s['ok']}  NG {s['ng']}  fps {s['fps']:.1f} (last {FPS_WINDOW} parts; "
         f"{s['mean_fps']:.1f} over the run incl. start-up)  latency p50 {lat['p50']:.1f} ms "
         f"p99 {lat['p99']:.1f} ms (capture to result, queueing included)",
         f"dropped {s['dropped']}  corrupt {s['corrupt']}  timeouts {s['timeouts']}  reconnects "

@@ -33,6 +33,14 @@ def colorize(amap: np.ndarray, vmin: float = 0.0, vmax: float = 1.0) -> np.ndarr
     return cv2.applyColorMap(u8, cv2.COLORMAP_JET)
 
 
+def _map_like(amap: np.ndarray, image: np.ndarray) -> np.ndarray:
+    """Anomaly map as float32 [H,W] at the image's size (bilinear when sizes differ)."""
+    a = np.asarray(amap, dtype=np.float32).squeeze()
+    if a.shape != image.shape[:2]:
+        a = cv2.resize(a, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+    return a
+
+
 def blend(
     image_bgr: np.ndarray,
     amap: np.ndarray,
@@ -42,10 +50,7 @@ def blend(
 ) -> np.ndarray:
     """Heatmap blended over the image; the map is resized to the image when sizes differ."""
     base = to_bgr8(image_bgr)
-    a = np.asarray(amap, dtype=np.float32).squeeze()
-    if a.shape != base.shape[:2]:
-        a = cv2.resize(a, (base.shape[1], base.shape[0]), interpolation=cv2.INTER_LINEAR)
-    heat = colorize(a, vmin, vmax)
+    heat = colorize(_map_like(amap, base), vmin, vmax)
     return cv2.addWeighted(base, 1.0 - alpha, heat, alpha, 0.0)
 
 
@@ -64,15 +69,13 @@ def draw_overlay(
     (``Preprocessor.map_to_source``), so contours follow source pixels.
     """
     base = to_bgr8(image, color_order)
-    a = np.asarray(amap_source, dtype=np.float32).squeeze()
-    if a.shape != base.shape[:2]:
-        a = cv2.resize(a, (base.shape[1], base.shape[0]), interpolation=cv2.INTER_LINEAR)
+    a = _map_like(amap_source, base)
     # Tint only where the map approaches the pixel threshold: an operator must still see
     # the part itself, and a good part's low-level map noise would otherwise wash the
     # whole picture blue. Colours run from the threshold (blue-green) to 4x it (red), a
     # fixed per-model scale so pictures of different parts compare.
     thr = max(float(pixel_threshold), 1e-6)
-    heat = colorize(a, 0.0, min(1.0, 4.0 * thr)) if thr < 0.25 else colorize(a, 0.0, 1.0)
+    heat = colorize(a, 0.0, min(1.0, 4.0 * thr))
     weight = alpha * np.clip((a - 0.5 * thr) / (0.5 * thr), 0.0, 1.0)[..., None]
     out = (base.astype(np.float32) * (1.0 - weight) + heat.astype(np.float32) * weight + 0.5).astype(np.uint8)
     mask = (a > pixel_threshold).astype(np.uint8)

@@ -38,6 +38,9 @@ def percentile(values: collections.deque[float] | list[float], q: float) -> floa
     return float(np.percentile(np.fromiter(values, dtype=np.float64), q))
 
 
+FPS_WINDOW = 256  # parts: the live fps is measured over the last this many
+
+
 @dataclass
 class Stats:
     """Counters and latency windows, shared by the three threads (one lock)."""
@@ -59,7 +62,9 @@ class Stats:
     correct: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     latency: dict[str, collections.deque[float]] = field(default_factory=dict, repr=False)
-    _done_times: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=256))
+    _done_times: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=FPS_WINDOW)
+    )
 
     def add(self, **counts: int) -> None:
         with self.lock:

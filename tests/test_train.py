@@ -76,6 +76,8 @@ def test_config_overrides_and_errors() -> None:
         build_config(_args(set=["model.heigth=96"]))
     with pytest.raises(ConfigError, match=r"^synthesis\.anomaly_probability: unknown key"):
         build_config(_args(set=["synthesis.anomaly_probability=0.5"]))
+    with pytest.raises(ConfigError, match=r"^model: expected a mapping"):
+        build_config(_args(set=["model=3"]))
 
 
 def test_data_order_is_a_function_of_seed_and_epoch() -> None:

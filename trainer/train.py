@@ -95,10 +95,14 @@ def model_config_from(cfg: dict[str, Any]) -> ModelConfig:
     kind = m.pop("kind", "pouta")
     variant = m.pop("variant", "full")
     known = {f.name for f in dataclasses.fields(ModelConfig)} | {"preset", "kind", "variant"}
-    unknown = sorted(set(cfg.get("model") or {}) - known)
-    if unknown:
-        raise ConfigError(f"model.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+    _refuse_unknown_keys("model", cfg.get("model") or {}, known)
     return preset_config(preset, kind, variant, **m)
+
+
+def _refuse_unknown_keys(section: str, value: dict[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ConfigError(f"{section}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
 
 
 def check_config_keys(cfg: dict[str, Any]) -> None:
@@ -114,13 +118,11 @@ def check_config_keys(cfg: dict[str, Any]) -> None:
     for key in sorted(cfg):
         if key not in (*sections, "model", "out"):
             raise ConfigError(f"{key}: unknown config section (known: data, model, out, synthesis, train)")
+    for section in ("model", *sections):
+        if not isinstance(cfg.get(section) or {}, dict):
+            raise ConfigError(f"{section}: expected a mapping, got {cfg[section]!r}")
     for section, known in sections.items():
-        value = cfg.get(section) or {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{section}: expected a mapping, got {value!r}")
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise ConfigError(f"{section}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+        _refuse_unknown_keys(section, cfg.get(section) or {}, known)
     model_config_from(cfg)
 
 
