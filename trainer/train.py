@@ -16,9 +16,11 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import faulthandler
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -36,6 +38,7 @@ from pouta.edge.preprocess import Preprocessor
 from .checkpoint import read_checkpoint, save_checkpoint
 from .losses import total_loss
 from .models import ModelConfig, build_model, preset_config
+from .watchdog import StallWatchdog
 
 LAST = "last.pt"
 FINAL = "model.pt"
@@ -157,11 +160,26 @@ def batch_stream(
 
 
 def _worker_init(_: int) -> None:
+    # OpenCV's thread count is inherited from the parent (fixed by
+    # ``single_threaded_opencv`` before any worker is forked): calling
+    # cv2.setNumThreads here would tear down a pool copied mid-use and deadlock.
     torch.set_num_threads(1)
-    with contextlib.suppress(Exception):
-        import cv2
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
-        cv2.setNumThreads(1)
+
+def single_threaded_opencv() -> None:
+    """Run OpenCV on one thread in this process, before any DataLoader worker forks.
+
+    A worker forked while OpenCV's thread pool is live inherits the pool's locks but not
+    its threads, and hangs in its first OpenCV call that touches the pool. Large images
+    start the pool (a 256x256 bottle never does). Fixing the count in the parent, before
+    the training images are decoded, means no pool thread is ever alive at a fork.
+    Chosen over a spawn/forkserver context because those pickle the decoded training
+    set into every worker each epoch.
+    """
+    import cv2
+
+    cv2.setNumThreads(1)
 
 
 def build_training_set(cfg: dict[str, Any], mcfg: ModelConfig) -> tuple[Any, dict[str, Any]]:
@@ -261,6 +279,7 @@ def train(
     opt = torch.optim.Adam(model.parameters(), lr=float(tc["lr"]))
     use_amp = bool(tc.get("amp", True)) and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    single_threaded_opencv()  # before the training images are decoded and workers forked
     dataset, data_info = build_training_set(cfg, mcfg)
     steps = int(tc["steps"])
     step = 0
@@ -304,7 +323,8 @@ def train(
     # for 4, sized for a GPU host); batches do not depend on the worker count.
     workers = min(int(tc.get("num_workers", 0)), os.cpu_count() or 1)
     stream = batch_stream(dataset, bs, seed, step, workers)
-    with (out / LOG).open("a", encoding="utf-8") as log:
+    watchdog = StallWatchdog(float(tc.get("stall_timeout_s", 300)))
+    with (out / LOG).open("a", encoding="utf-8") as log, watchdog:
         while step < steps:
             batch = next(stream)
             lr = lr_at(step, steps, float(tc["lr"]), milestones, gamma)
@@ -330,6 +350,7 @@ def train(
             scaler.step(opt)
             scaler.update()
             step += 1
+            watchdog.beat(step)
             elapsed = time.monotonic() - t0
             if step % log_every == 0 or step == steps:
                 row = {"step": step, "lr": lr, **parts.as_floats(), "elapsed_s": round(elapsed, 2)}
