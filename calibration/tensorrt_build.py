@@ -3,20 +3,23 @@
 What differs between TensorRT versions is decided in ``plan_build`` from the version
 string alone, so it is unit-tested without TensorRT or a GPU:
 
-- 8.6 (JetPack 5 / 6.0): networks need the EXPLICIT_BATCH creation flag; precision
-  comes from builder flags. INT8 parses the Q/DQ model with INT8 and FP16 set together
-  (FP16 for the layers left unquantized). Implicit calibration is only a fallback
-  when no Q/DQ model exists.
+- 8.6 (JetPack 6.0 ships 8.6.2; JetPack 5.1 ships 8.5, which is refused): networks need
+  the EXPLICIT_BATCH creation flag; precision comes from builder flags. INT8 parses the
+  Q/DQ model with INT8 and FP16 set together (FP16 for the layers left unquantized).
+  FP16 is only *allowed* by its flag: TensorRT may keep every layer in FP32.
 - 10.x (JetPack 6.1/6.2 ships 10.3): EXPLICIT_BATCH is deprecated and ignored; the
   network is created STRONGLY_TYPED so tensor types come from the ONNX file (FP16 ONNX
   or Q/DQ ONNX) and precision flags are neither needed nor allowed.
 - 11.x: BuilderFlag.FP16/INT8 and the int8 calibrator are removed and every network is
   strongly typed (the STRONGLY_TYPED flag is deprecated and ignored), so FP16 needs the
   FP16 ONNX and INT8 needs the ``.int8.trt.onnx``.
+- DLA: strongly typed networks run on DLA only from 11.4.1 (JetPack 7.2.2); 8.6's DLA
+  takes FP16 but no Q/DQ; DLA needs one batch size (min = opt = max).
 
-Sources: TensorRT Python API (Builder, IBuilderConfig, EngineInspector, ITimingCache) and
-"Migrating from TensorRT 10.x to 11.x" (removed Python APIs, IEngineInspector JSON), on
-docs.nvidia.com/deeplearning/tensorrt.
+Sources: TensorRT Python API (Builder, IBuilderConfig, Runtime, EngineInspector,
+ITimingCache), "Migrating from TensorRT 10.x to 11.x", the trtexec flag reference, NVIDIA's
+``samples/common/sampleEngines.cpp`` and Polygraphy's ``backend/trt/loader.py``
+(``engine_host_code_allowed`` before deserializing a version-compatible plan).
 """
 
 from __future__ import annotations
@@ -24,17 +27,21 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pouta.edge.metadata import INPUT_NAME
+from pouta.edge.tensorrt_backend import MIN_TENSORRT
 
 from .errors import CalibrationError
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_WORKSPACE_MB = 1024
+# First release documenting strongly typed networks on DLA.
+DLA_STRONGLY_TYPED_FROM = (11, 4, 1)
 
 
 def tensorrt_version() -> str | None:
@@ -46,11 +53,12 @@ def tensorrt_version() -> str | None:
     return str(trt.__version__)
 
 
-def parse_version(version: str) -> tuple[int, int]:
-    m = re.match(r"^(\d+)\.(\d+)", version.strip())
+def parse_version(version: str) -> tuple[int, int, int]:
+    """(major, minor, patch) of a TensorRT version string; patch 0 when absent."""
+    m = re.match(r"^(\d+)\.(\d+)(?:\.(\d+))?", version.strip())
     if not m:
-        raise CalibrationError(f"TensorRT version {version!r} is not of the form MAJOR.MINOR[...]")
-    return int(m.group(1)), int(m.group(2))
+        raise CalibrationError(f"TensorRT version {version!r} is not of the form MAJOR.MINOR[.PATCH...]")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
 
 
 @dataclass(frozen=True)
@@ -82,8 +90,8 @@ class BuildPlan:
     workspace_bytes: int
     timing_cache: Path | None
     dla_core: int | None
-    use_int8_calibrator: bool
     strongly_typed: bool
+    version_compatible: bool = False
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def describe(self) -> dict[str, Any]:
@@ -94,11 +102,41 @@ class BuildPlan:
         return d
 
 
+def _check_dla(version: tuple[int, int, int], trt_version: str, req: BuildRequest) -> None:
+    """Refuse DLA builds that TensorRT would run on the GPU instead, or not build at all."""
+    if req.dla_core is None:
+        return
+    if req.dla_core < 0:
+        raise CalibrationError(f"--dla-core must be >= 0, got {req.dla_core}")
+    if req.precision == "fp32":
+        raise CalibrationError("DLA runs FP16 or INT8 only: add --fp16 or --int8 to use --dla-core")
+    if not req.min_batch == req.opt_batch == req.max_batch:
+        raise CalibrationError(
+            f"--dla-core needs one batch size (min = opt = max), got "
+            f"{req.min_batch}/{req.opt_batch}/{req.max_batch}"
+        )
+    major = version[0]
+    if major == 8 and req.precision == "int8":
+        raise CalibrationError(
+            f"TensorRT {trt_version}: DLA does not take Q/DQ (explicitly quantized) networks; "
+            "use --fp16 with --dla-core, or build INT8 for the GPU without --dla-core"
+        )
+    if major >= 10 and version < DLA_STRONGLY_TYPED_FROM:
+        raise CalibrationError(
+            f"TensorRT {trt_version}: this build is a strongly typed network, which DLA runs only from "
+            "TensorRT 11.4.1 (JetPack 7.2.2); drop --dla-core to build for the GPU"
+        )
+
+
 def plan_build(trt_version: str, req: BuildRequest) -> BuildPlan:
     """Everything the executor does, decided from the TensorRT version and the request."""
-    major, minor = parse_version(trt_version)
-    if (major, minor) < (8, 6):
-        raise CalibrationError(f"TensorRT {trt_version} is too old: 8.6 or newer is required")
+    version = parse_version(trt_version)
+    major = version[0]
+    if version[:2] < MIN_TENSORRT:
+        raise CalibrationError(
+            f"TensorRT {trt_version} is too old: {MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} or newer is required "
+            "(JetPack 5.1 ships 8.5: use JetPack 6 or newer, or the .onnx model with ONNX Runtime)"
+        )
     if req.precision not in PRECISIONS:
         raise CalibrationError(f"precision {req.precision!r} is unknown, expected one of {PRECISIONS}")
     if not 1 <= req.min_batch <= req.opt_batch <= req.max_batch:
@@ -107,10 +145,10 @@ def plan_build(trt_version: str, req: BuildRequest) -> BuildPlan:
         )
     if req.workspace_mb <= 0:
         raise CalibrationError(f"--workspace-mb must be positive, got {req.workspace_mb}")
+    _check_dla(version, trt_version, req)
     notes: list[str] = []
     network_flags: list[str] = []
     builder_flags: list[str] = []
-    use_calibrator = False
     onnx = req.onnx_fp32
     strongly_typed = major >= 10
     if major == 8:
@@ -118,12 +156,13 @@ def plan_build(trt_version: str, req: BuildRequest) -> BuildPlan:
         if req.precision == "fp16":
             builder_flags.append("FP16")
         elif req.precision == "int8":
+            if req.onnx_int8_qdq is None:
+                raise CalibrationError(
+                    f"TensorRT {trt_version}: INT8 needs the Q/DQ model (.int8.trt.onnx); implicit "
+                    "calibration is not supported here"
+                )
             builder_flags += ["INT8", "FP16"]
-            if req.onnx_int8_qdq is not None:
-                onnx = req.onnx_int8_qdq
-            else:
-                use_calibrator = True
-                notes.append("no Q/DQ model: falling back to implicit INT8 with the entropy calibrator")
+            onnx = req.onnx_int8_qdq
     else:
         if major == 10:
             network_flags.append("STRONGLY_TYPED")
@@ -141,14 +180,8 @@ def plan_build(trt_version: str, req: BuildRequest) -> BuildPlan:
                 )
             onnx = req.onnx_int8_qdq
     if req.dla_core is not None:
-        if req.dla_core < 0:
-            raise CalibrationError(f"--dla-core must be >= 0, got {req.dla_core}")
-        if req.precision == "fp32":
-            raise CalibrationError("DLA runs FP16 or INT8 only: add --fp16 or --int8 to use --dla-core")
-        # Layers DLA cannot run (e.g. the score pooling) go to the GPU instead of failing.
+        # Single layers DLA cannot run (e.g. the score pooling) go to the GPU.
         builder_flags.append("GPU_FALLBACK")
-        if major >= 11:
-            notes.append("TensorRT 11 documents DLA as unsupported on JetPack; the build may fail")
     if req.version_compatible:
         builder_flags.append("VERSION_COMPATIBLE")
         notes.append("version-compatible plan: runs on later TensorRT runtimes, possibly slower")
@@ -167,10 +200,35 @@ def plan_build(trt_version: str, req: BuildRequest) -> BuildPlan:
         workspace_bytes=req.workspace_mb * 1024 * 1024,
         timing_cache=req.timing_cache,
         dla_core=req.dla_core,
-        use_int8_calibrator=use_calibrator,
         strongly_typed=strongly_typed,
+        version_compatible=req.version_compatible,
         notes=tuple(notes),
     )
+
+
+def trtexec_command(plan: BuildPlan, output: str | os.PathLike[str]) -> str:
+    """The trtexec command line that builds the same plan (flags as in trtexec --help)."""
+
+    def dims(shape: tuple[int, ...]) -> str:
+        return "x".join(str(d) for d in shape)
+
+    args = ["trtexec", f"--onnx={plan.onnx}", f"--saveEngine={output}"]
+    if "STRONGLY_TYPED" in plan.network_flags:
+        args.append("--stronglyTyped")
+    args += [f"--{f.lower()}" for f in plan.builder_flags if f in ("FP16", "INT8")]
+    for i, key in enumerate(("minShapes", "optShapes", "maxShapes")):
+        args.append(f"--{key}=" + ",".join(f"{n}:{dims(s[i])}" for n, s in plan.profile.items()))
+    args.append(f"--memPoolSize=workspace:{plan.workspace_bytes // (1024 * 1024)}")  # MiB
+    if plan.timing_cache is not None:
+        args.append(f"--timingCacheFile={plan.timing_cache}")
+    if plan.dla_core is not None:
+        args.append(f"--useDLACore={plan.dla_core}")
+    if "GPU_FALLBACK" in plan.builder_flags:
+        args.append("--allowGPUFallback")
+    if plan.version_compatible:
+        args.append("--versionCompatible")
+    args.append("--profilingVerbosity=detailed")
+    return shlex.join(args)
 
 
 # -- engine inspection (pure python: parses the inspector's JSON) ---------------------
@@ -192,14 +250,18 @@ def _tensor_precision(desc: dict[str, Any]) -> str | None:
     return None
 
 
-def layer_precisions(engine_info_json: str) -> dict[str, str]:
-    """Layer name -> precision of its output (or 'unknown') from DETAILED inspector JSON."""
+def _layers(engine_info_json: str) -> list[Any]:
     try:
         info = json.loads(engine_info_json)
     except json.JSONDecodeError as exc:
         raise CalibrationError(f"engine inspector returned invalid JSON ({exc})") from None
+    return list(info.get("Layers", []))
+
+
+def layer_precisions(engine_info_json: str) -> dict[str, str]:
+    """Layer name -> precision of its output (or 'unknown') from DETAILED inspector JSON."""
     out: dict[str, str] = {}
-    for i, layer in enumerate(info.get("Layers", [])):
+    for i, layer in enumerate(_layers(engine_info_json)):
         if isinstance(layer, str):  # LAYER_NAMES_ONLY verbosity: names without detail
             out[layer] = "unknown"
             continue
@@ -213,21 +275,60 @@ def layer_precisions(engine_info_json: str) -> dict[str, str]:
     return out
 
 
-def check_precisions(precisions: dict[str, str], wanted: str) -> dict[str, int]:
-    """Counts per precision; raises when FP16/INT8 was asked for and nothing runs in it."""
+def fused_layer_names(engine_info_json: str) -> list[str]:
+    """Layers that are whole fused subgraphs (Myelin / ForeignNode): their I/O types hide
+    the precision inside, where the convolutions run."""
+    names = []
+    for i, layer in enumerate(_layers(engine_info_json)):
+        name = layer if isinstance(layer, str) else str(layer.get("Name", f"layer_{i}"))
+        kind = "" if isinstance(layer, str) else str(layer.get("LayerType", ""))
+        if "myelin" in kind.lower() or "ForeignNode" in name:
+            names.append(name)
+    return names
+
+
+def check_precisions(
+    precisions: dict[str, str], wanted: str, trt_major: int = 10, fused: tuple[str, ...] | list[str] = ()
+) -> tuple[dict[str, int], list[str]]:
+    """(counts per precision, warnings); raises when FP16/INT8 was asked for and provably
+    nothing runs in it.
+
+    Not provable, so a warning: on 8.6 the FP16 flag only *allows* FP16 and TensorRT keeps
+    FP32 where it is faster; on 10/11 a net fused into Myelin layers shows only their FP32
+    I/O tensors.
+    """
     counts: dict[str, int] = {}
     for p in precisions.values():
         counts[p] = counts.get(p, 0) + 1
-    if wanted in ("fp16", "int8"):
-        reduced = counts.get("fp16", 0) + counts.get("int8", 0)
-        if precisions and reduced == 0:
-            raise CalibrationError(
-                f"asked for {wanted.upper()} but every engine layer runs in FP32 ({counts}); "
-                "the GPU or the ONNX types do not allow reduced precision"
+    warnings: list[str] = []
+    if wanted not in ("fp16", "int8") or not precisions:
+        return counts, warnings
+    fused_set = set(fused)
+    hidden = bool(fused_set) and all(
+        name in fused_set for name, p in precisions.items() if p in ("fp32", "unknown")
+    )
+    reduced = counts.get("fp16", 0) + counts.get("int8", 0)
+    if reduced == 0:
+        msg = f"asked for {wanted.upper()} but every engine layer runs in FP32 ({counts})"
+        if hidden:
+            warnings.append(
+                f"{msg} as far as the inspector shows: {len(fused_set)} fused Myelin layer(s) hide their "
+                "inner precision; compare its speed with an FP32 build to be sure"
             )
-        if wanted == "int8" and counts.get("int8", 0) == 0:
-            raise CalibrationError(f"asked for INT8 but no engine layer runs in INT8 ({counts})")
-    return counts
+        elif trt_major == 8 and wanted == "fp16":
+            warnings.append(
+                f"{msg}: TensorRT 8.6 treats FP16 as allowed, not required, and chose FP32 kernels "
+                "(faster for this network on this GPU)"
+            )
+        else:
+            raise CalibrationError(f"{msg}; the GPU or the ONNX types do not allow reduced precision")
+        return counts, warnings
+    if wanted == "int8" and counts.get("int8", 0) == 0:
+        msg = f"asked for INT8 but no engine layer runs in INT8 ({counts})"
+        if not hidden:
+            raise CalibrationError(msg)
+        warnings.append(f"{msg} as far as the inspector shows (fused Myelin layers hide their precision)")
+    return counts, warnings
 
 
 # -- executor (needs TensorRT and a GPU) ------------------------------------------------
@@ -239,6 +340,57 @@ class EngineBuildResult:
     plan: BuildPlan
     layer_precisions: dict[str, str]
     precision_counts: dict[str, int]
+    warnings: list[str] = field(default_factory=list)
+
+
+def _builder(trt: Any, logger: Any) -> Any:
+    try:
+        return trt.Builder(logger)
+    except TypeError as exc:  # pybind11 "factory function returned nullptr": no usable GPU
+        raise CalibrationError(
+            f"TensorRT {trt.__version__} cannot create a builder: no usable CUDA GPU or driver ({exc}); "
+            "run 'pouta-edge doctor' on this machine"
+        ) from None
+
+
+def _load_timing_cache(trt_config: Any, path: Path | None, log: Callable[[str], None]) -> None:
+    """Attach the cache at ``path``; a corrupt or foreign one is replaced by a fresh one."""
+    if path is None:
+        return
+    blob = b""
+    if path.is_file():
+        blob = path.read_bytes()
+    cache = None
+    try:
+        cache = trt_config.create_timing_cache(blob)
+    except Exception as exc:  # the binding raises on some malformed blobs
+        log(f"warning: timing cache {path} is unreadable ({exc}); starting a fresh one")
+    if cache is None and blob:
+        log(f"warning: timing cache {path} is corrupt; starting a fresh one")
+    if cache is not None and trt_config.set_timing_cache(cache, False):
+        return
+    if cache is not None:
+        log(
+            f"warning: timing cache {path} was made by another GPU or TensorRT version and was refused; "
+            "starting a fresh one"
+        )
+    fresh = trt_config.create_timing_cache(b"")
+    if fresh is None or not trt_config.set_timing_cache(fresh, False):
+        log("warning: TensorRT refused an empty timing cache; building without one")
+
+
+def _save_timing_cache(trt_config: Any, path: Path, log: Callable[[str], None]) -> None:
+    from pouta.edge.fsutil import atomic_write_bytes
+
+    try:
+        cache = trt_config.get_timing_cache()
+        data = cache.serialize() if cache is not None else None
+        if data is None:
+            log(f"warning: TensorRT returned no timing cache; {path} not written")
+            return
+        atomic_write_bytes(path, bytes(data), fsync=False)
+    except (OSError, RuntimeError, TypeError) as exc:
+        log(f"warning: timing cache {path} not written ({exc})")
 
 
 def build_engine(
@@ -248,12 +400,8 @@ def build_engine(
     import tensorrt as trt
     from pouta.edge.fsutil import atomic_write_bytes
 
-    if plan.use_int8_calibrator:
-        raise CalibrationError(
-            "implicit INT8 calibration is not implemented here; build the Q/DQ model (.int8.trt.onnx) first"
-        )
     logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
+    builder = _builder(trt, logger)
     flags = 0
     for name in plan.network_flags:
         flags |= 1 << int(getattr(trt.NetworkDefinitionCreationFlag, name))
@@ -275,18 +423,27 @@ def build_engine(
     for tensor, (mn, opt, mx) in plan.profile.items():
         profile.set_shape(tensor, mn, opt, mx)
     config.add_optimization_profile(profile)
-    cache_bytes = plan.timing_cache.read_bytes() if plan.timing_cache and plan.timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, False)  # a cache from another GPU/version is refused
+    _load_timing_cache(config, plan.timing_cache, log)
     log(f"building TensorRT {plan.trt_version} {plan.precision} engine from {plan.onnx.name} (minutes) ...")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise CalibrationError(f"{plan.onnx}: TensorRT engine build failed (see the TensorRT log above)")
-    if plan.timing_cache is not None:
-        atomic_write_bytes(plan.timing_cache, bytes(config.get_timing_cache().serialize()), fsync=False)
+    # The plan first: it took minutes; nothing after this may lose it.
     out = atomic_write_bytes(output, bytes(serialized))
-    engine = trt.Runtime(logger).deserialize_cuda_engine(bytes(serialized))
-    inspector = engine.create_engine_inspector()
-    precisions = layer_precisions(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
-    counts = check_precisions(precisions, plan.precision)
-    return EngineBuildResult(out, plan, precisions, counts)
+    if plan.timing_cache is not None:
+        _save_timing_cache(config, plan.timing_cache, log)
+    runtime = trt.Runtime(logger)
+    if plan.version_compatible:
+        runtime.engine_host_code_allowed = True  # the plan embeds the lean runtime
+    engine = runtime.deserialize_cuda_engine(bytes(serialized))
+    if engine is None:
+        raise CalibrationError(
+            f"{out}: written, but this TensorRT cannot load it back to check its layer precisions "
+            "(see the TensorRT log above)"
+        )
+    info = engine.create_engine_inspector().get_engine_information(trt.LayerInformationFormat.JSON)
+    precisions = layer_precisions(info)
+    counts, warnings = check_precisions(precisions, plan.precision, plan.trt_major, fused_layer_names(info))
+    for w in warnings:
+        log(f"warning: {out.name}: {w}")
+    return EngineBuildResult(out, plan, precisions, counts, warnings)

@@ -18,6 +18,9 @@ import numpy as np
 from .errors import ConfigError, MetadataError
 from .metadata import INPUT_NAME, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, ModelMetadata, check_io, load_for_model
 
+# Oldest TensorRT whose plans we build and run (JetPack 6.0 ships 8.6.2; JetPack 5.1's 8.5 is refused).
+MIN_TENSORRT = (8, 6)
+
 # TensorRT DataType names -> numpy; plain names so this works without importing tensorrt.
 TRT_DTYPES: dict[str, np.dtype] = {
     "FLOAT": np.dtype(np.float32),
@@ -89,8 +92,23 @@ def check_engine_tensors(
             )
 
 
+def allows_host_code(meta: ModelMetadata) -> bool:
+    """Whether the plan's sidecar records a version-compatible build.
+
+    Such a plan embeds the lean runtime (host code); the runtime loads it only after
+    ``engine_host_code_allowed = True``, otherwise ``deserialize_cuda_engine`` returns None.
+    """
+    flags = meta.build.get("builder_flags") or ()
+    return bool(meta.build.get("version_compatible")) or "VERSION_COMPATIBLE" in flags
+
+
 class TensorRTBackend:
-    """A TensorRT plan behind the ``Backend`` protocol."""
+    """A TensorRT plan behind the ``Backend`` protocol.
+
+    Opened in one thread, run in another (the pipeline's inference worker): every CUDA
+    and TensorRT call runs inside ``mem.activate()`` so pycuda's buffers and TensorRT
+    share the device's primary context in whichever thread calls.
+    """
 
     def __init__(
         self,
@@ -113,14 +131,43 @@ class TensorRTBackend:
         from .cuda_memory import open_cuda_memory
 
         self.trt = trt
-        self.mem = open_cuda_memory(cuda)
-        logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(logger)
+        self._batch = 0
+        self._host: dict[str, np.ndarray] = {}
+        self._dev: dict[str, int] = {}
+        self.context: Any = None
+        self.engine: Any = None
+        self.mem: Any = open_cuda_memory(cuda)
+        try:
+            with self.mem.activate():
+                self._open(trt)
+                self._allocate(max_batch)
+        except BaseException:
+            self.close()
+            raise
+        self.name = f"tensorrt:{self.mem.name}"
+
+    def _open(self, trt: Any) -> None:
+        try:
+            self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        except TypeError as exc:  # pybind11: "factory function returned nullptr"
+            raise ConfigError(
+                f"{self.path}: TensorRT cannot start a runtime: no usable CUDA GPU ({exc}); "
+                "run 'pouta-edge doctor'"
+            ) from None
+        host_code = allows_host_code(self.metadata)
+        if host_code:
+            self.runtime.engine_host_code_allowed = True
         self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
         if self.engine is None:
+            hint = (
+                "the sidecar records a version-compatible build, so the plan is damaged or newer than "
+                f"this TensorRT {trt.__version__}"
+                if host_code
+                else f"built with another TensorRT version than {trt.__version__}, for another GPU, or "
+                "version-compatible without the sidecar saying so"
+            )
             raise MetadataError(
-                f"{self.path}: TensorRT cannot deserialize this plan (built with another TensorRT "
-                "version or for another GPU? rebuild it on this device)"
+                f"{self.path}: TensorRT cannot deserialize this plan ({hint}); rebuild it on this device"
             )
         tensors = {}
         for i in range(self.engine.num_io_tensors):
@@ -134,51 +181,58 @@ class TensorRTBackend:
         check_engine_tensors(self.metadata, tensors, str(self.path))
         self.tensors = tensors
         self.context = self.engine.create_execution_context()
-        self.name = f"tensorrt:{self.mem.name}"
-        self._batch = 0
-        self._host: dict[str, np.ndarray] = {}
-        self._dev: dict[str, int] = {}
-        self._allocate(max_batch)
 
     def _allocate(self, batch: int) -> None:
-        self._free_device()
         plan = plan_buffers(self.tensors, batch)
         in_shape = plan[INPUT_NAME][0]
+        # Shape first: a rejected batch must leave the current buffers and shape usable.
         if not self.context.set_input_shape(INPUT_NAME, in_shape):
+            if self._batch:
+                self.context.set_input_shape(
+                    INPUT_NAME, plan_buffers(self.tensors, self._batch)[INPUT_NAME][0]
+                )
             raise MetadataError(
-                f"{self.path}: engine rejects input shape {list(in_shape)} (outside its profile)"
+                f"{self.path}: engine rejects input shape {list(in_shape)} (outside its optimization profile)"
             )
+        self._free_buffers()
         for name, (shape, dtype, nbytes) in plan.items():
             self._host[name] = self.mem.pinned_empty(shape, dtype)
             self._dev[name] = self.mem.device_alloc(nbytes)
-            self.context.set_tensor_address(name, self._dev[name])
+            if not self.context.set_tensor_address(name, self._dev[name]):
+                raise RuntimeError(f"{self.path}: TensorRT refused the address of tensor '{name}'")
         self._batch = batch
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n = int(batch.shape[0])
-        if n != self._batch:
-            self._allocate(n)
-        np.copyto(self._host[INPUT_NAME], batch, casting="same_kind")
-        self.mem.htod_async(self._dev[INPUT_NAME], self._host[INPUT_NAME])
-        if not self.context.execute_async_v3(self.mem.stream_handle):
-            raise RuntimeError(f"{self.path}: TensorRT execute_async_v3 failed")
-        for name in (OUTPUT_ANOMALY_MAP, OUTPUT_SCORE):
-            self.mem.dtoh_async(self._host[name], self._dev[name])
-        self.mem.synchronize()
+        with self.mem.activate():
+            if n != self._batch:
+                self._allocate(n)
+            np.copyto(self._host[INPUT_NAME], batch, casting="same_kind")
+            self.mem.htod_async(self._dev[INPUT_NAME], self._host[INPUT_NAME])
+            if not self.context.execute_async_v3(self.mem.stream_handle):
+                raise RuntimeError(f"{self.path}: TensorRT execute_async_v3 failed")
+            for name in (OUTPUT_ANOMALY_MAP, OUTPUT_SCORE):
+                self.mem.dtoh_async(self._host[name], self._dev[name])
+            self.mem.synchronize()
         # Copies: the pinned buffers are reused by the next call.
         return self._host[OUTPUT_ANOMALY_MAP].copy(), self._host[OUTPUT_SCORE].reshape(n).copy()
 
-    def _free_device(self) -> None:
+    def _free_buffers(self) -> None:
         for ptr in self._dev.values():
             self.mem.device_free(ptr)
+        for array in self._host.values():
+            self.mem.pinned_free(array)
         self._dev.clear()
         self._host.clear()
 
     def close(self) -> None:
         if getattr(self, "mem", None) is None:
             return
-        self._free_device()
-        self.context = None
-        self.engine = None
+        with self.mem.activate():
+            self._free_buffers()
+            # TensorRT objects go before the CUDA stream and context they were used with.
+            self.context = None
+            self.engine = None
+            self.runtime = None
         self.mem.close()
-        self.mem = None  # type: ignore[assignment]
+        self.mem = None
