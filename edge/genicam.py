@@ -2,12 +2,29 @@
 
 Facts this module relies on (harvesters 1.4.3 + genicam 1.6, checked with viky.cti):
 one ``Harvester`` per process; ``ImageAcquirer.fetch(timeout=...)`` honours its timeout
-only when acquisition was started without ``run_as_thread=True``; a fetched buffer's
-``component.data`` is a view into the driver's buffer (copied before the buffer is
-queued back by ``with``), and harvesters does not strip line padding itself; there is
-no disconnect event, so loss is detected from repeated timeouts/errors and recovered
-with ``destroy()`` + ``update()`` + ``create({...})``. viky has no Trigger*, ExposureTime
-or Gain nodes and no buffer timestamps.
+only when acquisition was started without ``run_as_thread=True`` and then raises
+``genicam.gentl.TimeoutException``; a GenTL failure during a fetch (e.g. the acquirer
+destroyed under it) raises another ``genicam.gentl`` exception, and a destroyed acquirer
+reports ``is_valid() == False``; harvesters silently drops incomplete buffers (it only
+emits ``Events.INCOMPLETE_BUFFER``); a fetched buffer's ``component.data`` is a view
+into the driver's buffer (copied before the buffer is queued back by ``with``), and
+harvesters does not strip line padding itself. There is no disconnect event, so loss is
+detected from fetch errors, a dead node map, or (free-running only) a stalled stream,
+and recovered with ``destroy()`` + ``update()`` + ``create({...})``. viky has no
+Trigger*, Line*, UserOutput*, ExposureTime or Gain nodes and no buffer timestamps.
+
+Acquisition rules (SFNC names):
+- ``trigger: off`` (free-running): ``TriggerMode=Off`` where the camera has it; a fetch
+  timeout is a ``FrameTimeout`` and ``reconnect_after`` of them in a row mean the camera
+  is lost.
+- ``trigger: software | lineN``: ``TriggerSelector=FrameStart``, ``TriggerSource``,
+  ``TriggerActivation`` (lines only), ``TriggerMode=On``, each read back. A fetch timeout
+  only means "no part yet": ``read`` keeps waiting (never a failure, never a reconnect),
+  returning ``None`` once its ``stop_event`` is set. While idle the node map is read every
+  ``probe_s``; no answer (or ``TriggerMode`` no longer ``On`` after a power cycle) means
+  the camera is lost.
+- Any fetch error other than a timeout, or an invalid acquirer, means the camera is lost:
+  it is destroyed and re-created with backoff (``reconnects`` counts successes).
 """
 
 from __future__ import annotations
@@ -17,13 +34,15 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, ImageReadError
 from .sources import Frame, FrameTimeout, SourceError
 
 log = logging.getLogger("pouta.edge.genicam")
@@ -42,6 +61,11 @@ SUPPORTED_FORMATS = tuple(MONO_BITS) + tuple(COLOR_FORMATS) + tuple(BAYER_CODES)
 # Settings are applied in this order: the pixel format and geometry change what is valid
 # for the rest (e.g. the frame-rate maximum).
 NODE_ORDER = ("PixelFormat", "Width", "Height", "OffsetX", "OffsetY")
+TRIGGER_NODES = ("TriggerSelector", "TriggerMode", "TriggerSource", "TriggerActivation")
+TRIGGER_ACTIVATIONS = ("RisingEdge", "FallingEdge", "AnyEdge", "LevelHigh", "LevelLow")
+TRIGGER_HELP = "off, software, line0, line1, ..."
+# Read while a triggered camera is idle to tell "no part yet" from "camera gone".
+PROBE_NODES = ("TriggerMode", "PixelFormat", "Width")
 
 
 def convert(data: np.ndarray, pixel_format: str, width: int, height: int) -> tuple[np.ndarray, str]:
@@ -69,34 +93,238 @@ def convert(data: np.ndarray, pixel_format: str, width: int, height: int) -> tup
     raise SourceError(f"pixel format {pixel_format!r} is not supported, expected one of {SUPPORTED_FORMATS}")
 
 
-def apply_settings(node_map: Any, settings: dict[str, Any]) -> list[str]:
-    """Set each node that exists; return the names the camera lacks (reported by the caller).
+def write_node(node_map: Any, name: str, value: Any) -> None:
+    """Set one existing node; a value it already holds is not written (read-only nodes stay fine).
 
-    A node that exists but rejects the value is a configuration error naming node and value.
+    A node that rejects the value is a configuration error naming node and value.
     """
+    node = getattr(node_map, name)
+    try:
+        if value == "execute" and hasattr(node, "execute"):
+            node.execute()
+            return
+        with contextlib.suppress(Exception):  # write-only nodes cannot be read
+            if str(node.value) == str(value):
+                return
+        node.value = value
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"camera node {name}: cannot set {value!r} ({first})") from None
+
+
+def read_back(node_map: Any, name: str, value: Any) -> str:
+    got = str(getattr(node_map, name).value)
+    if got != str(value):
+        raise ConfigError(f"camera node {name}: set to {value!r} but reads back {got!r}")
+    return got
+
+
+def apply_settings(node_map: Any, settings: dict[str, Any]) -> list[str]:
+    """Set each node that exists; return the names the camera lacks (reported by the caller)."""
     missing: list[str] = []
     names = [n for n in NODE_ORDER if n in settings] + [n for n in settings if n not in NODE_ORDER]
     for name in names:
-        value = settings[name]
-        if not node_map.has_node(name):
+        if node_map.has_node(name):
+            write_node(node_map, name, settings[name])
+        else:
             missing.append(name)
-            continue
-        node = getattr(node_map, name)
-        try:
-            if value == "execute" and hasattr(node, "execute"):
-                node.execute()
-            else:
-                node.value = value
-        except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(f"camera node {name}: cannot set {value!r} ({first})") from None
     return missing
 
 
-def trigger_settings(software_trigger: bool) -> dict[str, Any]:
-    if not software_trigger:
-        return {}
-    return {"TriggerSelector": "FrameStart", "TriggerMode": "On", "TriggerSource": "Software"}
+@dataclass(frozen=True)
+class TriggerConfig:
+    """The FrameStart trigger: ``off`` (free-running), ``software`` or a line (``Line0`` ...)."""
+
+    mode: str = "off"  # off | software | line
+    source: str | None = None  # SFNC TriggerSource: Software, Line0, Line1, ...
+    activation: str = "RisingEdge"
+
+    @classmethod
+    def parse(
+        cls, value: Any, activation: Any = "RisingEdge", where: str = "source.trigger"
+    ) -> TriggerConfig:
+        # YAML 1.1 reads a bare off/no as False and on/yes as True.
+        if value is None or value is False:
+            return cls()
+        if value is True:
+            raise ConfigError(f"{where}: got a boolean (YAML reads on/yes as true); expected {TRIGGER_HELP}")
+        text = str(value).strip().lower()
+        act = cls._activation(activation, where)
+        if text == "off":
+            return cls(activation=act)
+        if text == "software":
+            return cls("software", "Software", act)
+        if text.startswith("line") and text[4:].isdigit():
+            return cls("line", f"Line{int(text[4:])}", act)
+        raise ConfigError(f"{where}: {value!r} is not a trigger mode; expected {TRIGGER_HELP}")
+
+    @staticmethod
+    def _activation(value: Any, where: str) -> str:
+        by_lower = {a.lower(): a for a in TRIGGER_ACTIVATIONS}
+        act = by_lower.get(str(value or "RisingEdge").strip().lower())
+        if act is None:
+            raise ConfigError(f"{where}_activation: {value!r}, expected one of {TRIGGER_ACTIVATIONS}")
+        return act
+
+    @property
+    def waits_for_parts(self) -> bool:
+        return self.mode != "off"
+
+    @property
+    def label(self) -> str:
+        return "off" if self.mode == "off" else str(self.source).lower()
+
+    def node_settings(self) -> list[tuple[str, str]]:
+        """SFNC nodes in the order they must be written: selector first, mode last (arms it)."""
+        if self.mode == "off":
+            return [("TriggerSelector", "FrameStart"), ("TriggerMode", "Off")]
+        nodes = [("TriggerSelector", "FrameStart"), ("TriggerSource", str(self.source))]
+        if self.mode == "line":
+            nodes.append(("TriggerActivation", self.activation))
+        return [*nodes, ("TriggerMode", "On")]
+
+
+def apply_trigger(node_map: Any, trigger: TriggerConfig) -> tuple[list[str], dict[str, str]]:
+    """Write and read back the trigger nodes; return (missing nodes, read-back values).
+
+    With the trigger off, absent nodes are not reported: such a camera free-runs anyway.
+    """
+    missing: list[str] = []
+    readback: dict[str, str] = {}
+    for name, value in trigger.node_settings():
+        if not node_map.has_node(name):
+            missing.append(name)
+            continue
+        write_node(node_map, name, value)
+        readback[name] = read_back(node_map, name, value)
+    if trigger.mode == "software" and not node_map.has_node("TriggerSoftware"):
+        missing.append("TriggerSoftware")
+    return ([] if trigger.mode == "off" else missing), readback
+
+
+@dataclass(frozen=True)
+class StrobeConfig:
+    """A digital output pulsed on NG: ``LineSelector=line``, ``LineSource=user_output``."""
+
+    line: str | None = None  # Line1, Line2, ...; None: no output
+    user_output: str = "UserOutput0"
+    pulse_s: float = 0.05
+
+    @classmethod
+    def parse(cls, s: dict[str, Any] | None, where: str = "source.strobe") -> StrobeConfig:
+        s = dict(s or {})
+        line = s.get("line")
+        if line in (None, "", False):
+            return cls()
+        text = str(line).strip()
+        digits = text[4:] if text.lower().startswith("line") else text
+        if not digits.isdigit():
+            raise ConfigError(f"{where}.line: {line!r}, expected an output line such as Line1")
+        output = str(s.get("user_output") or "UserOutput0")
+        if not (output.startswith("UserOutput") and output[10:].isdigit()):
+            raise ConfigError(f"{where}.user_output: {output!r}, expected UserOutput0, UserOutput1, ...")
+        pulse_ms = s.get("pulse_ms", 50)
+        if not isinstance(pulse_ms, int | float) or isinstance(pulse_ms, bool) or pulse_ms <= 0:
+            raise ConfigError(f"{where}.pulse_ms: {pulse_ms!r}, expected a positive number of milliseconds")
+        return cls(f"Line{int(digits)}", output, float(pulse_ms) / 1e3)
+
+    @property
+    def enabled(self) -> bool:
+        return self.line is not None
+
+
+STROBE_REQUIRED = ("LineSelector", "LineSource", "UserOutputValue")
+
+
+def setup_strobe(node_map: Any, strobe: StrobeConfig) -> list[str]:
+    """Route ``user_output`` to the strobe line and drive it low; return the missing nodes.
+
+    ``LineMode`` and ``UserOutputSelector`` are optional: output-only lines and cameras
+    with a single user output often lack them.
+    """
+    missing = [n for n in STROBE_REQUIRED if not node_map.has_node(n)]
+    if missing:
+        return missing
+    write_node(node_map, "LineSelector", strobe.line)
+    if node_map.has_node("LineMode"):
+        write_node(node_map, "LineMode", "Output")
+    write_node(node_map, "LineSource", strobe.user_output)
+    read_back(node_map, "LineSource", strobe.user_output)
+    set_user_output(node_map, strobe, False)
+    return []
+
+
+def set_user_output(node_map: Any, strobe: StrobeConfig, level: bool) -> None:
+    if node_map.has_node("UserOutputSelector"):
+        node_map.UserOutputSelector.value = strobe.user_output
+    node_map.UserOutputValue.value = level
+
+
+class PulseOutput:
+    """Drives an output high for ``pulse_s`` after each ``fire()``; a fire during a pulse extends it.
+
+    The writes happen on its own thread, so the caller (the inference loop) never waits
+    on camera I/O; a failed write is counted and logged, never raised.
+    """
+
+    def __init__(self, write: Callable[[bool], None], pulse_s: float, name: str) -> None:
+        self._write = write
+        self.pulse_s = pulse_s
+        self.name = name
+        self.fired = 0
+        self.pulses = 0  # rising edges written
+        self.errors = 0
+        self._off_at = 0.0
+        self._pending = False
+        self._closed = False
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def fire(self) -> None:
+        with self._cv:
+            if self._closed:
+                return
+            self.fired += 1
+            self._off_at = time.monotonic() + self.pulse_s
+            self._pending = True
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pouta-strobe", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def close(self, timeout: float = 2.0) -> None:
+        """End a running pulse now (output low) and stop the thread."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _set(self, level: bool) -> bool:
+        try:
+            self._write(level)
+            return True
+        except Exception as exc:
+            self.errors += 1
+            log.warning("%s: strobe output %s failed (%s)", self.name, "high" if level else "low", exc)
+            return False
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._closed:
+                    self._cv.wait()
+                if not self._pending:
+                    return
+                self._pending = False
+            self.pulses += int(self._set(True))
+            with self._cv:
+                # A fire() during the pulse moved _off_at: one longer pulse, not a glitch.
+                while not self._closed and (remaining := self._off_at - time.monotonic()) > 0:
+                    self._cv.wait(remaining)
+                self._pending = False
+            self._set(False)
 
 
 _HARVESTER: Any = None
@@ -171,7 +399,11 @@ def list_cameras(cti: str | None) -> list[dict[str, Any]]:
 
 
 class GenICamSource:
-    """A GenICam camera as a ``FrameSource``; reconnects by itself after repeated timeouts."""
+    """A GenICam camera as a ``FrameSource``: trigger modes, device-loss recovery, NG strobe.
+
+    ``opener`` makes a started-or-not acquirer (harvesters' ``ImageAcquirer`` API); by
+    default it is created from the producer by serial/id/index. Tests pass their own.
+    """
 
     def __init__(
         self,
@@ -181,42 +413,76 @@ class GenICamSource:
         device_id: str | None = None,
         pixel_format: str | None = None,
         nodes: dict[str, Any] | None = None,
-        software_trigger: bool = False,
+        trigger: TriggerConfig | str = "off",
+        strobe: StrobeConfig | None = None,
         timeout_s: float = 1.0,
         reconnect_after: int = 3,
+        probe_s: float = 5.0,
         max_backoff_s: float = 10.0,
+        min_backoff_s: float = 0.2,
+        opener: Callable[[], Any] | None = None,
     ) -> None:
         if camera == "sim":
             cti, camera = cti or "sim", 0
-        self.cti = find_cti(cti)
+        self.cti = find_cti(cti) if opener is None else str(cti or "custom")
         self.index = int(camera) if camera not in (None, "") else 0
         self.serial = serial
         self.device_id = device_id
         self.settings: dict[str, Any] = dict(nodes or {})
+        clash = [n for n in TRIGGER_NODES if n in self.settings]
+        if clash:
+            raise ConfigError(
+                f"source.nodes: {', '.join(clash)} are set by source.trigger ({TRIGGER_HELP}); remove them"
+            )
         if pixel_format:
             if pixel_format not in SUPPORTED_FORMATS:
                 raise ConfigError(
                     f"source.pixel_format: {pixel_format!r}, expected one of {SUPPORTED_FORMATS}"
                 )
             self.settings["PixelFormat"] = pixel_format
-        self.software_trigger = software_trigger
-        self.settings.update(trigger_settings(software_trigger))
+        self.trigger = trigger if isinstance(trigger, TriggerConfig) else TriggerConfig.parse(trigger)
+        self.strobe = strobe or StrobeConfig()
         self.timeout_s = float(timeout_s)
         self.reconnect_after = max(1, int(reconnect_after))
+        self.probe_s = float(probe_s)
         self.max_backoff_s = float(max_backoff_s)
+        self.min_backoff_s = float(min_backoff_s)
+        self._opener = opener or self._open_harvesters
         self.name = f"genicam:{Path(self.cti).name}:{serial or device_id or self.index}"
         self.acquirer: Any = None
         self.missing_nodes: list[str] = []
-        self.reconnects = 0
-        self.timeouts = 0
-        self._consecutive_failures = 0
+        self.trigger_readback: dict[str, str] = {}
+        self.strobe_ready = False
+        self.reconnects = 0  # successful re-creations after a loss
+        self.reconnect_failures = 0
+        self.device_losses = 0
+        self.timeouts = 0  # free-running fetch timeouts
+        self.trigger_waits = 0  # triggered: fetch timeouts while waiting for a part (not failures)
+        self.probes = 0
+        self.incomplete_frames = 0  # buffers harvesters dropped as incomplete
+        self.last_loss: str | None = None
+        self._stalled = 0
+        self._last_probe = 0.0
+        self._soft_trigger = False
         self._frame_id = 0
         self._key: Any = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one acquisition step at a time
+        self._io_lock = threading.Lock()  # node-map writes vs destroy (strobe thread, probes)
+        self._pulse: PulseOutput | None = None
         self.stop_event: threading.Event | None = None
 
     @classmethod
     def from_config(cls, s: dict[str, Any]) -> GenICamSource:
+        trigger = s.get("trigger")
+        if s.get("software_trigger"):
+            # Deprecated alias kept so existing line configs keep working.
+            if TriggerConfig.parse(trigger).mode not in ("off", "software"):
+                raise ConfigError(
+                    f"source.software_trigger: true conflicts with source.trigger: {trigger}; "
+                    "remove software_trigger (deprecated alias of trigger: software)"
+                )
+            log.warning("source.software_trigger is deprecated; use trigger: software (--trigger software)")
+            trigger = "software"
         return cls(
             cti=s.get("cti"),
             camera=s.get("camera"),
@@ -224,11 +490,29 @@ class GenICamSource:
             device_id=s.get("device_id"),
             pixel_format=s.get("pixel_format"),
             nodes=s.get("nodes") or {},
-            software_trigger=bool(s.get("software_trigger")),
+            trigger=TriggerConfig.parse(trigger, s.get("trigger_activation")),
+            strobe=StrobeConfig.parse(s.get("strobe")),
             timeout_s=float(s.get("timeout_s") or 1.0),
             reconnect_after=int(s.get("reconnect_after") or 3),
+            probe_s=float(s.get("probe_s") or 5.0),
             max_backoff_s=float(s.get("max_backoff_s") or 10.0),
         )
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counters for summaries and status lines."""
+        pulse = self._pulse
+        return {
+            "trigger": self.trigger.label,
+            "reconnects": self.reconnects,
+            "reconnect_failures": self.reconnect_failures,
+            "device_losses": self.device_losses,
+            "timeouts": self.timeouts,
+            "trigger_waits": self.trigger_waits,
+            "incomplete_frames": self.incomplete_frames,
+            "strobe_pulses": pulse.pulses if pulse else 0,
+            "strobe_errors": pulse.errors if pulse else 0,
+        }
 
     # -- connection ----------------------------------------------------------
     def _search_key(self, h: Any) -> Any:
@@ -246,7 +530,7 @@ class GenICamSource:
         except Exception:
             return self.index
 
-    def _connect(self) -> None:
+    def _open_harvesters(self) -> Any:
         h = harvester(self.cti)
         with _HARVESTER_LOCK:
             h.update()
@@ -256,31 +540,68 @@ class GenICamSource:
                 ia = h.create(self._key)
             except Exception as exc:
                 raise SourceError(f"{self.name}: cannot open camera {self._key} ({exc})") from None
-        try:
-            nm = ia.remote_device.node_map
-            if self.software_trigger and not nm.has_node("TriggerSoftware"):
+        _count_incomplete_buffers(ia, self)
+        return ia
+
+    def _configure(self, ia: Any) -> None:
+        nm = ia.remote_device.node_map
+        # Trigger first: user nodes such as TriggerDelay apply to the selected (FrameStart) trigger.
+        missing_trigger, self.trigger_readback = apply_trigger(nm, self.trigger)
+        missing_nodes = apply_settings(nm, self.settings)
+        missing_strobe = setup_strobe(nm, self.strobe) if self.strobe.enabled else []
+        self.strobe_ready = self.strobe.enabled and not missing_strobe
+        self._soft_trigger = self.trigger.mode == "software" and nm.has_node("TriggerSoftware")
+        if nm.has_node("PixelFormat"):
+            fmt = str(nm.PixelFormat.value)
+            if fmt not in SUPPORTED_FORMATS:
                 raise ConfigError(
-                    f"{self.name}: software trigger requested but the camera has no TriggerSoftware node"
+                    f"{self.name}: camera PixelFormat is {fmt!r}; set source.pixel_format to one of "
+                    f"{SUPPORTED_FORMATS}"
                 )
-            missing = apply_settings(nm, self.settings)
-            if missing and missing != self.missing_nodes:
-                log.warning(
-                    "%s: camera lacks node(s) %s; those settings are ignored", self.name, ", ".join(missing)
+        missing = missing_nodes + missing_trigger + missing_strobe
+        if missing and missing != self.missing_nodes:
+            ignored = []
+            if missing_nodes:
+                ignored.append(f"source.nodes {', '.join(missing_nodes)}")
+            if missing_trigger:
+                ignored.append(
+                    f"trigger {self.trigger.label} ({', '.join(missing_trigger)}): the camera may free-run"
                 )
-            self.missing_nodes = missing
+            if missing_strobe:
+                ignored.append(f"strobe on {self.strobe.line} ({', '.join(missing_strobe)}): no NG output")
+            log.warning("%s: camera lacks node(s); ignored: %s", self.name, "; ".join(ignored))
+        self.missing_nodes = missing
+
+    def _connect(self) -> None:
+        try:
+            ia = self._opener()
+        except (ConfigError, SourceError):
+            raise
+        except Exception as exc:
+            raise SourceError(f"{self.name}: cannot open camera ({exc})") from None
+        try:
+            self._configure(ia)
             # Not run_as_thread: only then does fetch() honour its timeout.
             ia.start()
-        except BaseException:
-            ia.destroy()
-            raise
-        self.acquirer = ia
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                ia.destroy()
+            if isinstance(exc, ConfigError | SourceError) or not isinstance(exc, Exception):
+                raise
+            raise SourceError(f"{self.name}: cannot start acquisition ({exc})") from None
+        with self._io_lock:
+            self.acquirer = ia
+        self._stalled = 0
+        self._last_probe = time.monotonic()
 
     def open(self) -> None:
         with self._lock:
+            self._pulse = None  # a closed source reopened gets a fresh output thread
             self._connect()
 
     def _destroy(self) -> None:
-        ia, self.acquirer = self.acquirer, None
+        with self._io_lock:
+            ia, self.acquirer = self.acquirer, None
         if ia is None:
             return
         with contextlib.suppress(Exception):
@@ -291,65 +612,171 @@ class GenICamSource:
             log.debug("destroy failed: %s", exc)
 
     def drop_connection(self) -> None:
-        """Destroy the acquirer as a lost camera would; the next reads reconnect (tests, operators)."""
-        with self._lock:
+        """Destroy the acquirer under the running fetch, as a lost camera would (tests, operators)."""
+        with self._io_lock:
             ia = self.acquirer
             if ia is not None:
                 ia.destroy()
 
-    def _reconnect(self) -> None:
-        delay = 0.2
+    def _lose(self, why: str) -> None:
+        self.device_losses += 1
+        self.last_loss = why
+        log.warning("%s: camera lost (%s); reconnecting", self.name, why)
+        self._destroy()
+
+    def _stopped(self) -> bool:
+        return self.stop_event is not None and self.stop_event.is_set()
+
+    def _reconnect(self) -> bool:
+        """Re-create the acquirer with backoff; False when stopped first."""
+        delay = self.min_backoff_s
         while True:
             self._destroy()
             try:
                 self._connect()
                 self.reconnects += 1
-                self._consecutive_failures = 0
                 log.warning("%s: reconnected (%d so far)", self.name, self.reconnects)
-                return
+                return True
             except SourceError as exc:
+                self.reconnect_failures += 1
                 log.warning("%s: reconnect failed (%s); retrying in %.1f s", self.name, exc, delay)
             stop = self.stop_event
-            if stop is not None and stop.wait(delay):
-                raise FrameTimeout(f"{self.name}: stopped while reconnecting")
-            if stop is None:
+            if stop is not None:
+                if stop.wait(delay):
+                    return False
+            else:
                 time.sleep(delay)
             delay = min(delay * 2, self.max_backoff_s)
 
+    def _alive(self, ia: Any) -> bool:
+        """Read a node from the device itself (cache invalidated): a lost camera cannot answer."""
+        self.probes += 1
+        try:
+            with self._io_lock:
+                nm = ia.remote_device.node_map
+                name = next((n for n in PROBE_NODES if nm.has_node(n)), None)
+                if name is None:
+                    return True  # nothing to read: only fetch errors can tell
+                node = getattr(nm, name)
+                node.node.invalidate_node()
+                value = str(node.value)
+        except Exception as exc:
+            self.last_loss = f"node map does not answer ({type(exc).__name__})"
+            return False
+        expected = self.trigger_readback.get("TriggerMode")
+        if name == "TriggerMode" and expected is not None and value != expected:
+            # A power-cycled camera comes back with its defaults: re-apply everything.
+            self.last_loss = f"TriggerMode reads {value!r}, expected {expected!r} (camera reset?)"
+            return False
+        return True
+
     # -- frames --------------------------------------------------------------
     def read(self) -> Frame | None:
-        with self._lock:
-            ia = self.acquirer
-            if ia is None or not ia.is_valid():
-                self._reconnect()
+        """The next frame; with a trigger on, waits for a part until one comes or ``stop_event``."""
+        timeout_exc = _gentl_timeout()
+        while True:
+            with self._lock:
                 ia = self.acquirer
-            try:
-                if self.software_trigger:
-                    ia.remote_device.node_map.TriggerSoftware.execute()
-                with ia.fetch(timeout=self.timeout_s) as buffer:
-                    comp = buffer.payload.components[0]
-                    fmt, w, h = comp.data_format, int(comp.width), int(comp.height)
-                    image, order = convert(comp.data, fmt, w, h)
-                    ts = _timestamp_ns(buffer)
-            except Exception as exc:
-                self._consecutive_failures += 1
-                self.timeouts += 1
-                if self._consecutive_failures >= self.reconnect_after:
-                    log.warning(
-                        "%s: %d fetches failed in a row; reconnecting", self.name, self._consecutive_failures
-                    )
-                    self._reconnect()
-                raise FrameTimeout(
-                    f"{self.name}: no frame within {self.timeout_s} s ({type(exc).__name__})"
-                ) from None
-            self._consecutive_failures = 0
-            fid = self._frame_id
-            self._frame_id += 1
-        return Frame(image, fid, ts, self.name, color_order=order)
+                if ia is None or not ia.is_valid():
+                    if ia is not None:
+                        self._lose("acquirer no longer valid")
+                    if not self._reconnect():
+                        return None
+                    ia = self.acquirer
+                try:
+                    if self._soft_trigger:
+                        with self._io_lock:
+                            ia.remote_device.node_map.TriggerSoftware.execute()
+                    buffer = ia.fetch(timeout=self.timeout_s)
+                except timeout_exc:
+                    if not self.trigger.waits_for_parts:
+                        self._stall()
+                        raise FrameTimeout(
+                            f"{self.name}: no frame within {self.timeout_s} s (free-running)"
+                        ) from None
+                    self.trigger_waits += 1  # no part yet: not a failure
+                    self._probe_if_due(ia)
+                    if self._stopped():
+                        return None
+                    continue
+                except Exception as exc:
+                    first = str(exc).splitlines()[0] if str(exc) else ""
+                    self._lose(f"{type(exc).__name__}: {first}".rstrip(": "))
+                    continue
+                self._stalled = 0
+                try:
+                    with buffer:
+                        comp = buffer.payload.components[0]
+                        fmt, w, h = comp.data_format, int(comp.width), int(comp.height)
+                        image, order = convert(comp.data, fmt, w, h)
+                        ts = _timestamp_ns(buffer)
+                except Exception as exc:
+                    raise ImageReadError(f"{self.name}: unusable buffer ({exc})") from None
+                fid = self._frame_id
+                self._frame_id += 1
+                if self.trigger.waits_for_parts:
+                    # Also while parts flow: a camera reset to free-running would never time out.
+                    self._probe_if_due(ia)
+            return Frame(image, fid, ts, self.name, color_order=order)
+
+    def _probe_if_due(self, ia: Any) -> None:
+        if time.monotonic() - self._last_probe < self.probe_s:
+            return
+        self._last_probe = time.monotonic()
+        if not self._alive(ia):
+            self._lose(str(self.last_loss))
+
+    def _stall(self) -> None:
+        """The free-running rule: ``reconnect_after`` fetch timeouts in a row mean the camera is lost."""
+        self.timeouts += 1
+        self._stalled += 1
+        if self._stalled >= self.reconnect_after:
+            self._lose(f"free-running camera sent nothing for {self._stalled} fetches of {self.timeout_s} s")
+        return True
+
+    # -- outputs -------------------------------------------------------------
+    def signal_verdict(self, ng: bool) -> None:
+        """Pulse the strobe line for an NG part (no-op without one); never blocks, never raises."""
+        if not ng or not self.strobe_ready:
+            return
+        if self._pulse is None:
+            self._pulse = PulseOutput(self._write_strobe, self.strobe.pulse_s, self.name)
+        self._pulse.fire()
+
+    def _write_strobe(self, level: bool) -> None:
+        with self._io_lock:
+            ia = self.acquirer
+            if ia is None:
+                raise SourceError("camera not connected")
+            set_user_output(ia.remote_device.node_map, self.strobe, level)
 
     def close(self) -> None:
+        if self._pulse is not None:
+            self._pulse.close()
         with self._lock:
             self._destroy()
+
+
+def _gentl_timeout() -> type[BaseException]:
+    try:
+        from genicam.gentl import TimeoutException
+    except ImportError:
+        raise SourceError("GenICam cameras need genicam: pip install 'pouta-edge[camera]'") from None
+    return TimeoutException
+
+
+def _count_incomplete_buffers(ia: Any, source: GenICamSource) -> None:
+    # harvesters drops incomplete buffers inside fetch(); its callback is the only trace of them.
+    try:
+        from harvesters.core import Callback
+
+        class Counter(Callback):
+            def emit(self, context: object = None) -> None:
+                source.incomplete_frames += 1
+
+        ia.add_callback(ia.Events.INCOMPLETE_BUFFER, Counter())
+    except Exception as exc:
+        log.debug("incomplete-buffer callback unavailable: %s", exc)
 
 
 def _timestamp_ns(buffer: Any) -> int:

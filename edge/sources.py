@@ -60,6 +60,16 @@ class FrameSource(Protocol):
     def close(self) -> None: ...
 
 
+def signal_verdict(source: object, ng: bool) -> None:
+    """Hand a part's verdict to a source that drives an output (GenICam NG strobe); others ignore it.
+
+    Sources implementing ``signal_verdict`` return at once and never raise.
+    """
+    signal = getattr(source, "signal_verdict", None)
+    if signal is not None:
+        signal(ng)
+
+
 def label_for(path: Path, root: Path | None) -> str | None:
     """OK for images under a ``good``/``ok`` folder, NG under any other sub-folder.
 
