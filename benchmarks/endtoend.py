@@ -68,7 +68,7 @@ def replay(model: Path, frames: Path, threads: int, max_frames: int, out_dir: Pa
     from pouta.edge.backend import open_backend
     from pouta.edge.pipeline import Pipeline
     from pouta.edge.postprocess import PostProcessor
-    from pouta.edge.preprocess import Preprocessor
+    from pouta.edge.preprocess import preprocessor_for
     from pouta.edge.sinks import ResultWriter
     from pouta.edge.sources import ImageFolderSource
 
@@ -76,16 +76,14 @@ def replay(model: Path, frames: Path, threads: int, max_frames: int, out_dir: Pa
     try:
         meta = backend.metadata
         h, w = meta.input.height, meta.input.width
-        pre = Preprocessor(h, w)
+        pre = preprocessor_for(meta)
         thr = meta.thresholds
         # Uncalibrated benchmark models have no thresholds; the verdict is not what is timed.
-        post = PostProcessor(
-            thr, pre, image_threshold=None if thr else 0.5, pixel_threshold=None if thr else 0.5
-        )
+        post = PostProcessor(thr, image_threshold=None if thr else 0.5, pixel_threshold=None if thr else 0.5)
         source = TimedSource(ImageFolderSource(frames, loop=True))
         n_files = len(source.inner.files)
         # Warm-up outside the timed run: first calls allocate and pick kernels.
-        warm = pre(source.inner.read().image)[None]
+        warm = pre.tiles(source.inner.read().image)[0]
         for _ in range(3):
             backend.run(warm)
         source.inner.open()
@@ -118,6 +116,8 @@ def replay(model: Path, frames: Path, threads: int, max_frames: int, out_dir: Pa
         "total_ms": lat.get("total"),
         "queue_ms": lat.get("queue"),
         "written": summary.get("written"),
+        # Every part gets a record; with the block policy none should be NOT_INSPECTED.
+        "not_inspected": summary.get("not_inspected"),
         "errors": {k: summary.get(k) for k in ("frame_errors", "write_errors", "corrupt") if summary.get(k)},
     }
 

@@ -3,8 +3,9 @@
 overhead per frame = (preprocess + backend + postprocess, measured inside the pipeline)
 minus the pure backend time of the same frame; plus a throughput view (wall time per
 frame of the whole threaded pipeline minus the median pure backend call), and a drop test
-where the source runs faster than inference with ``drop-oldest``: frames dropped are
-counted, and every processed frame must have its result file (lost files = 0).
+where the source runs faster than inference with ``drop-oldest``: every part acquired
+must have its result file, a dropped one with verdict NOT_INSPECTED (parts without a
+record = 0).
 
     python -m pouta.edge.bench_runtime MODEL.onnx --frames 300
 """
@@ -24,7 +25,7 @@ import numpy as np
 from .backend import open_backend
 from .pipeline import Pipeline, percentile
 from .postprocess import PostProcessor
-from .preprocess import Preprocessor
+from .preprocess import preprocessor_for
 from .sinks import ResultWriter
 from .sources import ArraySource
 
@@ -59,22 +60,21 @@ def measure_overhead(
     meta = backend.metadata
     h, w = meta.input.height, meta.input.width
     sh, sw = source_size or (h, w)
-    pre = Preprocessor(h, w)
+    pre = preprocessor_for(meta)
     thresholds = meta.thresholds
     post = PostProcessor(
         thresholds,
-        pre,
         image_threshold=None if thresholds else 0.5,
         pixel_threshold=None if thresholds else 0.5,
     )
     images = _parts(sh, sw, 16)
 
-    x = pre(images[0])[None]
+    x = pre.tiles(images[0])[0]
     for _ in range(10):
         backend.run(x)
     pure = []
     for i in range(frames):
-        xi = pre(images[i % len(images)])[None]
+        xi = pre.tiles(images[i % len(images)])[0]
         t0 = time.perf_counter()
         backend.run(xi)
         pure.append((time.perf_counter() - t0) * 1e3)
@@ -108,7 +108,9 @@ def measure_overhead(
             policy="drop-oldest",
         )
         s2 = pipe2.run()
-        files = len(list((base / "drops" / "parts").glob("*.json")))
+        # parts/<date>/...json: one record per part seen, whatever its verdict.
+        records = [json.loads(p.read_text()) for p in (base / "drops" / "parts").rglob("*.json")]
+        verdicts = [r["verdict"] for r in records]
     backend.close()
     return {
         "model": str(model_path),
@@ -131,8 +133,11 @@ def measure_overhead(
             "acquired": s2["acquired"],
             "processed": s2["processed"],
             "dropped": s2["dropped"],
-            "result_files": files,
-            "lost_result_files": s2["processed"] - files,
+            "not_inspected": s2["not_inspected"],
+            "result_files": len(records),
+            "result_files_not_inspected": verdicts.count("NOT_INSPECTED"),
+            "distinct_seq": len({r["seq"] for r in records}),
+            "lost_result_files": s2["acquired"] - len({r["seq"] for r in records}),
         },
     }
 

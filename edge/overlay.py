@@ -62,11 +62,14 @@ def draw_overlay(
     pixel_threshold: float,
     color_order: str = "BGR",
     alpha: float = 0.45,
+    label: list[str] | None = None,
 ) -> np.ndarray:
     """Operator picture: heatmap blended over the part, defect contours, verdict text.
 
     ``amap_source`` is the anomaly map already mapped to the image size
-    (``Preprocessor.map_to_source``), so contours follow source pixels.
+    (``Preprocessor.map_to_source``), so contours follow source pixels. ``label``: text
+    lines drawn large in the top-left corner instead of ``"<verdict> <score>"`` (the
+    runtime passes verdict, normalised score, sequence number and UTC time).
     """
     base = to_bgr8(image, color_order)
     a = _map_like(amap_source, base)
@@ -83,11 +86,18 @@ def draw_overlay(
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(out, contours, -1, (255, 255, 255), max(1, out.shape[1] // 400))
     color = (0, 0, 255) if verdict == "NG" else (0, 200, 0)
-    scale = max(0.4, out.shape[1] / 800.0)
+    lines = label or [f"{verdict} {score:.3f}"]
+    # Sized so the longest line spans about half the picture: readable on a line-side
+    # screen at any camera resolution.
+    longest = max(lines, key=len)
+    (w1, _), _ = cv2.getTextSize(longest, cv2.FONT_HERSHEY_SIMPLEX, 1.0, 2)
+    scale = max(0.35, 0.5 * out.shape[1] / max(w1, 1))
     thick = max(1, round(scale * 2))
-    text = f"{verdict} {score:.3f}"
-    org = (max(4, out.shape[1] // 100), max(12, round(22 * scale)))
-    # Dark outline first so the text stays readable on any heatmap colour.
-    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick + 2, cv2.LINE_AA)
-    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, color, thick, cv2.LINE_AA)
+    x = max(4, out.shape[1] // 100)
+    step = round(30 * scale)
+    for i, text in enumerate(lines):
+        org = (x, max(12, step * (i + 1)))
+        # Dark outline first so the text stays readable on any heatmap colour.
+        cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick + 2, cv2.LINE_AA)
+        cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, color, thick, cv2.LINE_AA)
     return out

@@ -1,19 +1,26 @@
-"""source -> preprocess -> backend -> postprocess -> sinks, in three threads.
+"""source -> preprocess -> backend -> postprocess -> sinks, in threads joined by queues.
 
-Acquisition, inference and writing each have their own thread joined by bounded
-queues, so a slow disk never stalls the camera. When the camera is faster than
-inference, the frame queue applies the policy: ``drop-oldest`` (the newest part is the
-one still in front of the camera) or ``block`` (back-pressure on the source). The result
-queue always blocks: a verdict, once computed, is never dropped.
+Acquisition, inference and result fan-out each have their own thread, and every sink
+has its own worker thread (``fanout``), so a slow disk or a lost broker never stalls the
+camera or the other sinks. When the camera is faster than inference, the frame queue
+applies the policy: ``drop-oldest`` (the newest part is the one still in front of the
+camera) or ``block`` (back-pressure on the source).
+
+Every part the camera saw gets exactly one record, in sequence order: a judged part is
+``OK``/``NG``; a dropped frame, a corrupt frame, a failed inference or a timeout after a
+trigger is ``NOT_INSPECTED`` (rejected by default: fail-safe). Sequence numbers come
+from a persistent counter and are assigned at acquisition.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,10 +28,12 @@ import numpy as np
 
 from .backend import Backend
 from .errors import ConfigError, ImageReadError
+from .fanout import SinkWorker
 from .postprocess import PostProcessor
 from .preprocess import Preprocessor
-from .sinks import PartResult, ResultSink
-from .sources import FrameSource, FrameTimeout
+from .sequence import SequenceCounter
+from .sinks import NOT_INSPECTED, PartResult, ResultSink, utc_iso
+from .sources import Frame, FrameSource, FrameTimeout, signal_verdict
 
 log = logging.getLogger("pouta.edge.pipeline")
 
@@ -43,7 +52,7 @@ FPS_WINDOW = 256  # parts: the live fps is measured over the last this many
 
 @dataclass
 class Stats:
-    """Counters and latency windows, shared by the three threads (one lock)."""
+    """Counters and latency windows, shared by the threads (one lock)."""
 
     window: int = 4096
     started: float = field(default_factory=time.perf_counter)
@@ -52,6 +61,7 @@ class Stats:
     written: int = 0
     ok: int = 0
     ng: int = 0
+    not_inspected: int = 0
     dropped: int = 0
     corrupt: int = 0
     timeouts: int = 0
@@ -71,11 +81,14 @@ class Stats:
             for k, v in counts.items():
                 setattr(self, k, getattr(self, k) + v)
 
-    def record(self, latency_ms: dict[str, float]) -> None:
+    def record(self, latency_ms: dict[str, float], part_done: bool = True) -> None:
+        """Latencies of one stage set; ``part_done`` marks one finished part for the fps
+        (only the inference record does: a part is one part however many sinks it reaches)."""
         with self.lock:
             for k, v in latency_ms.items():
                 self.latency.setdefault(k, collections.deque(maxlen=self.window)).append(v)
-            self._done_times.append(time.perf_counter())
+            if part_done:
+                self._done_times.append(time.perf_counter())
 
     def fps(self) -> float:
         with self.lock:
@@ -95,6 +108,7 @@ class Stats:
                     "written",
                     "ok",
                     "ng",
+                    "not_inspected",
                     "dropped",
                     "corrupt",
                     "timeouts",
@@ -108,6 +122,7 @@ class Stats:
         elapsed = time.perf_counter() - self.started
         return {
             **counts,
+            "parts": counts["ok"] + counts["ng"] + counts["not_inspected"],
             "elapsed_s": round(elapsed, 3),
             "fps": round(self.fps(), 2),
             "mean_fps": round(counts["processed"] / elapsed, 2) if elapsed > 0 else 0.0,
@@ -120,7 +135,8 @@ class Stats:
         tot = s["latency_ms"].get("total", {"p50": 0.0, "p99": 0.0})
         line = (
             f"{s['processed']} parts  {s['fps']:.1f} fps  latency p50 {tot['p50']:.1f} ms "
-            f"p99 {tot['p99']:.1f} ms  OK {s['ok']} NG {s['ng']}  dropped {s['dropped']}"
+            f"p99 {tot['p99']:.1f} ms  OK {s['ok']} NG {s['ng']}  not inspected {s['not_inspected']}  "
+            f"dropped {s['dropped']}"
         )
         extra = [
             f"{k.replace('_', ' ')} {s[k]}"
@@ -130,10 +146,24 @@ class Stats:
         return line + ("  " + "  ".join(extra) if extra else "")
 
 
-class FrameQueue:
-    """Bounded queue with a full-queue policy; counts what it drops."""
+@dataclass
+class _Part:
+    """A part on its way through the pipeline: numbered at acquisition."""
 
-    def __init__(self, maxsize: int, policy: str, stats: Stats) -> None:
+    seq: int
+    part_id: str | None
+    frame: Frame | None  # None: nothing usable was acquired (corrupt frame, trigger timeout)
+    reason: str | None = None
+    wall_time: float = field(default_factory=time.time)
+
+
+class FrameQueue:
+    """Bounded queue with a full-queue policy; counts what it drops and hands each
+    dropped item to ``on_drop`` (it still needs its NOT_INSPECTED record)."""
+
+    def __init__(
+        self, maxsize: int, policy: str, stats: Stats, on_drop: Callable[[Any], None] | None = None
+    ) -> None:
         if policy not in POLICIES:
             raise ConfigError(f"pipeline.policy: expected one of {POLICIES}, got {policy!r}")
         if maxsize < 1:
@@ -141,6 +171,15 @@ class FrameQueue:
         self.q: queue.Queue[Any] = queue.Queue(maxsize=maxsize)
         self.policy = policy
         self.stats = stats
+        self.on_drop = on_drop
+        # Taking the oldest item out and handing it to on_drop is one step under this
+        # lock; see settle().
+        self._drop_lock = threading.Lock()
+
+    def _dropped(self, item: Any) -> None:
+        self.stats.add(dropped=1)
+        if self.on_drop is not None:
+            self.on_drop(item)
 
     def put(self, item: Any, stop: threading.Event) -> None:
         if item is _END or self.policy == "block":
@@ -151,25 +190,33 @@ class FrameQueue:
                 except queue.Full:
                     # The end marker must get through even after stop(); frames need not.
                     if stop.is_set() and item is not _END:
-                        self.stats.add(dropped=1)
+                        self._dropped(item)
                         return
         while True:
             try:
                 self.q.put_nowait(item)
                 return
             except queue.Full:
-                try:
-                    self.q.get_nowait()
-                    self.stats.add(dropped=1)
-                except queue.Empty:
-                    pass
+                with self._drop_lock, contextlib.suppress(queue.Empty):
+                    self._dropped(self.q.get_nowait())
 
-    def get(self) -> Any:
-        return self.q.get()
+    def get(self, timeout: float | None = None) -> Any:
+        return self.q.get(timeout=timeout)
+
+    def settle(self) -> None:
+        """Return once a drop in progress has reached on_drop. Called after get(): an item
+        dropped ahead of the one just got left the queue before it, so after this it is
+        in on_drop's hands and its record can go out first (sequence order)."""
+        with self._drop_lock:
+            pass
+
+    def empty(self) -> bool:
+        return self.q.empty()
 
 
 class Pipeline:
-    """Wires one source, preprocessor, backend, postprocessor and sink; ``run`` blocks."""
+    """Wires one source, preprocessor, backend, postprocessor and any number of sinks;
+    ``run`` blocks."""
 
     def __init__(
         self,
@@ -177,33 +224,59 @@ class Pipeline:
         preprocessor: Preprocessor,
         backend: Backend,
         postprocessor: PostProcessor,
-        sink: ResultSink | None,
+        sink: ResultSink | Sequence[ResultSink] | None,
         queue_size: int = 4,
         policy: str = "drop-oldest",
         result_queue_size: int = 64,
         max_frames: int | None = None,
         duration: float | None = None,
         keep_results: int = 0,
+        sequence: SequenceCounter | None = None,
+        not_inspected_is_ng: bool = True,
+        heartbeat_s: float = 1.0,
+        sink_queue: int = 100000,
+        close_timeout_s: float = 30.0,
     ) -> None:
         self.source = source
         self.pre = preprocessor
         self.backend = backend
         self.post = postprocessor
-        self.sink = sink
+        self.sinks: list[ResultSink] = (
+            [] if sink is None else list(sink) if isinstance(sink, list | tuple) else [sink]
+        )  # type: ignore[list-item]
         self.max_frames = max_frames
         self.duration = duration
         self.stats = Stats()
         self.stop_event = threading.Event()
-        self.frames = FrameQueue(queue_size, policy, self.stats)
+        self.sequence = sequence if sequence is not None else SequenceCounter(None)
+        self.not_inspected_is_ng = not_inspected_is_ng
+        self.heartbeat_s = float(heartbeat_s)
+        self.sink_queue = int(sink_queue)
+        self.close_timeout_s = float(close_timeout_s)
+        self.frames = FrameQueue(queue_size, policy, self.stats, on_drop=self._on_drop)
         self.results: queue.Queue[Any] = queue.Queue(maxsize=max(1, result_queue_size))
         self.model_id = backend.metadata.model_id
+        # Dropped parts wait here so that their records go out in sequence order.
+        self._dropped: collections.deque[_Part] = collections.deque()
         # Kept in memory for callers (tests, benchmarks); 0 keeps none.
         self.recent: collections.deque[PartResult] = collections.deque(maxlen=keep_results or None)
         self._keep = keep_results > 0
+        self.workers: list[SinkWorker] = []
         self.fatal: BaseException | None = None
         self._threads: list[threading.Thread] = []
+        self._inflight = 0
+        self._done = threading.Event()
         if hasattr(source, "stop_event"):
             source.stop_event = self.stop_event  # type: ignore[attr-defined]
+
+    @property
+    def sink(self) -> ResultSink | None:
+        """The first sink (the files, when configured)."""
+        return self.sinks[0] if self.sinks else None
+
+    @sink.setter
+    def sink(self, value: ResultSink | None) -> None:
+        self.sinks = [] if value is None else [value]
 
     # -- control -----------------------------------------------------------
     def stop(self) -> None:
@@ -213,6 +286,7 @@ class Pipeline:
     def start(self) -> None:
         self.source.open()
         self.stats.started = time.perf_counter()
+        self.workers = [SinkWorker(s, max_records=self.sink_queue) for s in self.sinks]
         for name, fn in (
             ("pouta-acquire", self._acquire_loop),
             ("pouta-infer", self._infer_loop),
@@ -221,6 +295,8 @@ class Pipeline:
             t = threading.Thread(target=fn, name=name, daemon=True)
             t.start()
             self._threads.append(t)
+        if self.heartbeat_s > 0 and self.sinks:
+            threading.Thread(target=self._heartbeat_loop, name="pouta-heartbeat", daemon=True).start()
 
     def join(self, timeout: float | None = None) -> bool:
         end = None if timeout is None else time.monotonic() + timeout
@@ -237,13 +313,96 @@ class Pipeline:
         self.join()
         return self.summary()
 
+    def sink_stats(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for w in self.workers:
+            st = w.stats()
+            st["write_ms"] = {
+                "p50": round(percentile(w.write_ms, 50), 3),
+                "p99": round(percentile(w.write_ms, 99), 3),
+            }
+            st["deliver_ms"] = {
+                "p50": round(percentile(w.deliver_ms, 50), 3),
+                "p99": round(percentile(w.deliver_ms, 99), 3),
+            }
+            name, n = w.name, 2
+            while name in out:
+                name, n = f"{w.name}{n}", n + 1
+            out[name] = st
+        return out
+
     def summary(self) -> dict[str, Any]:
         s = self.stats.snapshot()
         s["reconnects"] = max(s["reconnects"], int(getattr(self.source, "reconnects", 0)))
         s["model_id"] = self.model_id
         s["backend"] = self.backend.name
-        s["unsaved_in_memory"] = int(getattr(self.sink, "backlog", 0))
+        sinks = self.sink_stats()
+        s["sinks"] = sinks
+        first = self.sink
+        s["written"] = int(getattr(first, "written", self.workers[0].delivered if self.workers else 0))
+        s["unsaved_in_memory"] = int(getattr(first, "backlog", 0))
+        s["backlog_dropped"] = sum(int(v.get("backlog_dropped", 0)) for v in sinks.values())
+        s["write_errors"] = sum(int(v.get("errors", 0)) + int(v["exceptions"]) for v in sinks.values())
+        if self.workers:
+            s["latency_ms"]["write"] = sinks[next(iter(sinks))]["write_ms"]
+        s["seq_next"] = self.sequence.peek
         return s
+
+    # -- helpers -----------------------------------------------------------
+    def _new_part(self, frame: Frame | None, reason: str | None = None) -> _Part:
+        part_id = getattr(frame, "part_id", None) if frame is not None else None
+        if part_id is None:
+            part_id = self._plc_part_id()
+        return _Part(self.sequence.next(), None if part_id is None else str(part_id), frame, reason)
+
+    def _plc_part_id(self) -> str | None:
+        # The PLC writes the id of the next part before it triggers; it is latched here,
+        # at acquisition, so a later write belongs to the next part.
+        for s in self.sinks:
+            fn = getattr(s, "part_id", None)
+            if fn is None:
+                continue
+            try:
+                pid = fn()
+            except Exception as exc:
+                log.warning("reading the part id from %s failed: %s", getattr(s, "name", s), exc)
+                continue
+            if pid is not None:
+                return str(pid)
+        return None
+
+    def _on_drop(self, part: Any) -> None:
+        if isinstance(part, _Part):
+            part.reason = part.reason or "dropped"
+            part.frame = _slim(part.frame)
+            self._dropped.append(part)
+
+    def _not_inspected(self, part: _Part) -> PartResult:
+        frame = part.frame if part.frame is not None else _empty_frame(self.source, part.wall_time)
+        r = PartResult(
+            _slim(frame) or frame,
+            None,
+            self.model_id,
+            {},
+            wall_time=part.wall_time,
+            seq=part.seq,
+            part_id=part.part_id,
+            reason=part.reason,
+            not_inspected_is_ng=self.not_inspected_is_ng,
+        )
+        self.stats.add(not_inspected=1)
+        return r
+
+    def _emit(self, result: PartResult) -> None:
+        try:
+            signal_verdict(self.source, result.reject)
+        except Exception as exc:  # the strobe is an extra: it must not cost the record
+            log.warning("signalling the verdict to the source failed: %s", exc)
+        self.results.put(result)
+
+    def _emit_dropped_before(self, seq: int | None) -> None:
+        while self._dropped and (seq is None or self._dropped[0].seq < seq):
+            self._emit(self._not_inspected(self._dropped.popleft()))
 
     # -- threads -----------------------------------------------------------
     def _acquire_loop(self) -> None:
@@ -259,12 +418,20 @@ class Pipeline:
                 try:
                     frame = self.source.read()
                 except ImageReadError as exc:
-                    self.stats.add(corrupt=1)
-                    log.warning("skipped corrupt frame: %s", exc)
+                    # A part was in front of the camera; its frame is unusable: it still gets a record.
+                    self.stats.add(corrupt=1, acquired=1)
+                    log.warning("corrupt frame: %s", exc)
+                    n += 1
+                    self.frames.put(self._new_part(None, "corrupt_frame"), stop)
                     continue
                 except FrameTimeout as exc:
                     self.stats.add(timeouts=1)
                     log.debug("%s", exc)
+                    if getattr(exc, "after_trigger", False):
+                        # Triggered, so a part was there, but no frame came.
+                        n += 1
+                        self.stats.add(acquired=1)
+                        self.frames.put(self._new_part(None, "timeout_after_trigger"), stop)
                     continue
                 except Exception as exc:
                     self.stats.add(frame_errors=1)
@@ -276,7 +443,7 @@ class Pipeline:
                     break
                 n += 1
                 self.stats.add(acquired=1)
-                self.frames.put(frame, stop)
+                self.frames.put(self._new_part(frame), stop)
         except BaseException as exc:  # pragma: no cover - last resort, keeps shutdown orderly
             self.fatal = exc
             log.exception("acquisition thread stopped: %s", exc)
@@ -291,66 +458,141 @@ class Pipeline:
             self.frames.put(_END, stop)
 
     def _infer_loop(self) -> None:
-        pre, backend, post = self.pre, self.backend, self.post
         while True:
-            frame = self.frames.get()
-            if frame is _END:
-                break
             try:
-                t0 = time.perf_counter()
-                x = pre(frame.image, frame.color_order)[None]
-                t1 = time.perf_counter()
-                amap, score = backend.run(x)
-                t2 = time.perf_counter()
-                verdict = post(amap[0, 0], float(score[0]), frame.image.shape)
-                t3 = time.perf_counter()
-            except Exception as exc:
-                self.stats.add(frame_errors=1)
-                log.exception("frame %s failed: %s", getattr(frame, "frame_id", "?"), exc)
+                part = self.frames.get(timeout=0.05)
+            except queue.Empty:
+                # Idle: parts dropped earlier have no younger part to wait for.
+                self._emit_dropped_before(None)
                 continue
-            lat = {
-                "queue": (t0 - frame.acquired) * 1e3,
-                "preprocess": (t1 - t0) * 1e3,
-                "infer": (t2 - t1) * 1e3,
-                "postprocess": (t3 - t2) * 1e3,
-                "total": (t3 - frame.acquired) * 1e3,
-            }
-            result = PartResult(frame, verdict, self.model_id, lat, amap_to_source=pre.map_to_source)
-            counts = {"processed": 1, "ok": int(not verdict.is_ng), "ng": int(verdict.is_ng)}
-            if frame.label is not None:
-                counts["labelled"] = 1
-                counts["correct"] = int(frame.label == verdict.verdict)
-            self.stats.add(**counts)
-            self.stats.record(lat)
-            self.results.put(result)
+            self.frames.settle()
+            if part is _END:
+                break
+            self._emit_dropped_before(part.seq)
+            self._inflight = 1
+            self._emit(self._judge(part))
+            self._inflight = 0
+        self._emit_dropped_before(None)
         self.results.put(_END)
 
-    def _write_loop(self) -> None:
-        while True:
-            result = self.results.get()
-            if result is _END:
-                break
-            if self._keep:
-                self.recent.append(result)
-            if self.sink is None:
-                continue
-            try:
-                t0 = time.perf_counter()
-                ok = self.sink.write(result)
-                self.stats.record({"write": (time.perf_counter() - t0) * 1e3})
-                self.stats.add(write_errors=int(not ok))
-                self._sync_written()
-            except Exception as exc:
-                self.stats.add(write_errors=1)
-                log.exception("writing results of frame %s failed: %s", result.frame.frame_id, exc)
-        if self.sink is not None:
-            try:
-                self.sink.close()
-                self._sync_written()
-            except Exception as exc:
-                log.exception("closing the result writer failed: %s", exc)
+    def _judge(self, part: _Part) -> PartResult:
+        frame = part.frame
+        if frame is None:
+            return self._not_inspected(part)
+        pre, backend, post = self.pre, self.backend, self.post
+        try:
+            t0 = time.perf_counter()
+            # All tiles of a frame (one input when the model is not tiled) in one backend call.
+            x, geometry = pre.tiles(frame.image, frame.color_order)
+            t1 = time.perf_counter()
+            amap, score = backend.run(x)
+            t2 = time.perf_counter()
+            verdict = post(amap, score, geometry)
+            t3 = time.perf_counter()
+        except Exception as exc:
+            self.stats.add(frame_errors=1)
+            log.exception("part %s (frame %s) could not be inspected: %s", part.seq, frame.frame_id, exc)
+            part.reason = "inference_error"
+            return self._not_inspected(part)
+        lat = {
+            "queue": (t0 - frame.acquired) * 1e3,
+            "preprocess": (t1 - t0) * 1e3,
+            "infer": (t2 - t1) * 1e3,
+            "postprocess": (t3 - t2) * 1e3,
+            "total": (t3 - frame.acquired) * 1e3,
+        }
+        result = PartResult(
+            frame,
+            verdict,
+            self.model_id,
+            lat,
+            wall_time=part.wall_time,
+            seq=part.seq,
+            part_id=part.part_id,
+            not_inspected_is_ng=self.not_inspected_is_ng,
+        )
+        counts = {"processed": 1, "ok": int(not verdict.is_ng), "ng": int(verdict.is_ng)}
+        if frame.label is not None:
+            counts["labelled"] = 1
+            counts["correct"] = int(frame.label == verdict.verdict)
+        self.stats.add(**counts)
+        self.stats.record(lat)
+        return result
 
-    def _sync_written(self) -> None:
-        # The sink may write a backlog of earlier parts in one call: its own count is the truth.
-        with self.stats.lock:
-            self.stats.written = int(getattr(self.sink, "written", self.stats.written))
+    def _write_loop(self) -> None:
+        try:
+            while True:
+                result = self.results.get()
+                if result is _END:
+                    break
+                result.to_dict()  # once, before several sink threads read it
+                if self._keep:
+                    self.recent.append(result)
+                # Sinks with ``peek`` (the live view) take frame references here, while the
+                # frame is still attached; ``peek`` returns at once and never raises.
+                for s in self.sinks:
+                    if hasattr(s, "peek"):
+                        s.peek(result)
+                for w in self.workers:
+                    w.put(result)
+        finally:
+            for w in self.workers:
+                if not w.close(self.close_timeout_s):
+                    log.error(
+                        "sink %s did not finish within %.0f s; %d records not delivered there",
+                        w.name,
+                        self.close_timeout_s,
+                        w.queued,
+                    )
+            self._done.set()
+
+    def _heartbeat_loop(self) -> None:
+        beat = 0
+        while not self._done.wait(self.heartbeat_s if beat else 0.0):
+            beat += 1
+            s = self.stats.snapshot()
+            state = {
+                "ready": not self.stop_event.is_set(),
+                "busy": bool(self._inflight or not self.frames.empty()),
+                "time": utc_iso(time.time()),
+                "parts": s["parts"],
+                "ok": s["ok"],
+                "ng": s["ng"],
+                "not_inspected": s["not_inspected"],
+                "model_id": self.model_id,
+            }
+            for sink in self.sinks:
+                fn = getattr(sink, "heartbeat", None)
+                if fn is None:
+                    continue
+                try:
+                    fn(beat, state)
+                except Exception as exc:
+                    log.debug("heartbeat to %s failed: %s", getattr(sink, "name", sink), exc)
+
+
+_NO_PIXELS = np.empty((0, 0), np.uint8)
+
+
+def _slim(frame: Frame | None) -> Frame | None:
+    """The frame's identity without its pixels (records of dropped parts keep no images)."""
+    if frame is None or frame.image.size == 0:
+        return frame
+    slim = Frame(
+        _NO_PIXELS,
+        frame.frame_id,
+        frame.timestamp_ns,
+        frame.source,
+        frame.label,
+        frame.path,
+        frame.color_order,
+    )
+    slim.acquired = frame.acquired
+    return slim
+
+
+def _empty_frame(source: FrameSource, wall_time: float) -> Frame:
+    return Frame(_NO_PIXELS, -1, int(wall_time * 1e9), getattr(source, "name", "source"))
+
+
+__all__ = ["FPS_WINDOW", "NOT_INSPECTED", "FrameQueue", "Pipeline", "Stats", "percentile"]

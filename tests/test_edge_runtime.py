@@ -66,26 +66,45 @@ def test_folder_replay_with_labels_and_corrupt_frame(brightness_onnx: Path, tmp_
     s = pipe.run()
     assert s["corrupt"] == 1 and s["processed"] == 12 and s["dropped"] == 0
     assert s["labelled"] == 12 and s["correct"] == 12 and (s["ok"], s["ng"]) == (6, 6)
-    parts = sorted((tmp_path / "out" / "parts").glob("*.json"))
-    assert len(parts) == 12 == s["written"]
+    # The corrupt frame was a part too: it gets a NOT_INSPECTED record, rejected (fail-safe).
+    assert s["not_inspected"] == 1 and s["parts"] == 13
+    parts = sorted((tmp_path / "out" / "parts").rglob("*.json"))
+    assert len(parts) == 13 == s["written"]
+    assert len(list((tmp_path / "out" / "raw").rglob("*.png"))) == 6  # raw NG frames, lossless
+    records = [json.loads(p.read_text()) for p in parts]
+    bad = [r for r in records if r["verdict"] == "NOT_INSPECTED"]
+    assert len(bad) == 1 and bad[0]["reason"] == "corrupt_frame" and bad[0]["reject"] is True
+    assert sorted(r["seq"] for r in records) == list(range(1, 14))
+    assert all(r["wall_time_iso"].endswith("Z") for r in records)
+    assert all(r["regions"] == [] for r in records if r["verdict"] == "OK")
     rows = (tmp_path / "out" / "results.csv").read_text().splitlines()
-    assert len(rows) == 13 and rows[0].startswith("wall_time,")
-    assert len(list((tmp_path / "out" / "overlays").glob("*.jpg"))) == 6  # NG only by default
+    assert len(rows) == 14 and rows[0].startswith("wall_time,")
+    assert len(list((tmp_path / "out" / "overlays").rglob("*.jpg"))) == 6  # NG only by default
     d = json.loads(parts[-1].read_text())
-    for key in ("frame_id", "camera_timestamp_ns", "wall_time", "score", "threshold", "verdict", "regions"):
+    for key in (
+        "seq",
+        "frame_id",
+        "camera_timestamp_ns",
+        "wall_time",
+        "score",
+        "score_norm",
+        "verdict",
+        "regions",
+    ):
         assert key in d
-    assert set(d["latency_ms"]) >= {"preprocess", "infer", "postprocess", "total"}
+    judged = [r for r in records if r["verdict"] != "NOT_INSPECTED"]
+    assert all(set(r["latency_ms"]) >= {"preprocess", "infer", "postprocess", "total"} for r in judged)
 
 
 def test_regions_in_source_pixels_with_roi() -> None:
     pre = Preprocessor(32, 32, roi=Roi(100, 50, 64, 64))
     from pouta.edge.metadata import Thresholds
 
-    post = PostProcessor(Thresholds(0.5, 0.5, "fixed"), pre, min_area=10)
+    post = PostProcessor(Thresholds(0.5, 0.5, "fixed"), min_area=10)
     amap = np.zeros((32, 32), np.float32)
     amap[4:8, 10:14] = 0.9  # 4x4 model px -> 8x8 source px at (100+20, 50+8)
     amap[20, 20] = 0.8  # 1 model px = 4 source px: below min_area
-    v = post(amap, 0.7, (300, 300))
+    v = post(amap[None, None], np.array([0.7]), pre.geometry((300, 300)))
     assert v.verdict == "NG" and len(v.regions) == 1
     r = v.regions[0]
     assert (r.x, r.y, r.width, r.height, r.area) == (120, 58, 8, 8, 64)
@@ -106,7 +125,7 @@ def test_concurrent_reader_never_sees_invalid_json(brightness_onnx: Path, tmp_pa
 
     def reader() -> None:
         while not done.is_set():
-            for p in [out / "latest.json", *list((out / "parts").glob("*.json"))[-3:]]:
+            for p in [out / "latest.json", *list((out / "parts").rglob("*.json"))[-3:]]:
                 try:
                     text = p.read_text()
                 except FileNotFoundError:
@@ -123,7 +142,7 @@ def test_concurrent_reader_never_sees_invalid_json(brightness_onnx: Path, tmp_pa
     done.set()
     t.join()
     assert not bad and reads[0] > 20
-    assert s["written"] == 150 == len(list((out / "parts").glob("*.json")))
+    assert s["written"] == 150 == len(list((out / "parts").rglob("*.json")))
 
 
 def test_unwritable_output_is_counted_and_loop_continues(brightness_onnx: Path, tmp_path: Path) -> None:
@@ -138,18 +157,17 @@ def test_unwritable_output_is_counted_and_loop_continues(brightness_onnx: Path, 
     pipe.sink = sink
     # Removing the folders under the writer is what a failed/unmounted disk looks like,
     # and works even as root (where chmod would not stop writes).
+    import shutil
+
     for sub in ("parts", "overlays"):
-        for f in (out / sub).iterdir():
-            f.unlink()
-        (out / sub).rmdir()
+        shutil.rmtree(out / sub, ignore_errors=True)
     (out / "parts").write_text("not a folder")
     s = pipe.run()
     assert s["processed"] == 30 and s["write_errors"] >= 30 and s["frame_errors"] == 0
-    assert s["unsaved_in_memory"] == 30
+    assert s["unsaved_in_memory"] == 30 and s["backlog_dropped"] == 0
     # The disk comes back: the backlog is written in order with the next part.
     (out / "parts").unlink()
     (out / "parts").mkdir()
-    (out / "overlays").mkdir()
     pipe2 = Pipeline(
         ArraySource([dark_part(64, 64, rng, False)], count=1),
         pipe.pre,
@@ -157,15 +175,18 @@ def test_unwritable_output_is_counted_and_loop_continues(brightness_onnx: Path, 
         pipe.post,
         sink,
         policy="block",
+        sequence=pipe.sequence,
     )
     s2 = pipe2.run()
-    assert s2["write_errors"] == 0 and sink.backlog == 0
-    assert len(list((out / "parts").glob("*.json"))) == 31
+    assert s2["sinks"]["files"]["failed"] == 0 and sink.backlog == 0
+    files = sorted((out / "parts").rglob("*.json"))
+    assert len(files) == 31  # in order, each once
+    assert [json.loads(f.read_text())["seq"] for f in files] == list(range(1, 32))
 
 
 def test_retention_keeps_last_files(tmp_path: Path, brightness_onnx: Path) -> None:
     out = tmp_path / "out"
-    sink = ResultWriter(out, overlays="all", keep_files=10, fsync=False)
+    sink = ResultWriter(out, overlays="all", ng_keep_files=10, raw_ng="none", fsync=False)
     rng = np.random.default_rng(3)
     pipe = build_pipeline(
         run_cfg(brightness_onnx, tmp_path, out, policy="block"),
@@ -173,7 +194,7 @@ def test_retention_keeps_last_files(tmp_path: Path, brightness_onnx: Path) -> No
     )
     pipe.sink = sink
     pipe.run()
-    kept = list((out / "parts").glob("*.json")) + list((out / "overlays").glob("*.jpg"))
+    kept = list((out / "parts").rglob("*.json")) + list((out / "overlays").rglob("*.jpg"))
     assert len(kept) == 10
     assert len((out / "results.csv").read_text().splitlines()) == 21
 
@@ -194,11 +215,11 @@ def test_results_csv_rotates_at_size_limit(tmp_path: Path, brightness_onnx: Path
     ids = []
     for f in files:
         lines = f.read_text().splitlines()
-        assert lines[0].startswith("wall_time,frame_id,")  # header in each file
+        assert lines[0].startswith("wall_time,seq,")  # header in each file
         assert f.stat().st_size <= 1500 + 300
         ids += [int(line.split(",")[1]) for line in lines[1:]]
     # the newest parts survive, in order, with no gap or duplicate
-    assert ids == list(range(40 - len(ids), 40)) and len(ids) >= 5
+    assert ids == list(range(41 - len(ids), 41)) and len(ids) >= 5  # seq starts at 1
 
 
 def test_drop_oldest_counts_drops_and_loses_no_results(brightness_onnx: Path, tmp_path: Path) -> None:
@@ -215,7 +236,9 @@ def test_drop_oldest_counts_drops_and_loses_no_results(brightness_onnx: Path, tm
     pipe.backend.run = run_slowly  # type: ignore[method-assign]
     s = pipe.run()
     assert s["dropped"] > 0 and s["processed"] + s["dropped"] == 400
-    assert len(list((out / "parts").glob("*.json"))) == s["processed"] == s["written"]
+    # Every dropped frame is a part with a NOT_INSPECTED record: 400 seen, 400 records.
+    assert s["not_inspected"] == s["dropped"]
+    assert len(list((out / "parts").rglob("*.json"))) == 400 == s["written"] == s["parts"]
 
 
 def test_exception_in_one_frame_does_not_kill_the_loop(brightness_onnx: Path, tmp_path: Path) -> None:
@@ -329,7 +352,7 @@ def test_sigterm_flushes_pending_results(brightness_onnx: Path, tmp_path: Path) 
     assert proc.returncode == cli.EXIT_OK, stderr
     s = json.loads(summary.read_text())
     assert s["stopped_by"] == "SIGTERM" and s["processed"] > 0
-    assert s["written"] == s["processed"] == len(list((out / "parts").glob("*.json")))
+    assert s["written"] == s["processed"] == len(list((out / "parts").rglob("*.json")))
     assert len((out / "results.csv").read_text().splitlines()) == s["processed"] + 1
 
 

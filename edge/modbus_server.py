@@ -1,0 +1,255 @@
+"""Modbus TCP server a PLC polls: the latest verdict, a heartbeat and a result handshake.
+
+Holding registers (function codes 3/6/16; the same addresses also answer function code
+4), 0-based addresses, 32-bit values as two registers, high word first. The map is in
+README ("Modbus TCP register map") and in ``REGISTERS`` below; the two must agree.
+
+Handshake (``handshake=True``): a result is presented with ``result_valid`` set; the PLC
+reads it and writes the low word of its sequence number to ``ACK``, which clears
+``result_valid``; only then is the next result presented, so a PLC that polls gets
+every part. A PLC that does not acknowledge within ``ack_timeout_s`` gets the next
+result anyway (counted: ``ack_timeouts``) — inspection never waits for the PLC.
+
+Built on pymodbus' ``SimDevice`` API (pymodbus >= 3.16): the register block lives in
+the server; an action callback fills it from this object's state on every read and
+takes the PLC's writes (part id, ack), so both sides meet under one lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+from .errors import ConfigError, PoutaError
+from .sinks import NG, NOT_INSPECTED, OK, REASONS, PartResult
+
+log = logging.getLogger("pouta.edge.modbus")
+
+# address: (name, words, access, meaning) -- the README table is generated from the same facts.
+HEARTBEAT = 0
+STATUS = 1
+SEQ = 2
+VERDICT = 4
+SCORE = 5
+PART_ID = 6
+NOT_INSPECTED_COUNT = 8
+OK_COUNT = 10
+NG_COUNT = 12
+REASON = 14
+PART_ID_IN = 20
+ACK = 22
+N_REGISTERS = 23
+READ_ONLY_END = 20  # 0..19 are the runtime's; the PLC may write 20..22 only
+
+STATUS_READY, STATUS_BUSY, STATUS_VALID, STATUS_REJECT, STATUS_FAULT = 1, 2, 4, 8, 16
+VERDICT_CODES = {OK: 1, NG: 2, NOT_INSPECTED: 3}
+SCORE_NOT_INSPECTED = 0xFFFF  # fail-safe: above any threshold a PLC may compare with
+
+REGISTERS: list[tuple[int, str, int, str, str]] = [
+    (HEARTBEAT, "heartbeat", 1, "R", "+1 every heartbeat (wraps at 65535); stale = runtime down"),
+    (STATUS, "status bits", 1, "R", "bit0 ready, bit1 busy, bit2 result valid, bit3 reject, bit4 fault"),
+    (SEQ, "sequence number", 2, "R", "persistent part counter, never repeats"),
+    (VERDICT, "verdict code", 1, "R", "0 none yet, 1 OK, 2 NG, 3 NOT_INSPECTED"),
+    (SCORE, "normalised score x1000", 1, "R", "1000 = threshold; > 1000 is NG; 65535 = not inspected"),
+    (PART_ID, "part id (echo)", 2, "R", "the part id latched for this part, 0 = none"),
+    (NOT_INSPECTED_COUNT, "NOT_INSPECTED count", 2, "R", "parts not inspected since start"),
+    (OK_COUNT, "OK count", 2, "R", "since start"),
+    (NG_COUNT, "NG count", 2, "R", "since start"),
+    (
+        REASON,
+        "not-inspected reason",
+        1,
+        "R",
+        "0 inspected, 1 dropped, 2 corrupt frame, 3 inference error, 4 trigger timeout",
+    ),
+    (PART_ID_IN, "part id in", 2, "W", "PLC writes the next part's id before triggering"),
+    (ACK, "ack", 1, "W", "PLC writes the low word of the sequence number it consumed"),
+]
+
+
+def _u32(v: int) -> list[int]:
+    v &= 0xFFFFFFFF
+    return [v >> 16, v & 0xFFFF]
+
+
+class ModbusResultServer:
+    """A ``ResultSink`` that serves the latest result as Modbus registers."""
+
+    name = "modbus"
+    needs_images = False
+
+    def __init__(
+        self,
+        host: str = "0.0.0.0",
+        port: int = 5020,
+        handshake: bool = True,
+        ack_timeout_s: float = 2.0,
+        start_timeout_s: float = 10.0,
+    ) -> None:
+        try:
+            from pymodbus.server import ModbusTcpServer
+            from pymodbus.simulator import DataType, SimData, SimDevice
+        except ImportError:
+            raise ConfigError("modbus: needs pymodbus >= 3.16: pip install 'pouta-edge[plc]'") from None
+        self.host, self.port = host, int(port)
+        self.handshake = handshake
+        self.ack_timeout_s = float(ack_timeout_s)
+        self._regs = [0] * N_REGISTERS
+        self._cond = threading.Condition()
+        self._valid = False
+        self._closing = False
+        self.written = 0
+        self.acks = 0
+        self.ack_timeouts = 0
+        self.reads = 0
+        self._counts = {OK: 0, NG: 0, NOT_INSPECTED: 0}
+        device = SimDevice(
+            id=0,  # answers every unit id
+            simdata=[
+                SimData(0, count=READ_ONLY_END, values=0, datatype=DataType.REGISTERS, readonly=True),
+                SimData(PART_ID_IN, count=N_REGISTERS - PART_ID_IN, values=0, datatype=DataType.REGISTERS),
+            ],
+            action=self._action,
+        )
+        self._loop = asyncio.new_event_loop()
+        self._server: Any = None
+        self._error: BaseException | None = None
+        started = threading.Event()
+
+        async def serve() -> None:
+            self._server = ModbusTcpServer(device, address=(self.host, self.port))
+            await self._server.serve_forever(background=True)
+            sockets = getattr(getattr(self._server, "transport", None), "sockets", None)
+            if sockets:
+                self.port = int(sockets[0].getsockname()[1])
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            try:
+                self._loop.run_until_complete(serve())
+            except BaseException as exc:
+                self._error = exc
+                started.set()
+                return
+            started.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="pouta-modbus", daemon=True)
+        self._thread.start()
+        if not started.wait(start_timeout_s) or self._error is not None:
+            raise PoutaError(f"modbus: cannot listen on {self.host}:{self.port} ({self._error or 'timeout'})")
+        log.info("Modbus TCP server on %s:%d", self.host, self.port)
+
+    # -- PLC side (server thread) -----------------------------------------
+    async def _action(
+        self,
+        function_code: int,
+        start_address: int,
+        address: int,
+        count: int,
+        registers: list[int],
+        set_values: list[int] | list[bool] | None,
+    ) -> None:
+        with self._cond:
+            if set_values is None:
+                self.reads += 1
+                registers[address - start_address : address - start_address + count] = self._regs[
+                    address : address + count
+                ]
+                return None
+            for i, v in enumerate(set_values):
+                addr, value = address + i, int(v) & 0xFFFF
+                self._regs[addr] = value
+                if addr == ACK and self._valid and value == self._regs[SEQ + 1]:
+                    self._valid = False
+                    self.acks += 1
+                    self._regs[STATUS] &= ~STATUS_VALID
+                    self._cond.notify_all()
+        return None
+
+    # -- runtime side --------------------------------------------------------
+    def part_id(self) -> str | None:
+        with self._cond:
+            v = (self._regs[PART_ID_IN] << 16) | self._regs[PART_ID_IN + 1]
+        return str(v) if v else None
+
+    def write(self, result: PartResult) -> bool:
+        d = result.to_dict()
+        with self._cond:
+            if self.handshake and self._valid:
+                deadline = time.monotonic() + self.ack_timeout_s
+                while self._valid and not self._closing:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self.ack_timeouts += 1
+                        break
+                    self._cond.wait(left)
+            status = d["verdict"]
+            self._counts[status] += 1
+            norm = d["score_norm"]
+            score = (
+                SCORE_NOT_INSPECTED if status == NOT_INSPECTED else min(65534, round((norm or 0.0) * 1000))
+            )
+            try:
+                pid = int(d["part_id"]) if d["part_id"] else 0
+            except ValueError:
+                pid = 0  # a non-numeric id (OPC UA string, trigger payload) has no register form
+            r = self._regs
+            r[SEQ : SEQ + 2] = _u32(d["seq"])
+            r[VERDICT] = VERDICT_CODES[status]
+            r[SCORE] = score
+            r[PART_ID : PART_ID + 2] = _u32(pid)
+            r[NOT_INSPECTED_COUNT : NOT_INSPECTED_COUNT + 2] = _u32(self._counts[NOT_INSPECTED])
+            r[OK_COUNT : OK_COUNT + 2] = _u32(self._counts[OK])
+            r[NG_COUNT : NG_COUNT + 2] = _u32(self._counts[NG])
+            r[REASON] = REASONS.get(d["reason"] or "", 0)
+            bits = r[STATUS] & (STATUS_READY | STATUS_BUSY | STATUS_FAULT)
+            r[STATUS] = bits | STATUS_VALID | (STATUS_REJECT if d["reject"] else 0)
+            self._valid = True
+            self.written += 1
+        return True
+
+    def heartbeat(self, beat: int, state: dict[str, Any]) -> None:
+        with self._cond:
+            r = self._regs
+            r[HEARTBEAT] = beat & 0xFFFF
+            bits = r[STATUS] & (STATUS_VALID | STATUS_REJECT)
+            bits |= STATUS_READY if state.get("ready") else 0
+            bits |= STATUS_BUSY if state.get("busy") else 0
+            bits |= STATUS_FAULT if state.get("fault") else 0
+            r[STATUS] = bits
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "written": self.written,
+            "acks": self.acks,
+            "ack_timeouts": self.ack_timeouts,
+            "reads": self.reads,
+            "port": self.port,
+        }
+
+    def close(self) -> None:
+        with self._cond:
+            if self.handshake:
+                # The last result deserves its acknowledge too before the server goes.
+                end = time.monotonic() + self.ack_timeout_s
+                while self._valid and time.monotonic() < end:
+                    self._cond.wait(max(0.0, end - time.monotonic()))
+            self._closing = True
+            self._regs[STATUS] &= ~(STATUS_READY | STATUS_BUSY)
+            self._cond.notify_all()
+        if self._loop.is_closed():
+            return
+        if self._server is not None and self._loop.is_running():
+            fut = asyncio.run_coroutine_threadsafe(self._server.shutdown(), self._loop)
+            try:
+                fut.result(5)
+            except Exception as exc:
+                log.warning("modbus: shutdown: %s", exc)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()

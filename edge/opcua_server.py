@@ -1,0 +1,286 @@
+"""OPC UA server: the latest result, a heartbeat and an acknowledge, as a node tree.
+
+Node names follow the result concepts of the OPC UA Machine Vision companion
+specification (OPC 40100: a result with an id, creation time, state and the part it
+belongs to) where that is practical; this is not a certified implementation of its
+information model. The tree (namespace ``urn:pouta-edge``) is in README ("OPC UA node
+tree"). Every write of ``Result/ResultJson`` is one part's complete record; a client
+that subscribes to it with a queue (``queuesize``) receives every part.
+
+Handshake (``handshake=True``): ``Result/ResultValid`` stays true until the client
+calls ``Control/AckResult(seq)`` or writes ``seq`` to ``Control/AckSequence``; only then
+is the next result presented, or after ``ack_timeout_s`` (counted: ``ack_timeouts``).
+
+asyncua runs in its own event loop thread; the runtime's thread hands each record over
+with one ``run_coroutine_threadsafe`` call that writes all variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from .errors import ConfigError, PoutaError
+from .sinks import NG, NOT_INSPECTED, OK, PartResult
+
+log = logging.getLogger("pouta.edge.opcua")
+
+NAMESPACE = "urn:pouta-edge"
+VERDICT_CODES = {OK: 1, NG: 2, NOT_INSPECTED: 3}
+
+
+class OpcUaResultServer:
+    """A ``ResultSink`` that publishes each result to an OPC UA address space."""
+
+    name = "opcua"
+    needs_images = False
+
+    def __init__(
+        self,
+        endpoint: str = "opc.tcp://0.0.0.0:4840/pouta/",
+        handshake: bool = False,
+        ack_timeout_s: float = 2.0,
+        start_timeout_s: float = 30.0,
+    ) -> None:
+        try:
+            from asyncua import Server, ua
+        except ImportError:
+            raise ConfigError("opcua: needs asyncua: pip install 'pouta-edge[plc]'") from None
+        self._ua = ua
+        self.endpoint = endpoint
+        self.handshake = handshake
+        self.ack_timeout_s = float(ack_timeout_s)
+        self._cond = threading.Condition()
+        self._valid = False
+        self._seq = 0
+        self._closing = False
+        self._part_id_in: str | None = None
+        self.written = 0
+        self.acks = 0
+        self.ack_timeouts = 0
+        self._counts = {OK: 0, NG: 0, NOT_INSPECTED: 0}
+        self.nodes: dict[str, Any] = {}
+        self._loop = asyncio.new_event_loop()
+        self._server = Server()
+        self._error: BaseException | None = None
+        self._poll: asyncio.Task[None] | None = None
+        self._write_lock: asyncio.Lock | None = None
+        started = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            try:
+                self._loop.run_until_complete(self._start())
+            except BaseException as exc:
+                self._error = exc
+                started.set()
+                return
+            started.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="pouta-opcua", daemon=True)
+        self._thread.start()
+        if not started.wait(start_timeout_s) or self._error is not None:
+            raise PoutaError(f"opcua: cannot serve {endpoint} ({self._error or 'timeout'})")
+        log.info("OPC UA server on %s", endpoint)
+
+    async def _start(self) -> None:
+        ua = self._ua
+        server = self._server
+        self._write_lock = asyncio.Lock()
+        await server.init()
+        server.set_endpoint(self.endpoint)
+        server.set_server_name("pouta-edge")
+        # Plain TCP on a machine network; certificates are a deployment step (README).
+        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        idx = await server.register_namespace(NAMESPACE)
+        self.ns = idx
+        root = await server.nodes.objects.add_object(idx, "PoutaEdge")
+        V = ua.VariantType
+        status = await root.add_object(idx, "Status")
+        result = await root.add_object(idx, "Result")
+        counters = await root.add_object(idx, "Counters")
+        control = await root.add_object(idx, "Control")
+        spec: list[tuple[Any, str, Any, Any]] = [
+            (status, "Heartbeat", 0, V.UInt32),
+            (status, "Ready", False, V.Boolean),
+            (status, "Busy", False, V.Boolean),
+            (status, "Fault", False, V.Boolean),
+            (result, "SequenceNumber", 0, V.UInt64),
+            (result, "ResultId", "", V.String),
+            (result, "PartId", "", V.String),
+            (result, "Verdict", "", V.String),
+            (result, "VerdictCode", 0, V.Int16),
+            (result, "Reject", False, V.Boolean),
+            (result, "Score", 0.0, V.Double),
+            (result, "ScoreNormalised", 0.0, V.Double),
+            (result, "Threshold", 0.0, V.Double),
+            (result, "Reason", "", V.String),
+            (result, "CreationTime", dt.datetime.fromtimestamp(0, dt.timezone.utc), V.DateTime),
+            (result, "ResultValid", False, V.Boolean),
+            (result, "ResultJson", "", V.String),
+            (counters, "OkCount", 0, V.UInt32),
+            (counters, "NgCount", 0, V.UInt32),
+            (counters, "NotInspectedCount", 0, V.UInt32),
+            (control, "PartIdIn", "", V.String),
+            (control, "AckSequence", 0, V.UInt64),
+        ]
+        for parent, name, value, vtype in spec:
+            node = await parent.add_variable(idx, name, ua.Variant(value, vtype))
+            self.nodes[name] = (node, vtype)
+        for name in ("PartIdIn", "AckSequence"):
+            await self.nodes[name][0].set_writable()
+        self.nodes["AckResult"] = (
+            await control.add_method(idx, "AckResult", self._ack_method, [V.UInt64], [V.Boolean]),
+            None,
+        )
+        await server.start()
+        self._poll = asyncio.ensure_future(self._poll_inputs())
+
+    # -- client side (server thread) ----------------------------------------
+    def _ack(self, seq: int) -> bool:
+        with self._cond:
+            if self._valid and seq == self._seq:
+                self._valid = False
+                self.acks += 1
+                self._cond.notify_all()
+                return True
+            return False
+
+    async def _ack_method(self, parent: Any, seq: Any) -> list[Any]:
+        ok = self._ack(int(seq.Value))
+        if ok:
+            await self._show_valid()
+        return [self._ua.Variant(ok, self._ua.VariantType.Boolean)]
+
+    async def _poll_inputs(self) -> None:
+        # Written variables are polled (cheap: local reads) rather than hooked, so any
+        # client that can only write variables gets the same handshake as a method call.
+        ack_node, _ = self.nodes["AckSequence"]
+        pid_node, _ = self.nodes["PartIdIn"]
+        while True:
+            try:
+                ack = int(await ack_node.read_value())
+                if ack and self._ack(ack):
+                    await self._show_valid()
+                pid = await pid_node.read_value()
+                with self._cond:
+                    self._part_id_in = str(pid) if pid else None
+            except Exception as exc:  # keep polling; a bad client write must not end it
+                log.debug("opcua: polling inputs: %s", exc)
+            await asyncio.sleep(0.01)
+
+    async def _set(self, values: dict[str, Any]) -> None:
+        ua = self._ua
+        assert self._write_lock is not None
+        async with self._write_lock:
+            for name, value in values.items():
+                node, vtype = self.nodes[name]
+                await self._server.write_attribute_value(node.nodeid, ua.DataValue(ua.Variant(value, vtype)))
+
+    async def _show_valid(self) -> None:
+        # The state is read at write time, under the write lock: an ack that is shown
+        # after the next result was already presented must not clear its ResultValid.
+        assert self._write_lock is not None
+        async with self._write_lock:
+            with self._cond:
+                valid = self._valid
+            node, vtype = self.nodes["ResultValid"]
+            await self._server.write_attribute_value(
+                node.nodeid, self._ua.DataValue(self._ua.Variant(valid, vtype))
+            )
+
+    def _call(self, values: dict[str, Any], timeout: float = 5.0) -> None:
+        if self._closing and not self._loop.is_running():
+            # A heartbeat after close(): the coroutine would never run (and warn so).
+            return
+        asyncio.run_coroutine_threadsafe(self._set(values), self._loop).result(timeout)
+
+    # -- runtime side ---------------------------------------------------------
+    def part_id(self) -> str | None:
+        with self._cond:
+            return self._part_id_in
+
+    def write(self, result: PartResult) -> bool:
+        d = result.to_dict()
+        with self._cond:
+            if self.handshake and self._valid:
+                deadline = time.monotonic() + self.ack_timeout_s
+                while self._valid and not self._closing:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self.ack_timeouts += 1
+                        break
+                    self._cond.wait(left)
+            status = d["verdict"]
+            self._counts[status] += 1
+            self._seq = d["seq"]
+            self._valid = True
+            counts = dict(self._counts)
+        values = {
+            "SequenceNumber": d["seq"],
+            "ResultId": str(d["seq"]),
+            "PartId": d["part_id"] or "",
+            "Verdict": status,
+            "VerdictCode": VERDICT_CODES[status],
+            "Reject": bool(d["reject"]),
+            "Score": float(d["score"]) if d["score"] is not None else float("nan"),
+            "ScoreNormalised": float(d["score_norm"]) if d["score_norm"] is not None else float("nan"),
+            "Threshold": float(d["threshold"]) if d["threshold"] is not None else float("nan"),
+            "Reason": d["reason"] or "",
+            "CreationTime": dt.datetime.fromtimestamp(d["wall_time"], dt.timezone.utc),
+            "OkCount": counts[OK],
+            "NgCount": counts[NG],
+            "NotInspectedCount": counts[NOT_INSPECTED],
+            "ResultValid": True,
+            # Last: a client that sees the record sees every variable above already updated.
+            "ResultJson": json.dumps(d, separators=(",", ":")),
+        }
+        self._call(values)
+        self.written += 1
+        return True
+
+    def heartbeat(self, beat: int, state: dict[str, Any]) -> None:
+        self._call(
+            {
+                "Heartbeat": beat & 0xFFFFFFFF,
+                "Ready": bool(state.get("ready")),
+                "Busy": bool(state.get("busy")),
+                "Fault": bool(state.get("fault")),
+            },
+            timeout=2.0,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        return {"written": self.written, "acks": self.acks, "ack_timeouts": self.ack_timeouts}
+
+    def close(self) -> None:
+        with self._cond:
+            if self.handshake:
+                # The last result deserves its acknowledge too before the server goes.
+                end = time.monotonic() + self.ack_timeout_s
+                while self._valid and time.monotonic() < end:
+                    self._cond.wait(max(0.0, end - time.monotonic()))
+            self._closing = True
+            self._cond.notify_all()
+        if self._loop.is_closed() or not self._thread.is_alive():
+            return
+
+        async def stop() -> None:
+            if self._poll is not None:
+                self._poll.cancel()
+            await self._server.stop()
+
+        try:
+            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(10)
+        except Exception as exc:
+            log.warning("opcua: stopping the server: %s", exc)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
