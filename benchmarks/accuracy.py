@@ -95,6 +95,16 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     cmd = train_command(data, kind, preset, minutes, steps, out, seed, size)
     log(f"accuracy: training {kind} ({minutes:g} min budget, <= {steps} steps): {shlex.join(cmd)}")
+    seconds = run_training(cmd, out, f"accuracy: training {kind}")
+    ck = find_checkpoint(out)
+    if ck is None:
+        raise FileNotFoundError(f"training {kind} finished but left no checkpoint in {out}")
+    log(f"accuracy: {kind} trained in {seconds:.0f} s -> {ck}")
+    return ck, {"command": shlex.join(cmd), "train_seconds": round(seconds, 1), "log": str(out / "train.log")}
+
+
+def run_training(cmd: list[str], out: Path, what: str) -> float:
+    """Run a training command with its output in ``out/train.log``; progress every 30 s; seconds taken."""
     t0 = time.perf_counter()
     logf = out / "train.log"
     with logf.open("w") as f:
@@ -104,16 +114,11 @@ def train(
                 proc.wait(timeout=30)
                 break
             except subprocess.TimeoutExpired:
-                log(f"accuracy: training {kind}: {time.perf_counter() - t0:.0f} s, {_last_step(out)}")
-    seconds = time.perf_counter() - t0
+                log(f"{what}: {time.perf_counter() - t0:.0f} s, {_last_step(out)}")
     if proc.returncode != 0:
         tail = logf.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"training {kind} failed (exit {proc.returncode}): {tail[0]} [log: {logf}]")
-    ck = find_checkpoint(out)
-    if ck is None:
-        raise FileNotFoundError(f"training {kind} finished but left no checkpoint in {out}")
-    log(f"accuracy: {kind} trained in {seconds:.0f} s -> {ck}")
-    return ck, {"command": shlex.join(cmd), "train_seconds": round(seconds, 1), "log": str(logf)}
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}): {tail[0]} [log: {logf}]")
+    return time.perf_counter() - t0
 
 
 def _last_step(out: Path) -> str:

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import accuracy, cost, endtoend, latency, report, synthetic
+from . import accuracy, cost, endtoend, latency, quality, report, synthetic
 from .common import (
     DEFAULT_DATA,
     Result,
@@ -29,7 +29,9 @@ from .common import (
     usable_cores,
 )
 
-SECTIONS = ("cost", "latency", "accuracy", "e2e")
+# "quality" trains two models per real category (hours on a CPU): only when asked for.
+DEFAULT_SECTIONS = ("cost", "latency", "accuracy", "e2e")
+SECTIONS = (*DEFAULT_SECTIONS, "quality")
 BACKEND_NAMES = (
     "torch-cpu-fp32",
     "torch-cuda-fp32",
@@ -56,7 +58,7 @@ class Options:
     min_iters: int = 10
     budget_s: float = 90.0
     backends: list[str] = field(default_factory=lambda: list(BACKEND_NAMES))
-    sections: list[str] = field(default_factory=lambda: list(SECTIONS))
+    sections: list[str] = field(default_factory=lambda: list(DEFAULT_SECTIONS))
     data: Path | None = None
     checkpoints: Path | None = None
     calib: Path | None = None
@@ -67,6 +69,7 @@ class Options:
     train_steps: int = 100000
     acc_iters: int = 30
     e2e_frames: int = 60
+    quality_minutes: float = 10.0
     seed: int = 0
 
     def command(self) -> str:
@@ -92,6 +95,8 @@ class Options:
             args += ["--train-size", self.train_size]
         args += ["--train-steps", str(self.train_steps), "--acc-iters", str(self.acc_iters)]
         args += ["--e2e-frames", str(self.e2e_frames), "--seed", str(self.seed)]
+        if "quality" in self.sections:
+            args += ["--quality-minutes", f"{self.quality_minutes:g}"]
         return shlex.join(args)
 
 
@@ -178,7 +183,11 @@ def parser() -> argparse.ArgumentParser:
         "--backends", type=_csv_of(BACKEND_NAMES), default=None, help="subset of backends (default all)"
     )
     ap.add_argument(
-        "--sections", type=_csv_of(SECTIONS), default=None, help="subset of sections (default all)"
+        "--sections",
+        type=_csv_of(SECTIONS),
+        default=None,
+        help=f"sections to run (default {','.join(DEFAULT_SECTIONS)}; 'quality' trains POUTA and vanilla "
+        "on every category under --data)",
     )
     ap.add_argument("--data", type=Path, default=None, help=f"MVTec-layout category (default {DEFAULT_DATA})")
     ap.add_argument(
@@ -210,6 +219,9 @@ def parser() -> argparse.ArgumentParser:
         "--acc-iters", type=int, default=None, help="latency iterations for the accuracy table's artifacts"
     )
     ap.add_argument("--e2e-frames", type=int, default=None, help="frames replayed end to end at most")
+    ap.add_argument(
+        "--quality-minutes", type=float, default=None, help="quality: training budget per model (default 10)"
+    )
     ap.add_argument("--seed", type=int, default=None)
     return ap
 
@@ -326,6 +338,13 @@ def run(opts: Options) -> Result:
         return res
 
     sections["e2e"] = run_isolated("e2e", e2e) if want("e2e") else skipped("not selected (--sections)")
+    sections["quality"] = (
+        run_isolated(
+            "quality", lambda: quality.run_quality(opts.data, opts.out / "quality", opts.quality_minutes)
+        )
+        if want("quality") and opts.data is not None
+        else skipped("not selected (--sections quality --data ROOT)")
+    )
     results["sections"] = sections
     results["targets"] = [
         t for name in ("cost", "latency") for t in sections[name].get("targets", []) if isinstance(t, dict)

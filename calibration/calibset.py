@@ -10,6 +10,7 @@ different model.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,8 +20,8 @@ from typing import Any
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 from pouta.edge.errors import ImageReadError
-from pouta.edge.metadata import INPUT_NAME, ModelMetadata
-from pouta.edge.preprocess import IMAGE_EXTENSIONS, Preprocessor, is_image_file, read_image
+from pouta.edge.metadata import INPUT_NAME
+from pouta.edge.preprocess import IMAGE_EXTENSIONS, FrameGeometry, Preprocessor, is_image_file, read_image
 
 from .errors import CalibrationError
 
@@ -68,7 +69,8 @@ class ImageSet:
         return len(self.files)
 
     def image(self, index: int) -> np.ndarray:
-        """Preprocessed image ``index`` as float32 [3, H, W]."""
+        """Preprocessed image ``index`` at work size as float32 [3, h, w] (the model input
+        itself unless the model is tiled)."""
         cached = self._cache.get(index)
         if cached is not None:
             return cached
@@ -77,11 +79,23 @@ class ImageSet:
             self._cache[index] = arr
         return arr
 
+    def frames(self) -> Iterator[tuple[np.ndarray, FrameGeometry]]:
+        """(work image, geometry) in file order, for ``score_frames``."""
+        for i in range(len(self.files)):
+            work = self.image(i)
+            yield work, self.preprocessor.geometry_of_work(work.shape[1:])
+
+    def model_input(self, index: int, rng: np.random.Generator) -> np.ndarray:
+        """One model input [3, H, W] of image ``index``: the image, or one of its tiles at random."""
+        work = self.image(index)
+        tiles = self.preprocessor.geometry_of_work(work.shape[1:]).cut(work)
+        return tiles[int(rng.integers(len(tiles)))] if len(tiles) > 1 else tiles[0]
+
     def batches(self, batch_size: int = 8) -> Iterator[np.ndarray]:
-        """[N, 3, H, W] float32 batches in file order."""
-        for start in range(0, len(self.files), batch_size):
-            stop = min(start + batch_size, len(self.files))
-            yield np.ascontiguousarray(np.stack([self.image(i) for i in range(start, stop)]))
+        """[N, 3, H, W] float32 model inputs (all tiles of every image) in file order."""
+        inputs = (t for work, geo in self.frames() for t in geo.cut(work))
+        while chunk := list(itertools.islice(inputs, batch_size)):
+            yield np.ascontiguousarray(np.stack(chunk))
 
     def describe(self) -> dict[str, Any]:
         """What the metadata records about this set (no absolute paths: they leak and drift)."""
@@ -159,11 +173,6 @@ def load_image_set(
     return out
 
 
-def preprocessor_for(meta: ModelMetadata) -> Preprocessor:
-    """The runtime preprocessing at the model's own input size."""
-    return Preprocessor(height=meta.input.height, width=meta.input.width)
-
-
 def _set_hash(root: Path, files: Sequence[Path]) -> str:
     # Names and contents both: renaming a file or swapping a pixel changes the hash.
     h = hashlib.sha256()
@@ -238,9 +247,9 @@ class ImageSetReader(CalibrationDataReader):
         if i >= len(self.images):
             return None
         self._next += 1
-        img = self.images.image(i)
+        img = self.images.model_input(i, self._rng)
         if self._rng.random() < self.synthetic_fraction:
-            donor = self.images.image(int(self._rng.integers(0, len(self.images))))
+            donor = self.images.model_input(int(self._rng.integers(0, len(self.images))), self._rng)
             img = synthetic_anomaly(img, donor, self._rng)
         return {self.input_name: img[None]}
 

@@ -12,13 +12,21 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pouta.edge.errors import PoutaError
-from pouta.edge.metadata import load_for_model, metadata_path
+from pouta.edge.metadata import ModelMetadata, load_for_model, metadata_path
+from pouta.edge.preprocess import preprocessor_for, read_image
 
-from .calibset import DEFAULT_MIN_IMAGES, DEFAULT_N_CALIB, DEFAULT_SYNTHETIC_FRACTION
+from .calibset import DEFAULT_MIN_IMAGES, DEFAULT_N_CALIB, DEFAULT_SYNTHETIC_FRACTION, list_images
 from .errors import CalibrationError
 from .pipeline import CalibOptions, ThresholdOptions, build_portable, calibrate_model, write_sidecar
 from .quantize import CALIB_METHODS, DEFAULT_CALIB_METHOD
-from .tensorrt_build import DEFAULT_WORKSPACE_MB, BuildRequest, build_engine, plan_build, tensorrt_version
+from .tensorrt_build import (
+    DEFAULT_WORKSPACE_MB,
+    BuildRequest,
+    build_engine,
+    plan_build,
+    tensorrt_version,
+    trtexec_command,
+)
 from .thresholds import (
     DEFAULT_IMAGE_RULE,
     DEFAULT_IQR_K,
@@ -40,7 +48,11 @@ def _log(msg: str) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, help="FP32 ONNX model with its <model>.json sidecar")
     p.add_argument(
-        "--calib", type=Path, required=True, help="folder of normal (good) images, searched recursively"
+        "--calib",
+        type=Path,
+        required=True,
+        help="folder of normal (good) images, searched recursively (not a calibration cache file as "
+        "trtexec's --calib is)",
     )
     p.add_argument("--defects", type=Path, help="folder of known defective images (f1-optimal rule, guard)")
     p.add_argument("--n-calib", type=int, default=DEFAULT_N_CALIB, help="images sampled from --calib")
@@ -112,11 +124,33 @@ def build_engine_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--max-auroc-drop", type=float, help="fail when an artifact loses more image AUROC than this"
     )
-    p.add_argument("-o", "--output", type=Path, help="TensorRT plan path (default <model>.<precision>.plan)")
+    # Second spellings are trtexec's, accepted where the meaning is the same.
+    p.add_argument(
+        "-o",
+        "--output",
+        "--saveEngine",
+        dest="output",
+        type=Path,
+        help="TensorRT plan path (default <model>.<precision>.plan)",
+    )
     p.add_argument("--workspace-mb", type=int, default=DEFAULT_WORKSPACE_MB)
-    p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache, loaded if present and saved")
-    p.add_argument("--dla-core", type=int, help="build for this DLA core (GPU fallback on)")
-    p.add_argument("--version-compatible", action="store_true")
+    p.add_argument(
+        "--timing-cache",
+        "--timingCacheFile",
+        dest="timing_cache",
+        type=Path,
+        help="TensorRT timing cache, loaded if present and saved",
+    )
+    p.add_argument(
+        "--dla-core",
+        "--useDLACore",
+        dest="dla_core",
+        type=int,
+        help="build for this DLA core (GPU fallback on)",
+    )
+    p.add_argument(
+        "--version-compatible", "--versionCompatible", dest="version_compatible", action="store_true"
+    )
     p.add_argument("--min-batch", type=int, default=1)
     p.add_argument("--opt-batch", type=int, default=1)
     p.add_argument("--max-batch", type=int, default=1)
@@ -153,6 +187,15 @@ def build_engine_main(argv: Sequence[str] | None = None) -> int:
             )
             return 0
         meta = load_for_model(a.model)
+        tiles = _tiles_per_frame(meta, a.calib)
+        if tiles > a.max_batch:
+            # A tiled model runs all tiles of a frame in one call: the profile must hold them.
+            print(
+                f"pouta-build-engine: tiled model: {tiles} tiles per calibration frame; "
+                f"batch profile opt = max = {tiles}",
+                flush=True,
+            )
+            a.opt_batch = a.max_batch = tiles
         for precision in [x for x, on in (("int8", a.int8), ("fp16", a.fp16)) if on]:
             req = BuildRequest(
                 precision=precision,
@@ -172,6 +215,7 @@ def build_engine_main(argv: Sequence[str] | None = None) -> int:
             plan = plan_build(version, req)
             out = a.output if (a.output and (precision == "int8" or not a.int8)) else None
             out = out or a.model.with_name(f"{stem}.{precision}.plan")
+            _log(f"same plan with trtexec: {trtexec_command(plan, out)}")
             built = build_engine(plan, out, _log)
             _log(f"{out.name}: layer precisions {built.precision_counts}")
             # The plan's thresholds are those of the ONNX it was parsed from, scored by ORT:
@@ -188,6 +232,7 @@ def build_engine_main(argv: Sequence[str] | None = None) -> int:
                     **plan.describe(),
                     "layer_precisions": built.layer_precisions,
                     "precision_counts": built.precision_counts,
+                    "precision_warnings": built.warnings,
                 },
             )
             _log(f"wrote {out} (+ {metadata_path(out).name})")
@@ -198,3 +243,11 @@ def build_engine_main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["CalibrationError", "build_engine_main", "calibrate_main"]
+
+
+def _tiles_per_frame(meta: ModelMetadata, calib_dir: Path) -> int:
+    """Tiles of one frame as large as the first calibration image (1 for whole-image models)."""
+    if not meta.input.tile_scale:
+        return 1
+    first = list_images(calib_dir, "calibration")[0]
+    return preprocessor_for(meta).geometry(read_image(first).shape).n_tiles

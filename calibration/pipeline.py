@@ -12,6 +12,7 @@ import numpy as np
 from pouta.edge.backend import OnnxRuntimeBackend
 from pouta.edge.fsutil import atomic_write_json, sha256_file
 from pouta.edge.metadata import ModelMetadata, Thresholds, load_for_model, metadata_path
+from pouta.edge.preprocess import preprocessor_for
 
 from .calibset import (
     DEFAULT_MIN_IMAGES,
@@ -21,7 +22,6 @@ from .calibset import (
     ImageSetReader,
     list_images,
     load_image_set,
-    preprocessor_for,
 )
 from .errors import CalibrationError
 from .fp16 import FP16_SUFFIX, convert_to_fp16

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from pouta.edge.backend import Backend
+from pouta.edge.preprocess import score_frames
 
 from .calibset import ImageSet
 from .thresholds import PixelHistogram
@@ -29,15 +30,14 @@ def score_set(
     collect_pixels: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> Scores:
-    out: list[np.ndarray] = []
+    """Image scores (and the pixel histogram of the maps) exactly as the runtime computes them:
+    tiled models stitch their tiles and take the pooled max of the stitched map."""
+    out: list[float] = []
     hist = PixelHistogram() if collect_pixels else None
-    done = 0
-    for batch in images.batches(batch_size):
-        amap, score = backend.run(batch)
-        out.append(np.asarray(score, dtype=np.float64).reshape(-1))
+    for work_map, score in score_frames(backend.run, images.frames(), batch_size):
+        out.append(score)
         if hist is not None:
-            hist.add(amap)
-        done += batch.shape[0]
+            hist.add(work_map)
         if progress is not None:
-            progress(done, len(images))
-    return Scores(np.concatenate(out) if out else np.zeros(0), hist)
+            progress(len(out), len(images))
+    return Scores(np.asarray(out, dtype=np.float64), hist)

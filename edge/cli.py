@@ -16,6 +16,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,24 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--camera-id", metavar="ID", help="GenICam camera by device id")
     g.add_argument("--cti", metavar="FILE", help="GenTL producer (default: $GENICAM_GENTL64_PATH)")
     g.add_argument("--pixel-format", help="GenICam PixelFormat, e.g. Mono8, BayerRG8, RGBa8")
-    g.add_argument("--software-trigger", action="store_true", default=None)
+    g.add_argument(
+        "--trigger",
+        metavar="off|software|lineN",
+        help="GenICam FrameStart trigger: off (free-running), software, or an input line (line0, line1, ...)",
+    )
+    g.add_argument(
+        "--trigger-activation",
+        metavar="EDGE",
+        help="line trigger edge/level: RisingEdge (default), FallingEdge, AnyEdge, LevelHigh, LevelLow",
+    )
+    g.add_argument(
+        "--software-trigger",
+        action="store_true",
+        default=None,
+        help="deprecated: same as --trigger software",
+    )
+    g.add_argument("--strobe-line", metavar="LineN", help="GenICam output line pulsed on every NG part")
+    g.add_argument("--strobe-ms", type=float, metavar="MS", help="NG strobe pulse length (default 50)")
     g.add_argument("--fps", type=float, help="replay rate for --images/--video")
     g.add_argument("--loop", action="store_true", default=None, help="replay --images/--video forever")
 
@@ -66,12 +84,17 @@ def _source_overrides(a: argparse.Namespace) -> dict[str, Any]:
     for key, val in (
         ("cti", a.cti),
         ("pixel_format", a.pixel_format),
+        ("trigger", a.trigger),
+        ("trigger_activation", a.trigger_activation),
         ("software_trigger", a.software_trigger),
         ("fps", a.fps),
         ("loop", a.loop),
     ):
         if val is not None:
             s[key] = val
+    strobe = {k: v for k, v in (("line", a.strobe_line), ("pulse_ms", a.strobe_ms)) if v is not None}
+    if strobe:
+        s["strobe"] = strobe
     return s
 
 
@@ -113,7 +136,28 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-frames", type=int)
     run.add_argument("--duration", type=float, help="seconds")
     run.add_argument("--quiet", action="store_true", help="no live status line")
+    run.add_argument(
+        "--modbus", type=int, metavar="PORT", help="serve results as Modbus TCP on PORT (pip '.[plc]')"
+    )
+    run.add_argument(
+        "--opcua", metavar="URL", help="serve results over OPC UA, e.g. opc.tcp://0.0.0.0:4840/pouta/"
+    )
+    run.add_argument(
+        "--mqtt", metavar="HOST[:PORT]", help="publish results to an MQTT broker (pip '.[mqtt]')"
+    )
+    run.add_argument("--mqtt-topic", metavar="PREFIX", help="MQTT topic prefix (default pouta/edge)")
     run.add_argument("--summary-json", metavar="FILE", help="also write the final summary as JSON")
+    run.add_argument(
+        "--http",
+        metavar="HOST:PORT",
+        help="serve the live view and /metrics, e.g. 0.0.0.0:8080 (pip '.[ui]')",
+    )
+    run.add_argument(
+        "--http-token", metavar="TOKEN", help="token for state-changing HTTP requests (default read-only)"
+    )
+    run.add_argument(
+        "--http-hold", type=float, metavar="S", help="keep serving S seconds after the input ends (replays)"
+    )
 
     cap = sub.add_parser("capture", help="save camera frames (normal parts) for training")
     _add_source_args(cap)
@@ -123,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     cams = sub.add_parser("cameras", help="list the GenICam devices of a producer")
     cams.add_argument("--cti", metavar="FILE|sim")
+
+    svc = sub.add_parser("install-service", help="write a systemd unit that runs 'run --config FILE' at boot")
+    svc.add_argument("--config", required=True, metavar="YAML", help="run config naming model and source")
+    svc.add_argument("--unit-dir", default="/etc/systemd/system", metavar="DIR")
+    svc.add_argument("--name", default="pouta-edge", help="unit name (default pouta-edge)")
+    svc.add_argument("--user", help="run as this user (default root)")
+    svc.add_argument("--dry-run", action="store_true", help="print the unit, write nothing")
+    svc.add_argument("--enable", action="store_true", help="then systemctl daemon-reload and enable --now")
+
+    doc = sub.add_parser("doctor", help="check TensorRT/CUDA on this machine (run first on a new Jetson)")
+    doc.add_argument("--plan", metavar="FILE", help="also try to open this .plan/.engine")
     return ap
 
 
@@ -166,6 +221,24 @@ def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
     }
     if pl:
         o["pipeline"] = pl
+    if a.modbus is not None:
+        o["modbus"] = {"enabled": True, "port": a.modbus}
+    if a.opcua:
+        o["opcua"] = {"enabled": True, "endpoint": a.opcua}
+    if a.mqtt or a.mqtt_topic:
+        host, _, port = (a.mqtt or "localhost").partition(":")
+        o["mqtt"] = {"enabled": True, "host": host, **({"port": int(port)} if port else {})}
+        if a.mqtt_topic:
+            o["mqtt"]["topic_prefix"] = a.mqtt_topic
+    http = {
+        k: v
+        for k, v in (("listen", a.http), ("token", a.http_token), ("hold_s", a.http_hold))
+        if v is not None
+    }
+    if a.http:
+        http["enabled"] = True
+    if http:
+        o["http"] = http
     return o
 
 
@@ -179,6 +252,8 @@ def _print_summary(s: dict[str, Any], out_dir: str) -> None:
         f"p99 {lat['p99']:.1f} ms (capture to result, queueing included)",
         f"dropped {s['dropped']}  corrupt {s['corrupt']}  timeouts {s['timeouts']}  reconnects "
         f"{s['reconnects']}  frame errors {s['frame_errors']}  write errors {s['write_errors']}",
+        f"not inspected {s['not_inspected']}  backlog dropped {s['backlog_dropped']}  sinks "
+        + "  ".join(f"{k}: {v['delivered']} delivered" for k, v in s["sinks"].items()),
     ]
     if s["labelled"]:
         lines.append(
@@ -192,15 +267,47 @@ def _print_summary(s: dict[str, Any], out_dir: str) -> None:
 def cmd_run(a: argparse.Namespace) -> int:
     from .config import build_pipeline, load_config
 
-    cfg = load_config(a.config, _run_overrides(a))
+    overrides = _run_overrides(a)
+    cfg = load_config(a.config, overrides)
     pipe = build_pipeline(cfg)
     stop_reason: list[str] = []
+    reloads: list[int] = []
+    stopped = threading.Event()
+    server: Any = None
 
     def on_signal(signum: int, _frame: Any) -> None:
+        if signum == getattr(signal, "SIGHUP", None):
+            reloads.append(signum)  # handled in the main loop, outside the signal handler
+            return
         stop_reason.append(signal.Signals(signum).name)
         pipe.stop()
+        stopped.set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    def reload() -> dict[str, Any]:
+        from .service import reload_thresholds
+
+        out = reload_thresholds(
+            pipe, a.config, overrides, server.metrics.drift if server is not None else None
+        )
+        print(
+            f"thresholds reloaded: image {out['image_threshold']:.6g}, pixel {out['pixel_threshold']:.6g}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return out
+
+    if cfg["http"]["enabled"]:
+        from .liveview import attach_http
+
+        try:
+            server = attach_http(pipe, cfg, reload)
+        except BaseException:
+            pipe.backend.close()
+            for sink in pipe.sinks:
+                sink.close()
+            raise
+    signals = [signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+    previous = {s: signal.signal(s, on_signal) for s in signals}
     try:
         try:
             pipe.start()
@@ -211,6 +318,12 @@ def cmd_run(a: argparse.Namespace) -> int:
         live = not a.quiet and sys.stderr.isatty()
         while pipe.running:
             pipe.join(timeout=interval)
+            while reloads:
+                reloads.pop()
+                try:
+                    reload()
+                except PoutaError as exc:
+                    print(f"pouta-edge: reload refused, thresholds unchanged: {exc}", file=sys.stderr)
             if not a.quiet:
                 line = pipe.stats.status_line()
                 # One updating line on a terminal, plain lines in a log file.
@@ -218,9 +331,15 @@ def cmd_run(a: argparse.Namespace) -> int:
                 sys.stderr.flush()
         if live:
             sys.stderr.write("\n")
+        hold = float(cfg["http"]["hold_s"] or 0) if server is not None else 0.0
+        end = time.monotonic() + hold
+        while not stopped.is_set() and time.monotonic() < end:
+            stopped.wait(0.2)
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        if server is not None:
+            server.close()
     summary = pipe.summary()
     summary["stopped_by"] = stop_reason[0] if stop_reason else None
     pipe.backend.close()
@@ -232,6 +351,21 @@ def cmd_run(a: argparse.Namespace) -> int:
     if pipe.fatal is not None:
         return EXIT_INTERNAL
     return EXIT_WRITE_ERRORS if summary["write_errors"] else EXIT_OK
+
+
+def cmd_install_service(a: argparse.Namespace) -> int:
+    from .service import install_service
+
+    out = install_service(
+        a.config, unit_dir=a.unit_dir, name=a.name, user=a.user, dry_run=a.dry_run, enable=a.enable
+    )
+    if a.dry_run:
+        print(out, end="")
+    else:
+        print(f"wrote {out}")
+        if not a.enable:
+            print(f"next: systemctl daemon-reload && systemctl enable --now {a.name}.service")
+    return EXIT_OK
 
 
 def cmd_capture(a: argparse.Namespace) -> int:
@@ -299,6 +433,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "capture":
             return cmd_capture(args)
+        if args.command == "install-service":
+            return cmd_install_service(args)
+        if args.command == "doctor":
+            from .doctor import run_doctor
+
+            return run_doctor(args.plan)
         return cmd_cameras(args)
     except SourceError as exc:
         print(f"pouta-edge: {exc}", file=sys.stderr)

@@ -12,11 +12,12 @@ import yaml
 
 from .backend import Backend, open_backend
 from .errors import ConfigError
-from .metadata import check_request
+from .metadata import Thresholds, check_request
 from .pipeline import Pipeline
 from .postprocess import PostProcessor
-from .preprocess import Preprocessor, Roi
-from .sinks import ResultWriter
+from .preprocess import Roi, preprocessor_for
+from .sequence import SequenceCounter
+from .sinks import ResultSink, ResultWriter
 from .sources import FrameSource, ImageFolderSource, VideoSource
 
 
@@ -106,20 +107,49 @@ def build_pipeline(cfg: dict[str, Any], source: FrameSource | None = None) -> Pi
     backend = make_backend(cfg["model"])
     meta = backend.metadata
     pc = cfg["preprocess"]
-    pre = Preprocessor(
-        meta.input.height, meta.input.width, roi=Roi.parse(pc["roi"]), interpolation=pc["interpolation"]
-    )
-    oc = cfg["postprocess"]
-    post = PostProcessor(
-        meta.thresholds,
+    pre = preprocessor_for(meta, roi=Roi.parse(pc["roi"]), interpolation=pc["interpolation"])
+    post = make_postprocessor(cfg, meta.thresholds)
+    sinks = make_sinks(cfg)
+    pl = cfg["pipeline"]
+    policy = pl["policy"]
+    sc = cfg["source"]
+    if source is None and sc.get("kind") in ("images", "video") and not sc.get("fps"):
+        # A file replayed as fast as inference takes it has no line rate to keep up with.
+        policy = "block"
+    seq_file = pl["sequence_file"] or Path(cfg["output"]["dir"]) / "sequence.json"
+    return Pipeline(
+        source if source is not None else make_source(cfg["source"]),
         pre,
+        backend,
+        post,
+        sinks,
+        queue_size=int(pl["queue_size"]),
+        policy=policy,
+        max_frames=pl["max_frames"],
+        duration=pl["duration"],
+        sequence=SequenceCounter(seq_file),
+        not_inspected_is_ng=bool(pl["not_inspected_is_ng"]),
+        heartbeat_s=float(pl["heartbeat_s"] or 0),
+    )
+
+
+def make_postprocessor(cfg: dict[str, Any], thresholds: Thresholds | None) -> PostProcessor:
+    """Config overrides beat the model's calibrated thresholds (also used by the hot reload)."""
+    oc = cfg["postprocess"]
+    return PostProcessor(
+        thresholds,
         min_area=oc["min_area"],
         max_regions=oc["max_regions"],
         image_threshold=oc["image_threshold"],
         pixel_threshold=oc["pixel_threshold"],
+        border_margin=oc["border_margin"],
     )
+
+
+def make_sinks(cfg: dict[str, Any]) -> list[ResultSink]:
+    """The files (always) plus each enabled network sink; their libraries import only when enabled."""
     out = cfg["output"]
-    sink = ResultWriter(
+    files = ResultWriter(
         out["dir"],
         json_files=out["json"],
         csv=out["csv"],
@@ -131,21 +161,51 @@ def build_pipeline(cfg: dict[str, Any], source: FrameSource | None = None) -> Pi
         csv_max_mb=out["csv_max_mb"],
         csv_keep=out["csv_keep"],
         fsync=out["fsync"],
+        backlog=out["backlog"],
+        raw_ng=out["raw_ng"],
+        ng_keep_files=out["ng_keep_files"],
+        ng_keep_mb=out["ng_keep_mb"],
     )
-    pl = cfg["pipeline"]
-    policy = pl["policy"]
-    sc = cfg["source"]
-    if source is None and sc.get("kind") in ("images", "video") and not sc.get("fps"):
-        # A file replayed as fast as inference takes it has no line rate to keep up with.
-        policy = "block"
-    return Pipeline(
-        source if source is not None else make_source(cfg["source"]),
-        pre,
-        backend,
-        post,
-        sink,
-        queue_size=int(pl["queue_size"]),
-        policy=policy,
-        max_frames=pl["max_frames"],
-        duration=pl["duration"],
-    )
+    sinks: list[ResultSink] = [files]
+    mb, ua, mq = cfg["modbus"], cfg["opcua"], cfg["mqtt"]
+    try:
+        if mb["enabled"]:
+            from .modbus_server import ModbusResultServer
+
+            sinks.append(
+                ModbusResultServer(
+                    mb["host"],
+                    int(mb["port"]),
+                    handshake=bool(mb["handshake"]),
+                    ack_timeout_s=float(mb["ack_timeout_s"]),
+                )
+            )
+        if ua["enabled"]:
+            from .opcua_server import OpcUaResultServer
+
+            sinks.append(
+                OpcUaResultServer(
+                    str(ua["endpoint"]),
+                    handshake=bool(ua["handshake"]),
+                    ack_timeout_s=float(ua["ack_timeout_s"]),
+                )
+            )
+        if mq["enabled"]:
+            from .mqtt_publisher import MqttPublisher
+
+            sinks.append(
+                MqttPublisher(
+                    str(mq["host"]),
+                    int(mq["port"]),
+                    topic_prefix=str(mq["topic_prefix"]),
+                    client_id=mq["client_id"],
+                    keepalive_s=int(mq["keepalive_s"]),
+                    buffer=int(mq["buffer"]),
+                    replay_s=float(mq["replay_s"]),
+                )
+            )
+    except BaseException:
+        for sink in sinks:
+            sink.close()
+        raise
+    return sinks

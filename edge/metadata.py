@@ -47,6 +47,10 @@ class InputSpec:
     value_range: tuple[float, float] = VALUE_RANGE
     layout: str = "NCHW"
     dtype: str = "float32"
+    # Tiled models: the frame is rescaled by tile_scale and cut into height x width tiles
+    # overlapping by tile_overlap (``pouta.edge.preprocess.Tiling``); 0 = whole image.
+    tile_scale: float = 0.0
+    tile_overlap: float = 0.25
 
 
 @dataclass

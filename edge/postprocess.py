@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .metadata import Thresholds
-from .preprocess import Preprocessor
+from .preprocess import FrameGeometry
 
 OK = "OK"
 NG = "NG"
@@ -43,7 +43,8 @@ class Verdict:
     threshold: float
     pixel_threshold: float
     regions: list[DefectRegion] = field(default_factory=list)
-    anomaly_map: np.ndarray | None = None  # model-size [H, W], for overlays
+    anomaly_map: np.ndarray | None = None  # work-size [h, w] (stitched when tiled), for overlays
+    geometry: FrameGeometry | None = None  # how the map lies on the source frame
 
     @property
     def is_ng(self) -> bool:
@@ -65,11 +66,11 @@ class PostProcessor:
     def __init__(
         self,
         thresholds: Thresholds | None,
-        preprocessor: Preprocessor,
-        min_area: int = 0,
+        min_area: int = 16,
         max_regions: int = 32,
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
+        border_margin: int = 0,
     ) -> None:
         img_t = image_threshold if image_threshold is not None else (thresholds.image if thresholds else None)
         pix_t = pixel_threshold if pixel_threshold is not None else (thresholds.pixel if thresholds else None)
@@ -80,25 +81,26 @@ class PostProcessor:
             )
         self.image_threshold = float(img_t)
         self.pixel_threshold = float(pix_t)
-        self.pre = preprocessor
         self.min_area = int(min_area)
         self.max_regions = int(max_regions)
+        if border_margin < 0:
+            raise ConfigError(f"postprocess.border_margin: expected >= 0 source pixels, got {border_margin}")
+        self.border_margin = int(border_margin)
 
-    def _scale(self, source_shape: tuple[int, ...]) -> tuple[float, float, float, float]:
-        sh, sw = int(source_shape[0]), int(source_shape[1])
-        if self.pre.roi is None:
-            ox, oy, rw, rh = 0, 0, sw, sh
-        else:
-            r = self.pre.roi.clip_to(sh, sw)
-            ox, oy, rw, rh = r.x, r.y, r.width, r.height
-        return ox, oy, rw / self.pre.width, rh / self.pre.height
-
-    def regions(self, amap: np.ndarray, source_shape: tuple[int, ...]) -> list[DefectRegion]:
+    def regions(self, amap: np.ndarray, geometry: FrameGeometry) -> list[DefectRegion]:
+        """Connected regions of the work-size map above the pixel threshold, in source pixels."""
         mask = amap > self.pixel_threshold
+        ox, oy, sx, sy = geometry.source_scale()
+        if self.border_margin:
+            # Fixture edges and the part's silhouette light up the map at the image border;
+            # a margin (source pixels) keeps them out of the regions.
+            my = min(mask.shape[0], int(np.ceil(self.border_margin / sy)))
+            mx = min(mask.shape[1], int(np.ceil(self.border_margin / sx)))
+            mask[:my], mask[mask.shape[0] - my :] = False, False
+            mask[:, :mx], mask[:, mask.shape[1] - mx :] = False, False
         if not mask.any():
             return []
         n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
-        ox, oy, sx, sy = self._scale(source_shape)
         out: list[DefectRegion] = []
         for i in range(1, n):
             x, y, w, h, area = (int(v) for v in stats[i])
@@ -119,14 +121,18 @@ class PostProcessor:
         out.sort(key=lambda r: r.area, reverse=True)
         return out[: self.max_regions]
 
-    def __call__(self, amap: np.ndarray, score: float, source_shape: tuple[int, ...]) -> Verdict:
-        a = np.asarray(amap, dtype=np.float32).reshape(self.pre.height, self.pre.width)
-        s = float(score)
+    def __call__(self, tile_maps: np.ndarray, tile_scores: np.ndarray, geometry: FrameGeometry) -> Verdict:
+        """Backend outputs for one frame's inputs (``geometry.n_tiles`` of them) -> verdict."""
+        a = geometry.stitch(tile_maps)
+        s = geometry.image_score(a, tile_scores)
+        ng = s > self.image_threshold
         return Verdict(
-            verdict=NG if s > self.image_threshold else OK,
+            verdict=NG if ng else OK,
             score=s,
             threshold=self.image_threshold,
             pixel_threshold=self.pixel_threshold,
-            regions=self.regions(a, source_shape),
+            # An OK part has no defects to locate: regions are what made it NG.
+            regions=self.regions(a, geometry) if ng else [],
             anomaly_map=a,
+            geometry=geometry,
         )

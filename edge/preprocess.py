@@ -1,16 +1,25 @@
 """The one preprocessing implementation: trainer, calibration, export checks and the
 edge runtime all turn a camera/file image into model input through this module.
 
-Model input contract (see ``metadata.ModelContract``): float32, RGB, values in [0, 1],
+Model input contract (see ``metadata.InputSpec``): float32, RGB, values in [0, 1],
 layout [3, H, W] per image. Grayscale and 16-bit sources are accepted; grayscale is
 replicated to three channels, integer images are scaled by their dtype's full range
 unless an explicit ``bit_depth`` says how many bits are significant (Mono12 in uint16).
+
+Two geometries, both described by one ``FrameGeometry`` per frame:
+
+- whole image: the (ROI of the) frame is resized to the model's H x W, one model input;
+- tiled (``Tiling``): the frame is rescaled by ``scale`` (the "work" image, aspect kept)
+  and cut into overlapping H x W tiles that run as one batch; their maps are stitched
+  back (weighted towards tile centres where tiles overlap) and the image score is the
+  21x21 average-pooled max of the stitched map, as the graph computes it per tile.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +27,7 @@ import cv2
 import numpy as np
 
 from .errors import ConfigError, ImageReadError
+from .metadata import SCORE_POOL_SIZE, ModelMetadata
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".png",
@@ -161,6 +171,7 @@ class Preprocessor:
     roi: Roi | None = None
     interpolation: str = "area"
     bit_depth: int | None = None
+    tiling: Tiling | None = None
 
     def __post_init__(self) -> None:
         if self.height <= 0 or self.width <= 0:
@@ -176,47 +187,259 @@ class Preprocessor:
         r = self.roi.clip_to(image.shape[0], image.shape[1])
         return image[r.y : r.y + r.height, r.x : r.x + r.width]
 
+    def geometry(self, source_shape: tuple[int, ...]) -> FrameGeometry:
+        """Where this frame's model inputs come from and where their maps go back to."""
+        sh, sw = int(source_shape[0]), int(source_shape[1])
+        roi = self.roi.clip_to(sh, sw) if self.roi is not None else Roi(0, 0, sw, sh)
+        if self.tiling is None:
+            work = (self.height, self.width)
+            return FrameGeometry((sh, sw), roi, work, (self.height, self.width), ((0, 0),))
+        work = self.tiling.work_size(roi.height, roi.width)
+        origins = self.tiling.origins(work, (self.height, self.width))
+        return FrameGeometry((sh, sw), roi, work, (self.height, self.width), origins)
+
+    def geometry_of_work(self, work_hw: tuple[int, ...]) -> FrameGeometry:
+        """The geometry of an image already brought to work size (source = work, no ROI)."""
+        wh, ww = int(work_hw[0]), int(work_hw[1])
+        origins = self.tiling.origins((wh, ww), (self.height, self.width)) if self.tiling else ((0, 0),)
+        return FrameGeometry((wh, ww), Roi(0, 0, ww, wh), (wh, ww), (self.height, self.width), origins)
+
     def resize_hwc(self, image: np.ndarray, color_order: str = "BGR") -> np.ndarray:
-        """Crop + resize + RGB, keeping the source dtype: HxWx3 at model size."""
+        """Crop + resize + RGB, keeping the source dtype: HxWx3 at work size.
+
+        The work size is the model size for whole-image models and the rescaled image
+        for tiled ones.
+        """
         img = self.crop(image)
-        if img.shape[0] != self.height or img.shape[1] != self.width:
+        wh, ww = self.geometry(image.shape).work_hw
+        if img.shape[0] != wh or img.shape[1] != ww:
             interp = _INTERPOLATION[self.interpolation]
             # INTER_AREA is only an anti-aliasing filter when shrinking.
-            if interp == cv2.INTER_AREA and (img.shape[0] < self.height or img.shape[1] < self.width):
+            if interp == cv2.INTER_AREA and (img.shape[0] < wh or img.shape[1] < ww):
                 interp = cv2.INTER_LINEAR
             if interp == cv2.INTER_AREA:
-                img = shrink_area(img, self.width, self.height)
+                img = shrink_area(img, ww, wh)
             else:
-                img = cv2.resize(img, (self.width, self.height), interpolation=interp)
+                img = cv2.resize(img, (ww, wh), interpolation=interp)
         return to_rgb8_or_16(img, color_order)
 
-    def __call__(self, image: np.ndarray, color_order: str = "BGR") -> np.ndarray:
-        rgb = self.resize_hwc(image, color_order)
+    def to_float(self, rgb: np.ndarray) -> np.ndarray:
+        """HxWx3 RGB (uint8/uint16/float) -> [3, H, W] float32 in [0, 1]."""
         scale = _scale_for(rgb.dtype, self.bit_depth)
-        chw = np.empty((3, self.height, self.width), dtype=np.float32)
+        chw = np.empty((3, rgb.shape[0], rgb.shape[1]), dtype=np.float32)
         for c in range(3):
             np.multiply(rgb[:, :, c], scale, out=chw[c], casting="unsafe")
         if self.bit_depth is not None or rgb.dtype.kind == "f":
             np.clip(chw, 0.0, 1.0, out=chw)
         return chw
 
+    def __call__(self, image: np.ndarray, color_order: str = "BGR") -> np.ndarray:
+        """The work image as [3, h, w] float32 (the model input itself when not tiled)."""
+        return self.to_float(self.resize_hwc(image, color_order))
+
+    def tiles(self, image: np.ndarray, color_order: str = "BGR") -> tuple[np.ndarray, FrameGeometry]:
+        """Model inputs of one frame: [N, 3, H, W] float32 (N = 1 when not tiled) and its geometry."""
+        geo = self.geometry(image.shape)
+        work = self(image, color_order)
+        return geo.cut(work), geo
+
     def mask(self, mask: np.ndarray) -> np.ndarray:
-        """Ground-truth mask through the same geometry (nearest neighbour): bool [H, W]."""
+        """Ground-truth mask through the same geometry (nearest neighbour): bool at work size."""
+        wh, ww = self.geometry(mask.shape).work_hw
         m = self.crop(mask.astype(np.uint8))
-        m = cv2.resize(m, (self.width, self.height), interpolation=cv2.INTER_NEAREST)
+        m = cv2.resize(m, (ww, wh), interpolation=cv2.INTER_NEAREST)
         return m > 0
 
     def map_to_source(self, amap: np.ndarray, source_shape: tuple[int, ...]) -> np.ndarray:
-        """Model-size anomaly map [H, W] -> source-size map (zeros outside the ROI)."""
-        sh, sw = int(source_shape[0]), int(source_shape[1])
-        if self.roi is None:
-            return cv2.resize(amap, (sw, sh), interpolation=cv2.INTER_LINEAR)
-        r = self.roi.clip_to(sh, sw)
-        out = np.zeros((sh, sw), dtype=amap.dtype)
-        out[r.y : r.y + r.height, r.x : r.x + r.width] = cv2.resize(
-            amap, (r.width, r.height), interpolation=cv2.INTER_LINEAR
-        )
+        """Work-size anomaly map -> source-size map (zeros outside the ROI)."""
+        return self.geometry(source_shape).to_source(amap)
+
+
+def tile_origins(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets of tiles of ``tile`` px covering ``length`` px, evenly spread.
+
+    Neighbours share at least ``overlap`` of a tile; the first tile starts at 0 and the
+    last ends at ``length`` (a work image shorter than a tile is padded to one tile).
+    """
+    if length <= tile:
+        return [0]
+    stride = max(1, int(tile * (1.0 - overlap)))
+    n = math.ceil((length - tile) / stride) + 1
+    return [round(k * (length - tile) / (n - 1)) for k in range(n)]
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Tiled inference: the image rescaled by ``scale`` (aspect kept), cut into model-size tiles."""
+
+    scale: float  # work pixels per source pixel (of the ROI)
+    overlap: float = 0.25  # fraction of a tile shared with its neighbour
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.scale <= 4.0:
+            raise ConfigError(f"tiling.scale: expected a value in (0, 4], got {self.scale}")
+        if not 0.0 <= self.overlap < 0.9:
+            raise ConfigError(f"tiling.overlap: expected a value in [0, 0.9), got {self.overlap}")
+
+    def work_size(self, height: int, width: int) -> tuple[int, int]:
+        return max(1, round(height * self.scale)), max(1, round(width * self.scale))
+
+    def origins(self, work_hw: tuple[int, int], tile_hw: tuple[int, int]) -> tuple[tuple[int, int], ...]:
+        ys = tile_origins(work_hw[0], tile_hw[0], self.overlap)
+        xs = tile_origins(work_hw[1], tile_hw[1], self.overlap)
+        return tuple((y, x) for y in ys for x in xs)
+
+
+def _blend_window(length: int, ramp: int) -> np.ndarray:
+    """1 in the middle, falling linearly to 0.05 over ``ramp`` px at both ends."""
+    t = np.arange(length, dtype=np.float32)
+    edge = np.minimum(t + 0.5, length - 0.5 - t) / max(1, ramp)
+    return np.clip(edge, 0.05, 1.0)
+
+
+@dataclass(frozen=True)
+class FrameGeometry:
+    """One frame's geometry: source size, ROI, work size, tile size and tile origins.
+
+    Produced by ``Preprocessor.geometry``; every consumer (stitching, image score,
+    regions, overlays, sinks) maps between model, work and source pixels through it.
+    """
+
+    source_hw: tuple[int, int]
+    roi: Roi
+    work_hw: tuple[int, int]
+    tile_hw: tuple[int, int]
+    origins: tuple[tuple[int, int], ...]
+
+    @property
+    def tiled(self) -> bool:
+        return len(self.origins) > 1 or self.work_hw != self.tile_hw
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.origins)
+
+    @property
+    def _padded_hw(self) -> tuple[int, int]:
+        return max(self.work_hw[0], self.tile_hw[0]), max(self.work_hw[1], self.tile_hw[1])
+
+    def cut(self, work: np.ndarray) -> np.ndarray:
+        """Work image [3, h, w] -> tiles [N, 3, H, W] (reflect-padded up to one tile)."""
+        if not self.tiled:
+            return work[None]
+        ph, pw = self._padded_hw
+        h, w = self.work_hw
+        if (ph, pw) != (h, w):
+            work = np.pad(work, ((0, 0), (0, ph - h), (0, pw - w)), mode="reflect" if h > 1 < w else "edge")
+        th, tw = self.tile_hw
+        return np.ascontiguousarray(np.stack([work[:, y : y + th, x : x + tw] for y, x in self.origins]))
+
+    def stitch(self, maps: np.ndarray) -> np.ndarray:
+        """Tile maps [N, H, W] (or [N, 1, H, W]) -> work-size map [h, w], blended where tiles overlap."""
+        maps = np.asarray(maps, dtype=np.float32).reshape(self.n_tiles, *self.tile_hw)
+        if not self.tiled:
+            return maps[0]
+        th, tw = self.tile_hw
+        ph, pw = self._padded_hw
+        wy = _blend_window(th, th // 4)
+        wx = _blend_window(tw, tw // 4)
+        weight = wy[:, None] * wx[None, :]
+        acc = np.zeros((ph, pw), np.float32)
+        norm = np.zeros((ph, pw), np.float32)
+        for (y, x), m in zip(self.origins, maps, strict=True):
+            acc[y : y + th, x : x + tw] += m * weight
+            norm[y : y + th, x : x + tw] += weight
+        h, w = self.work_hw
+        return acc[:h, :w] / norm[:h, :w]
+
+    def image_score(self, work_map: np.ndarray, tile_scores: np.ndarray) -> float:
+        """The frame's score: the graph's own score for one whole-image input, else the pooled max."""
+        if not self.tiled:
+            return float(np.asarray(tile_scores).reshape(-1)[0])
+        return pooled_max(work_map)
+
+    def to_source(self, work_map: np.ndarray) -> np.ndarray:
+        """Work-size map -> source-size map (zeros outside the ROI)."""
+        sh, sw = self.source_hw
+        r = self.roi
+        resized = cv2.resize(work_map, (r.width, r.height), interpolation=cv2.INTER_LINEAR)
+        if (r.x, r.y, r.width, r.height) == (0, 0, sw, sh):
+            return resized
+        out = np.zeros((sh, sw), dtype=work_map.dtype)
+        out[r.y : r.y + r.height, r.x : r.x + r.width] = resized
         return out
+
+    def source_scale(self) -> tuple[float, float, float, float]:
+        """(x offset, y offset, source px per work px in x, in y): work -> source mapping."""
+        r = self.roi
+        return r.x, r.y, r.width / self.work_hw[1], r.height / self.work_hw[0]
+
+
+RunInputs = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def score_frames(
+    run: RunInputs, frames: Iterable[tuple[np.ndarray, FrameGeometry]], max_batch: int = 8
+) -> Iterator[tuple[np.ndarray, float]]:
+    """(work-size map, image score) per frame, in order, for (work image, geometry) pairs.
+
+    ``run`` maps a [N,3,H,W] batch to (maps [N,1,H,W] or [N,H,W], scores [N]): a backend,
+    an ONNX session or a torch model. Whole-image frames share calls of up to
+    ``max_batch`` inputs; a tiled frame's tiles run together, in chunks of ``max_batch``.
+    Evaluation and calibration score through here; the runtime does the same per frame.
+    """
+    pending: list[tuple[np.ndarray, FrameGeometry]] = []
+
+    def flush() -> Iterator[tuple[np.ndarray, float]]:
+        x = np.concatenate([geo.cut(work) for work, geo in pending])
+        maps, scores = [], []
+        tile_hw = pending[0][1].tile_hw
+        for k in range(0, len(x), max_batch):
+            chunk = np.ascontiguousarray(x[k : k + max_batch])
+            m, sc = (np.asarray(v, np.float32) for v in run(chunk))
+            n = len(chunk)
+            if m.size != n * tile_hw[0] * tile_hw[1] or m.shape[0] != n or sc.size != n:
+                raise ValueError(
+                    f"model output: expected maps [N,1,{tile_hw[0]},{tile_hw[1]}] and scores [N] for "
+                    f"N={n} inputs, got maps {list(m.shape)} and scores {list(sc.shape)}"
+                )
+            maps.append(m.reshape(n, *tile_hw))
+            scores.append(sc.reshape(n))
+        all_maps, all_scores = np.concatenate(maps), np.concatenate(scores)
+        k = 0
+        for _, geo in pending:
+            work_map = geo.stitch(all_maps[k : k + geo.n_tiles])
+            yield work_map, geo.image_score(work_map, all_scores[k : k + geo.n_tiles])
+            k += geo.n_tiles
+        pending.clear()
+
+    for work, geo in frames:
+        pending.append((work, geo))
+        if geo.tiled or len(pending) >= max_batch:
+            yield from flush()
+    if pending:
+        yield from flush()
+
+
+def pooled_max(work_map: np.ndarray, size: int = SCORE_POOL_SIZE) -> float:
+    """Max of the ``size`` x ``size`` stride-1 average pool, zeros padded and counted.
+
+    The same statistic the exported graph computes per input (DRAEM's image score).
+    """
+    m = np.asarray(work_map, dtype=np.float32)
+    pooled = cv2.boxFilter(m, -1, (size, size), normalize=True, borderType=cv2.BORDER_CONSTANT)
+    return float(pooled.max())
+
+
+def preprocessor_for(
+    meta: ModelMetadata, roi: Roi | None = None, interpolation: str = "area", bit_depth: int | None = None
+) -> Preprocessor:
+    """The preprocessor an artifact was trained for, tiling included (from its metadata)."""
+    i = meta.input
+    tiling = Tiling(i.tile_scale, i.tile_overlap) if i.tile_scale else None
+    return Preprocessor(
+        i.height, i.width, roi=roi, interpolation=interpolation, bit_depth=bit_depth, tiling=tiling
+    )
 
 
 def batch(images: Sequence[np.ndarray]) -> np.ndarray:

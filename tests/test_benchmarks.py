@@ -187,3 +187,34 @@ def test_checkpoints_are_found_in_run_folders_and_files(tmp_path: Path) -> None:
     assert checkpoint_for("pouta", tmp_path) == tmp_path / "train-pouta" / "model.pt"
     assert checkpoint_for("vanilla", tmp_path) == tmp_path / "vanilla-bottle.pt"
     assert checkpoint_for("pouta", tmp_path / "missing") is None
+
+
+@pytest.mark.slow
+def test_quality_section_trains_and_tabulates_every_category(tmp_path: Path) -> None:
+    from pouta.benchmarks import synthetic
+
+    root = tmp_path / "data"
+    synthetic.make_category(root / "set_a" / "cat_one", n_train=6, size=64, seed=1)
+    synthetic.make_category(root / "cat_two", n_train=6, size=64, seed=2)
+    (root / "not_a_category").mkdir()
+    out = tmp_path / "bench"
+    argv = ["--out", str(out), "--sections", "quality", "--data", str(root), "--quality-minutes", "0.05"]
+    opts = cli.resolve(cli.parser().parse_args(argv))
+    assert "--quality-minutes 0.05" in opts.command()
+    res = cli.run(opts)
+    sec = res["sections"]["quality"]
+    assert sec["status"] == "ok", sec.get("error")
+    rows = {(r["category"], r["kind"]): r for r in sec["rows"]}
+    assert set(rows) == {(c, k) for c in ("cat_one", "cat_two") for k in ("pouta", "vanilla")}
+    for row in rows.values():
+        assert 0.0 <= row["image_auroc"] <= 1.0 and row["pixel_auroc"] is not None
+        assert row["steps"] >= 1 and row["train_seconds"] > 0
+        assert "--time-limit-min 0.05" in row["train_command"]
+    table = (out / "quality" / "quality.md").read_text()
+    assert table.count("| cat_one |") == 2 and "**mean**" in table
+    assert (out / "quality" / "quality.png").stat().st_size > 1000
+    assert "Quality over the real categories" in (out / "report.md").read_text()
+    # A second run of the same command reuses the finished rows instead of training again.
+    t0 = time.perf_counter()
+    again = cli.run(opts)["sections"]["quality"]
+    assert time.perf_counter() - t0 < 20 and again["rows"] == sec["rows"]

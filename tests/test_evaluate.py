@@ -102,7 +102,7 @@ def test_without_ground_truth_pixel_metrics_are_skipped(
 
 def test_bad_scorer_output_is_reported(demo: Path) -> None:
     ds = open_dataset(demo, "test")
-    with pytest.raises(ValueError, match="scorer"):
+    with pytest.raises(ValueError, match=r"model output: expected maps \[N,1,64,64\]"):
         evaluate(
             lambda x: (np.zeros((len(x), 2, SIZE, SIZE)), np.zeros(len(x))),
             ds,

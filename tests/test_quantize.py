@@ -10,7 +10,7 @@ import onnx
 import pytest
 from contract_models import dark_part, make_brightness_model
 from onnx import TensorProto, helper, numpy_helper
-from pouta.calibration.calibset import ImageSetReader, load_image_set, preprocessor_for
+from pouta.calibration.calibset import ImageSetReader, load_image_set
 from pouta.calibration.fp16 import convert_to_fp16
 from pouta.calibration.quantize import (
     check_tensorrt_qdq,
@@ -21,6 +21,7 @@ from pouta.calibration.quantize import (
 )
 from pouta.edge.backend import OnnxRuntimeBackend
 from pouta.edge.metadata import load_for_model
+from pouta.edge.preprocess import preprocessor_for
 from pouta.trainer.metrics import roc_auc
 
 H = W = 64

@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 from pouta.edge.errors import ConfigError
-from pouta.edge.preprocess import Preprocessor
-from pouta.trainer.synthesis import AnomalySynthesizer, SynthesisConfig, perlin_noise
+from pouta.edge.preprocess import Preprocessor, Tiling
+from pouta.trainer.synthesis import MIN_SAMPLES_PER_EPOCH, AnomalySynthesizer, SynthesisConfig, perlin_noise
 
 H, W = 48, 64
 
@@ -98,7 +98,7 @@ def test_texture_folder_source(tmp_path: Path) -> None:
     gray = np.full((H, W, 3), 0.5, np.float32)
     reds = 0
     for k in range(8):
-        aug, mask, _ = s(gray, np.random.default_rng(k), force_anomaly=True)
+        aug, mask, _ = s(gray, np.random.default_rng(k), force_anomaly=True, force_mode="perlin")
         inside = aug[mask > 0]
         reds += int(inside[:, 0].mean() > inside[:, 2].mean() + 0.2)
     # one augmentation of 10 may change the hue/invert, most keep the red
@@ -134,7 +134,10 @@ def test_training_set_is_a_pure_function_of_seed_epoch_index(tmp_path: Path) -> 
     synth = AnomalySynthesizer(SynthesisConfig(anomaly_prob=1.0), H, W)
     with pytest.warns(UserWarning, match="broken.png"):
         ts = TrainingSet([*paths, broken], pre, synth, seed=5)
-    assert isinstance(ts, torch.utils.data.Dataset) and len(ts) == 4
+    assert isinstance(ts, torch.utils.data.Dataset) and len(ts.paths) == 4
+    # Small sets make longer epochs (fewer worker restarts); sample i uses image i mod n.
+    assert len(ts) == MIN_SAMPLES_PER_EPOCH
+    assert torch.equal(ts[6]["original"], ts[2]["original"])
     item = ts[2]
     assert item["image"].shape == (3, H, W) and item["original"].shape == (3, H, W)
     assert item["mask"].shape == (1, H, W) and item["has_anomaly"].shape == ()
@@ -147,3 +150,71 @@ def test_training_set_is_a_pure_function_of_seed_epoch_index(tmp_path: Path) -> 
     assert not torch.equal(ts[2]["mask"], item["mask"])
     ts.set_epoch(0)
     assert torch.equal(ts[2]["mask"], item["mask"])
+
+
+def _textured(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = cv2.GaussianBlur(rng.random((H, W)).astype(np.float32), (0, 0), 2)
+    return np.repeat(((base - base.min()) / np.ptp(base) * 0.6 + 0.2)[..., None], 3, axis=-1)
+
+
+@pytest.mark.parametrize("mode", ["stroke", "spot", "uneven", "cutpaste"])
+def test_line_defect_modes_change_only_the_labelled_pixels(mode: str) -> None:
+    s = AnomalySynthesizer(SynthesisConfig(), H, W)
+    img = _textured()
+    for k in range(12):
+        aug, mask, has = s(img, np.random.default_rng([k, 7]), force_anomaly=True, force_mode=mode)
+        assert has and mask.any() and set(np.unique(mask)) <= {0.0, 1.0}
+        np.testing.assert_array_equal(aug[mask == 0], img[mask == 0])
+        assert np.abs(aug - img)[mask > 0].max() > 0.02  # the defect is visible
+
+
+def test_stroke_and_spot_are_thin_or_small_uneven_is_large() -> None:
+    s = AnomalySynthesizer(SynthesisConfig(), 128, 128)
+    img = cv2.resize(_textured(1), (128, 128))
+    for k in range(10):
+        rng = np.random.default_rng([k, 3])
+        _, stroke, _ = s(img, rng, force_anomaly=True, force_mode="stroke")
+        # 1-6 px strokes plus their soft edge: nearly every pixel lies within 4 px of the
+        # background (crossings and sharp turns of a crack may be thicker).
+        dist = cv2.distanceTransform((stroke > 0).astype(np.uint8), cv2.DIST_L2, 3)
+        assert (dist[stroke > 0] <= 4.0).mean() >= 0.9
+        _, spot, _ = s(img, np.random.default_rng([k, 4]), force_anomaly=True, force_mode="spot")
+        _, _, stats, _ = cv2.connectedComponentsWithStats((spot > 0).astype(np.uint8))
+        assert stats[1:, cv2.CC_STAT_AREA].max() <= 200  # pits, not blobs
+        _, uneven, _ = s(img, np.random.default_rng([k, 5]), force_anomaly=True, force_mode="uneven")
+        assert uneven.mean() > 0.03  # a large area
+
+
+def test_modes_config_is_checked() -> None:
+    with pytest.raises(ConfigError, match=r"synthesis\.modes\.scratchy: unknown mode"):
+        SynthesisConfig(modes={"scratchy": 1.0}).validate()
+    with pytest.raises(ConfigError, match="synthesis.modes"):
+        SynthesisConfig(modes={"perlin": 0.0, "stroke": 0.0}).validate()
+    # Only one mode on: every anomalous sample is made by it.
+    s = AnomalySynthesizer(SynthesisConfig(modes={"spot": 1.0}), H, W)
+    assert {s.pick_mode(np.random.default_rng(k)) for k in range(20)} == {"spot"}
+
+
+def test_grids_are_written_per_mode(tmp_path: Path) -> None:
+    s = AnomalySynthesizer(SynthesisConfig(), H, W)
+    for mode in ("perlin", "stroke", "spot", "uneven", "cutpaste"):
+        p = s.save_grid([_textured()], tmp_path / f"synthesis_{mode}.png", n=4, mode=mode)
+        assert cv2.imread(str(p)) is not None
+
+
+def test_tiled_training_set_gives_random_crops_of_the_work_image(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from pouta.trainer.synthesis import TrainingSet
+
+    # A tall 16-bit grayscale image with a horizontal ramp: a crop's values say where it lies.
+    ramp = np.tile(np.linspace(0, 65535, 200).astype(np.uint16), (500, 1))
+    cv2.imwrite(str(tmp_path / "tall.png"), ramp)
+    pre = Preprocessor(H, W, tiling=Tiling(0.5))
+    ts = TrainingSet([tmp_path / "tall.png"], pre, AnomalySynthesizer(SynthesisConfig(), H, W), seed=1)
+    assert ts.originals[0].shape == (250, 100, 3) and ts.originals[0].dtype == np.uint16
+    crops = [ts[i]["original"] for i in range(6)]
+    assert all(c.shape == (3, H, W) for c in crops)
+    starts = {round(float(c[0, 0, 0]) * 99) for c in crops}
+    assert len(starts) > 1  # crops at different places
+    assert torch.equal(ts[3]["original"], crops[3])  # and reproducible

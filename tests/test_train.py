@@ -18,32 +18,18 @@ import torch
 from pouta.edge.errors import ConfigError
 from pouta.trainer.checkpoint import load_model, read_checkpoint, save_checkpoint
 from pouta.trainer.models import build_model, preset_config
-from pouta.trainer.train import build_config, epoch_batches, lr_at, train
+from pouta.trainer.train import build_config, epoch_batches, lr_at, parser, train
 
 torch.set_num_threads(2)
 
 
 def _args(**kw: object) -> argparse.Namespace:
-    base = dict.fromkeys(
-        [
-            "config",
-            "data",
-            "category",
-            "preset",
-            "variant",
-            "kind",
-            "steps",
-            "batch_size",
-            "size",
-            "out",
-            "seed",
-            "device",
-            "time_limit_min",
-            "set",
-        ]
-    )
-    base.update(kw)
-    return argparse.Namespace(**base)
+    """The trainer's own parser on the command line these keyword arguments spell."""
+    argv: list[str] = []
+    for key, value in kw.items():
+        for item in value if isinstance(value, list) else [value]:
+            argv += [f"--{key.replace('_', '-')}", str(item)]
+    return parser().parse_args(argv)
 
 
 def test_config_overrides_and_errors() -> None:

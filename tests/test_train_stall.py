@@ -49,23 +49,25 @@ def test_large_tall_grayscale_trains_with_a_worker(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "model.pt").is_file()
 
 
-def test_forced_stall_exits_with_the_watchdog_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("where", "patch"),
+    [
+        # A loader worker that never delivers a batch, as the fork deadlock did.
+        ("worker", "synthesis._TrainingSetImpl.__getitem__ = lambda *a, **k: time.sleep(3600)"),
+        # A hang in the training process itself, before the first step (set-up included).
+        ("main", "synthesis.AnomalySynthesizer.__call__ = lambda *a, **k: time.sleep(3600)"),
+    ],
+)
+def test_forced_stall_exits_with_the_watchdog_error(tmp_path: Path, where: str, patch: str) -> None:
     data = _tall_gray_set(tmp_path / "data", n=4)
-    # The synthesizer runs in the forked worker: make it hang there, as a deadlock would.
-    script = (
-        "import sys, time\n"
-        "from pouta.trainer import synthesis\n"
-        "synthesis.AnomalySynthesizer.__call__ = lambda *a, **k: time.sleep(3600)\n"
-        "from pouta.trainer.train import main\n"
-        "main(sys.argv[1:])\n"
-    )
+    script = f"import sys, time\nfrom pouta.trainer import synthesis\n{patch}\nfrom pouta.trainer.train import main\nmain(sys.argv[1:])\n"
     args = _train_cmd(data, tmp_path / "run", "--set", "train.stall_timeout_s=4")
     proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("pouta-train: stalled: no optimizer step completed in")
-    assert "train.stall_timeout_s=4" in last
-    # Both the training process and the stuck worker show where they are.
-    assert "stack of worker process" in proc.stderr
-    assert "time.sleep" in proc.stderr or "<lambda>" in proc.stderr
+    assert "after step 0" in last and "train.stall_timeout_s=4" in last
+    # Where the run is stuck is shown: the sleeping frame, in the worker when it hangs there.
+    assert "<lambda>" in proc.stderr
+    assert ("stack of worker process" in proc.stderr) == (where == "worker")
     assert not (tmp_path / "run" / "model.pt").exists()

@@ -63,10 +63,12 @@ class InspectionDataset:
         return len(self.records)
 
     def load(self, i: int, pre: Preprocessor) -> tuple[np.ndarray, np.ndarray | None]:
-        """Image ``i`` as model input [3,H,W] float32 and its mask [H,W] bool (or None).
+        """Image ``i`` at work size [3,h,w] float32 and its mask [h,w] bool (or None).
 
-        Good images get an all-False mask when the dataset has masks, so pixel metrics
-        see them as all-normal; a defective image without a mask file gets None.
+        The work size is the model input for whole-image models and the rescaled image
+        that tiles are cut from for tiled ones (``pre.geometry``). Good images get an
+        all-False mask when the dataset has masks, so pixel metrics see them as
+        all-normal; a defective image without a mask file gets None.
         """
         rec = self.records[i]
         raw = read_image(rec.path)
@@ -74,7 +76,7 @@ class InspectionDataset:
         if not self.has_masks:
             return image, None
         if rec.label == 0:
-            return image, np.zeros((pre.height, pre.width), dtype=bool)
+            return image, np.zeros(image.shape[1:], dtype=bool)
         if rec.mask_path is None:
             return image, None
         m = read_mask(rec.mask_path)

@@ -19,15 +19,15 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 from pouta.edge.errors import PoutaError
-from pouta.edge.overlay import blend, colorize, to_bgr8
-from pouta.edge.preprocess import Preprocessor, batch
+from pouta.edge.overlay import draw_overlay, to_bgr8
+from pouta.edge.preprocess import FrameGeometry, Preprocessor, score_frames
 
 from .data import InspectionDataset, open_dataset
 from .metrics import aupro, average_precision, pixel_metrics, roc_auc
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 Scorer = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 NO_MASKS_NOTE = "no ground_truth/: pixel metrics skipped"
+OVERLAY_QUANTILE = 0.999
 
 
 def _num(x: float | None) -> float | None:
@@ -55,21 +56,20 @@ def _progress(total: int, enabled: bool, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
 
 
-def _run_scorer(scorer: Scorer, x: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    maps, scores = scorer(x)
-    maps = np.asarray(maps, dtype=np.float32)
-    scores = np.asarray(scores, dtype=np.float32).reshape(-1)
-    if maps.ndim == 4:
-        if maps.shape[1] != 1:
-            raise ValueError(f"scorer: anomaly maps must be [N,1,H,W] or [N,H,W], got {maps.shape}")
-        maps = maps[:, 0]
-    if maps.ndim != 3 or maps.shape[0] != x.shape[0] or scores.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"scorer: expected maps [N,H,W] and scores [N] for N={x.shape[0]}, got {maps.shape} and {scores.shape}"
-        )
-    if maps.shape[1:] != (h, w):
-        maps = np.stack([cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) for m in maps])
-    return maps, scores
+def _common_size(work_maps: list[np.ndarray]) -> np.ndarray:
+    """Stack work-size maps; images of several sizes are brought to the median size first."""
+    shapes = {m.shape for m in work_maps}
+    if len(shapes) == 1:
+        return np.stack(work_maps)
+    hs, ws = zip(*shapes, strict=True)
+    th, tw = int(np.median(hs)), int(np.median(ws))
+    return np.stack([cv2.resize(m, (tw, th), interpolation=cv2.INTER_LINEAR) for m in work_maps])
+
+
+def _resize_mask(mask: np.ndarray, hw: tuple[int, ...]) -> np.ndarray:
+    if mask.shape == tuple(hw):
+        return mask
+    return cv2.resize(mask.astype(np.uint8), (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST) > 0
 
 
 def _pixel_block(maps: np.ndarray, masks: np.ndarray) -> dict[str, Any]:
@@ -94,28 +94,25 @@ def _label(img: np.ndarray, text: str) -> np.ndarray:
 
 
 def _overlay_png(
-    path: Path, image_chw: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, vmin: float, vmax: float
+    path: Path, image_chw: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, level: float, score: float
 ) -> None:
+    """input | overlay (tinted only from near ``level`` up, as the runtime's) | ground truth.
+
+    Panels are side by side, or stacked for wide images (fabric webs, line scans).
+    """
     bgr = to_bgr8(np.ascontiguousarray(image_chw.transpose(1, 2, 0)), "RGB")
-    heat = colorize(amap, vmin, vmax)
-    over = blend(bgr, amap, 0.45, vmin, vmax)
+    over = draw_overlay(bgr, amap, "", score, level, label=[f"score {score:.4f}"])
     if mask is None:
         gt = np.full_like(bgr, 64)
         gt_text = "no mask"
     else:
-        gt = np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, axis=-1)
+        m = _resize_mask(mask, bgr.shape[:2])
+        gt = np.repeat((m.astype(np.uint8) * 255)[..., None], 3, axis=-1)
         gt_text = "ground truth"
-    sep = np.full((bgr.shape[0], 3, 3), 255, np.uint8)
-    panels = [
-        _label(bgr, "input"),
-        sep,
-        _label(heat, "heatmap"),
-        sep,
-        _label(over, "overlay"),
-        sep,
-        _label(gt, gt_text),
-    ]
-    if not cv2.imwrite(str(path), np.concatenate(panels, axis=1)):
+    wide = bgr.shape[1] > 2 * bgr.shape[0]
+    sep = np.full((3, bgr.shape[1], 3) if wide else (bgr.shape[0], 3, 3), 255, np.uint8)
+    panels = [_label(bgr, "input"), sep, _label(over, "overlay"), sep, _label(gt, gt_text)]
+    if not cv2.imwrite(str(path), np.concatenate(panels, axis=0 if wide else 1)):
         raise OSError(f"{path}: could not write overlay PNG")
 
 
@@ -168,26 +165,31 @@ def evaluate(
     t0 = time.monotonic()
     n = len(dataset.records)
     h, w = pre.height, pre.width
-    maps = np.empty((n, h, w), np.float32)
+    work_maps: list[np.ndarray] = []
     scores = np.empty(n, np.float32)
     masks: list[np.ndarray | None] = [None] * n
+    n_tiles = 0
     bar = _progress(n, progress, f"eval {dataset.name}")
+
+    def frames() -> Iterator[tuple[np.ndarray, FrameGeometry]]:
+        nonlocal n_tiles
+        for i in range(n):
+            img, masks[i] = dataset.load(i, pre)
+            geo = pre.geometry_of_work(img.shape[1:])
+            n_tiles += geo.n_tiles
+            yield img, geo
+
     try:
-        for start in range(0, n, batch_size):
-            idx = list(range(start, min(n, start + batch_size)))
-            images = []
-            for i in idx:
-                img, m = dataset.load(i, pre)
-                images.append(img)
-                masks[i] = m
-            bmaps, bscores = _run_scorer(scorer, batch(images), h, w)
-            maps[idx] = bmaps
-            scores[idx] = bscores
+        for i, (work_map, score) in enumerate(score_frames(scorer, frames(), batch_size)):
+            work_maps.append(work_map)
+            scores[i] = score
             if bar is not None:
-                bar.update(len(idx))
+                bar.update(1)
     finally:
         if bar is not None:
             bar.close()
+    maps = _common_size(work_maps)
+    masks = [None if m is None else _resize_mask(m, maps.shape[1:]) for m in masks]
     if not (np.all(np.isfinite(scores)) and np.all(np.isfinite(maps))):
         raise PoutaError(f"{dataset.name}: the model produced NaN/inf scores or maps")
 
@@ -200,6 +202,9 @@ def evaluate(
         "root": str(dataset.root),
         "split": dataset.split,
         "input_size": [h, w],
+        "tiling": None if pre.tiling is None else {"scale": pre.tiling.scale, "overlap": pre.tiling.overlap},
+        "tiles_per_image": round(n_tiles / max(1, n), 2),
+        "map_size": list(maps.shape[1:]),
         "counts": dataset.counts(),
         "image_auroc": _num(roc_auc(labels, scores)),
         "pixel_auroc": None,
@@ -256,6 +261,10 @@ def evaluate(
         {"path": str(dataset.records[i].path), "defect_type": str(types[i]), "score": float(scores[i])}
         for i in worst_fn
     ]
+    report["scores"] = [
+        {"path": str(r.path), "label": int(r.label), "defect_type": r.defect_type, "score": float(sc)}
+        for r, sc in zip(dataset.records, scores, strict=True)
+    ]
     report["seconds"] = round(time.monotonic() - t0, 3)
 
     if out_dir is not None:
@@ -265,15 +274,15 @@ def evaluate(
         hist = out / "score_histogram.png"
         _histogram_png(hist, scores, labels, f"{dataset.name}: image scores")
         files.append(hist.name)
-        # One colour scale for every overlay; [0, 1] for probability maps, else the range seen.
-        vmin, vmax = (
-            (0.0, 1.0) if maps.min() >= 0 and maps.max() <= 1 else (float(maps.min()), float(maps.max()))
-        )
+        # Tint from a high quantile of the good images' map values up: the level a
+        # calibrated pixel threshold would sit near, so overlays show what the runtime would.
+        level = float(np.quantile(maps[good] if good.any() else maps, OVERLAY_QUANTILE))
+        report["overlay_level"] = level
         for tag, chosen in (("fp", worst_fp), ("fn", worst_fn)):
             for rank, i in enumerate(chosen):
                 img, _ = dataset.load(i, pre)
                 p = out / "overlays" / f"{tag}{rank:02d}_{_safe_name(dataset.records[i].path)}.png"
-                _overlay_png(p, img, maps[i], masks[i], vmin, vmax)
+                _overlay_png(p, img, maps[i], masks[i], level, float(scores[i]))
                 files.append(str(p.relative_to(out)))
         report["files"] = [*files, "report.json"]
         (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -340,7 +349,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--data", required=True, help="dataset folder (category folder, or root with --category)")
     ap.add_argument("--category", default=None)
     ap.add_argument("--layout", default="auto", choices=["auto", "mvtec", "visa", "dagm", "folder"])
-    ap.add_argument("--size", type=_parse_size, default=None, help="input HxW (default: the model's)")
+    ap.add_argument(
+        "--size",
+        type=_parse_size,
+        default=None,
+        help="whole-image input HxW, no tiling (default: the model's)",
+    )
     ap.add_argument("--out", default=None, help="write report.json, histogram and overlays here")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cpu", help="torch device for --checkpoint")
@@ -350,23 +364,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.checkpoint:
             from .checkpoint import load_model
+            from .geometry import preprocessor_for_training
 
-            model, cfg, _ = load_model(args.checkpoint, device=args.device)
-            size = (int(cfg.height), int(cfg.width))
+            model, cfg, info = load_model(args.checkpoint, device=args.device)
+            pre = preprocessor_for_training(info["train_config"], int(cfg.height), int(cfg.width))
             scorer = torch_scorer(model, args.device)
         else:
             from pouta.edge.metadata import load_for_model
+            from pouta.edge.preprocess import preprocessor_for
 
-            meta = load_for_model(args.onnx)
-            size = (int(meta.input.height), int(meta.input.width))
+            pre = preprocessor_for(load_for_model(args.onnx))
             scorer = onnx_scorer(args.onnx)
         if args.size is not None:
-            size = args.size
+            pre = Preprocessor(*args.size)
         dataset = open_dataset(args.data, split="test", layout=args.layout, category=args.category)
         res = evaluate(
             scorer,
             dataset,
-            Preprocessor(*size),
+            pre,
             out_dir=args.out,
             batch_size=args.batch_size,
             progress=not args.no_progress,

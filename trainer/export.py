@@ -30,9 +30,11 @@ from pouta.edge.metadata import (
     ModelMetadata,
     metadata_path,
 )
+from pouta.edge.preprocess import Tiling
 from torch import nn
 
 from .checkpoint import load_model
+from .geometry import tiling_of
 from .models import ModelConfig, check_input_size
 
 DEFAULT_OPSET = 17
@@ -64,6 +66,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     checkpoint_sha256: str = "",
     training_info: dict[str, Any] | None = None,
+    tiling: Tiling | None = None,
     tolerance: float = PARITY_TOLERANCE,
     parity_batches: tuple[int, ...] = (1, 2),
 ) -> dict[str, Any]:
@@ -117,7 +120,12 @@ def export_onnx(
         variant=cfg.variant if cfg.kind == "pouta" else "vanilla",
         preset=cfg.preset,
         model_config=cfg.with_(height=height, width=width).to_dict(),
-        input=InputSpec(height=height, width=width),
+        input=InputSpec(
+            height=height,
+            width=width,
+            tile_scale=tiling.scale if tiling else 0.0,
+            tile_overlap=tiling.overlap if tiling else InputSpec.tile_overlap,
+        ),
         precision="fp32",
         source_checkpoint_sha256=checkpoint_sha256,
         artifact_sha256=artifact_sha,
@@ -168,8 +176,18 @@ def export_checkpoint(
     training = {k: v for k, v in info.items() if k != "train_config"}
     training["train_config"] = info.get("train_config", {}).get("train", {})
     training["trained_size"] = [cfg.height, cfg.width]
+    # A tiled model keeps its tiling at its trained tile size; another size is a whole-image input.
+    tiling = tiling_of(info.get("train_config", {})) if (h, w) == (cfg.height, cfg.width) else None
     return export_onnx(
-        model, cfg, out, h, w, opset=opset, checkpoint_sha256=sha256_file(checkpoint), training_info=training
+        model,
+        cfg,
+        out,
+        h,
+        w,
+        opset=opset,
+        checkpoint_sha256=sha256_file(checkpoint),
+        training_info=training,
+        tiling=tiling,
     )
 
 

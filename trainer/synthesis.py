@@ -24,7 +24,7 @@ import os
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ import cv2
 import numpy as np
 from pouta.edge.errors import ConfigError, ImageReadError
 from pouta.edge.preprocess import Preprocessor, is_image_file, read_image, to_rgb8_or_16
+
+from .defect_modes import MODES
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,12 @@ class SynthesisConfig:
     rotate_original_prob: float = 0.0
     texture_crop: tuple[float, float] = (0.5, 1.0)  # random crop side, fraction of the texture's short side
     texture_cache: int = 256  # decoded textures kept per process
+    # How an anomalous sample is made: relative weights of DRAEM's Perlin+texture recipe
+    # ("perlin") and the line-defect modes of ``defect_modes`` (thin strokes, small spots,
+    # uneven brightness, cut-paste); a weight of 0 turns a mode off.
+    modes: dict[str, float] = field(
+        default_factory=lambda: {"perlin": 0.4, "stroke": 0.25, "spot": 0.15, "uneven": 0.1, "cutpaste": 0.1}
+    )
 
     def validate(self) -> None:
         if not 0.0 <= self.anomaly_prob <= 1.0:
@@ -92,6 +100,17 @@ class SynthesisConfig:
             raise ConfigError(f"synthesis.beta_max: expected a value in [0, 1), got {self.beta_max}")
         if not 1 <= self.n_augment <= len(_AUGMENTS):
             raise ConfigError(f"synthesis.n_augment: expected 1..{len(_AUGMENTS)}, got {self.n_augment}")
+        known = {"perlin", *MODES}
+        unknown = sorted(set(self.modes) - known)
+        if unknown:
+            raise ConfigError(
+                f"synthesis.modes.{unknown[0]}: unknown mode (known: {', '.join(sorted(known))})"
+            )
+        weights = list(self.modes.values())
+        if any(not isinstance(v, int | float) or v < 0 for v in weights) or sum(weights) <= 0:
+            raise ConfigError(
+                f"synthesis.modes: expected non-negative weights with a positive sum, got {self.modes}"
+            )
         if self.texture_dir is not None and not Path(self.texture_dir).is_dir():
             raise ConfigError(f"synthesis.texture_dir: {self.texture_dir} is not a folder")
 
@@ -335,7 +354,11 @@ class AnomalySynthesizer:
         return _rotate(image, rng.uniform(-90, 90))
 
     def __call__(
-        self, image_hwc_rgb01: np.ndarray, rng: np.random.Generator, force_anomaly: bool | None = None
+        self,
+        image_hwc_rgb01: np.ndarray,
+        rng: np.random.Generator,
+        force_anomaly: bool | None = None,
+        force_mode: str | None = None,
     ) -> tuple[np.ndarray, np.ndarray, bool]:
         """(augmented [H,W,3] float32 in [0,1], mask [H,W] float32 {0,1}, has_anomaly).
 
@@ -352,6 +375,24 @@ class AnomalySynthesizer:
         anomalous = draw if force_anomaly is None else force_anomaly
         if not anomalous:
             return img.copy(), np.zeros((self.height, self.width), dtype=np.float32), False
+        mode = self.pick_mode(rng)
+        mode = force_mode or mode
+        if mode != "perlin":
+            out, mask = MODES[mode](img, rng)
+            if mask.any():
+                # Pixels outside the label stay bit-identical: the model must not learn
+                # that a changed pixel is normal.
+                return np.where(mask[..., None] > 0, out, img).astype(np.float32), mask, True
+        return self.perlin(img, rng)
+
+    def pick_mode(self, rng: np.random.Generator) -> str:
+        names = list(self.cfg.modes)
+        weights = np.array([self.cfg.modes[n] for n in names], dtype=np.float64)
+        return names[int(rng.choice(len(names), p=weights / weights.sum()))]
+
+    def perlin(self, img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, bool]:
+        """DRAEM's recipe: a Perlin-noise mask filled with a (fused) augmented texture."""
+        c = self.cfg
         mask = self.perlin_mask(rng)
         src = self.texture(rng)
         if rng.random() < c.fuse_prob:
@@ -366,12 +407,18 @@ class AnomalySynthesizer:
         return out, mask, True
 
     def save_grid(
-        self, images: Sequence[np.ndarray], path: str | os.PathLike[str], seed: int = 0, n: int = 16
+        self,
+        images: Sequence[np.ndarray],
+        path: str | os.PathLike[str],
+        seed: int = 0,
+        n: int = 16,
+        mode: str | None = None,
     ) -> Path:
         """PNG grid of ``n`` synthesized anomalies (each: augmented image | its mask).
 
         ``images`` are [H,W,3] or [3,H,W] RGB float in [0,1] at model size. Every cell is
-        anomalous, because the grid is for checking what the anomalies look like.
+        anomalous, because the grid is for checking what the anomalies look like; with
+        ``mode`` every cell is made by that mode (``perlin`` or one of ``defect_modes``).
         """
         if not images:
             raise ValueError("save_grid: no images given")
@@ -380,7 +427,7 @@ class AnomalySynthesizer:
             img = np.asarray(images[k % len(images)], dtype=np.float32)
             if img.ndim == 3 and img.shape[0] == 3 and img.shape[-1] != 3:
                 img = img.transpose(1, 2, 0)
-            aug, mask, _ = self(img, np.random.default_rng([seed, k]), force_anomaly=True)
+            aug, mask, _ = self(img, np.random.default_rng([seed, k]), force_anomaly=True, force_mode=mode)
             mask_rgb = np.repeat(mask[..., None], 3, axis=-1)
             sep = np.ones((self.height, 2, 3), np.float32)
             cells.append(np.concatenate([aug, sep, mask_rgb], axis=1))
@@ -401,13 +448,19 @@ class AnomalySynthesizer:
         return out
 
 
+MIN_SAMPLES_PER_EPOCH = 128  # small sets: fewer worker restarts (one per epoch)
+
+
 class _TrainingSetImpl:
     """Good images with synthetic anomalies, as torch tensors.
 
-    Originals are decoded and preprocessed once, at construction, and kept in memory
-    (forked DataLoader workers share them copy-on-write). Sample ``i`` of epoch ``e`` is
-    drawn from ``default_rng([seed, e, i])``: reproducible after a resume and with any
-    number of workers. Call ``set_epoch`` before creating each epoch's iterator (with
+    Originals are decoded and brought to work size once, at construction, and kept in
+    memory in their integer dtype (forked DataLoader workers share them copy-on-write).
+    A tiled model trains on random model-size crops of the work images; a whole-image
+    model on the images themselves. An epoch has at least ``MIN_SAMPLES_PER_EPOCH``
+    samples (sample ``i`` uses image ``i mod n``). Sample ``i`` of epoch ``e`` is drawn from
+    ``default_rng([seed, e, i])``: reproducible after a resume and with any number of
+    workers. Call ``set_epoch`` before creating each epoch's iterator (with
     ``persistent_workers=False``, the default, workers get the updated object).
     """
 
@@ -423,32 +476,55 @@ class _TrainingSetImpl:
         self.seed = int(seed)
         self.epoch = 0
         kept: list[Path] = []
-        arrays: list[np.ndarray] = []
+        self.originals: list[np.ndarray] = []  # work-size HxWx3 RGB, source dtype
         self.skipped: list[tuple[Path, str]] = []
         for p in paths:
             try:
-                arrays.append(pre(read_image(p)).transpose(1, 2, 0))
+                work = pre.resize_hwc(read_image(p))
             except ImageReadError as exc:
                 self.skipped.append((Path(p), str(exc)))
                 warnings.warn(f"skipping unreadable training image {exc}", stacklevel=2)
                 continue
+            ph, pw = max(work.shape[0], pre.height), max(work.shape[1], pre.width)
+            if (ph, pw) != work.shape[:2]:
+                work = cv2.copyMakeBorder(
+                    work, 0, ph - work.shape[0], 0, pw - work.shape[1], cv2.BORDER_REFLECT_101
+                )
+            self.originals.append(np.ascontiguousarray(work))
             kept.append(Path(p))
-        if not arrays:
+        if not self.originals:
             raise ImageReadError(f"training set: none of the {len(paths)} given images could be read")
         self.paths = kept
-        self.originals = np.ascontiguousarray(np.stack(arrays), dtype=np.float32)  # [N,H,W,3]
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return max(len(self.paths), MIN_SAMPLES_PER_EPOCH)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def original(self, i: int, rng: np.random.Generator) -> np.ndarray:
+        """A model-size [H, W, 3] float32 view of image ``i mod n``: a random crop when tiled."""
+        work = self.originals[int(i) % len(self.originals)]
+        h, w = self.pre.height, self.pre.width
+        y = int(rng.integers(0, work.shape[0] - h + 1))
+        x = int(rng.integers(0, work.shape[1] - w + 1))
+        return self.pre.to_float(work[y : y + h, x : x + w]).transpose(1, 2, 0)
+
+    def save_grids(self, out_dir: Path, n: int = 12) -> list[Path]:
+        """``synthesis_<mode>.png`` for every mode with a weight: what training is taught."""
+        rng = np.random.default_rng([self.seed, 0xC0FFEE])
+        crops = [self.original(int(rng.integers(len(self.originals))), rng) for _ in range(4)]
+        return [
+            self.synth.save_grid(crops, out_dir / f"synthesis_{mode}.png", seed=self.seed, n=n, mode=mode)
+            for mode, weight in self.synth.cfg.modes.items()
+            if weight > 0
+        ]
 
     def sample(self, i: int, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
         """(augmented, original, mask, has_anomaly) as numpy: HWC images, [H,W] mask."""
         e = self.epoch if epoch is None else int(epoch)
         rng = np.random.default_rng([self.seed, e, int(i)])
-        original = self.originals[i]
+        original = self.original(i, rng)
         c = self.synth.cfg
         if c.rotate_original_prob > 0 and rng.random() < c.rotate_original_prob:
             original = _rotate(original, rng.uniform(-90, 90))

@@ -33,9 +33,9 @@ import torch
 import yaml
 from pouta.edge.errors import ConfigError, PoutaError
 from pouta.edge.fsutil import atomic_write_json
-from pouta.edge.preprocess import Preprocessor
 
 from .checkpoint import read_checkpoint, save_checkpoint
+from .geometry import choose_geometry, preprocessor_for_training, scan_images
 from .losses import total_loss
 from .models import ModelConfig, build_model, preset_config
 from .watchdog import StallWatchdog
@@ -182,9 +182,8 @@ def single_threaded_opencv() -> None:
     cv2.setNumThreads(1)
 
 
-def build_training_set(cfg: dict[str, Any], mcfg: ModelConfig) -> tuple[Any, dict[str, Any]]:
+def training_paths(cfg: dict[str, Any]) -> list[Path]:
     from .data import open_dataset
-    from .synthesis import AnomalySynthesizer, SynthesisConfig, TrainingSet
 
     d = cfg.get("data") or {}
     if not d.get("root"):
@@ -193,7 +192,38 @@ def build_training_set(cfg: dict[str, Any], mcfg: ModelConfig) -> tuple[Any, dic
     paths = ds.good_paths()
     if not paths:
         raise ConfigError(f"{d['root']}: no good training images found")
-    pre = Preprocessor(mcfg.height, mcfg.width)
+    return paths
+
+
+def resolve_geometry(cfg: dict[str, Any], paths: list[Path]) -> None:
+    """Fix model.height/width and data.tile_scale from the training images (``geometry`` rules).
+
+    Prints what the data look like and what was chosen; the config then holds concrete
+    values, so a resumed run and the exported model use exactly this geometry.
+    """
+    d = cfg.setdefault("data", {})
+    m = cfg.setdefault("model", {})
+    preset = preset_config(m.get("preset", "tiny"), m.get("kind", "pouta"), m.get("variant", "full"))
+    tile_hw = (int(m.get("height") or preset.height), int(m.get("width") or preset.width))
+    stats = scan_images(paths)
+    geo = choose_geometry(stats, tile_hw, d.get("tile_scale", "auto"), whole_auto=bool(d.get("aspect_size")))
+    m["height"], m["width"] = geo.height, geo.width
+    d["tile_scale"] = geo.tiling.scale if geo.tiling is not None else "off"
+    d["aspect_size"] = False
+    print(f"pouta-train: data: {stats.describe()}", flush=True)
+    print(f"pouta-train: input: {geo.describe()}", flush=True)
+    warning = geo.small_defect_warning()
+    if warning:
+        print(f"pouta-train: warning: {warning}", flush=True)
+
+
+def build_training_set(
+    cfg: dict[str, Any], mcfg: ModelConfig, paths: list[Path]
+) -> tuple[Any, dict[str, Any]]:
+    from .synthesis import AnomalySynthesizer, SynthesisConfig, TrainingSet
+
+    d = cfg.get("data") or {}
+    pre = preprocessor_for_training(cfg, mcfg.height, mcfg.width)
     try:
         scfg = SynthesisConfig(**(cfg.get("synthesis") or {}))
     except TypeError as exc:
@@ -201,7 +231,14 @@ def build_training_set(cfg: dict[str, Any], mcfg: ModelConfig) -> tuple[Any, dic
     synth = AnomalySynthesizer(scfg, mcfg.height, mcfg.width)
     seed = int(cfg["train"]["seed"])
     info = {"data": str(d["root"]), "category": d.get("category"), "n_train_images": len(paths)}
-    return TrainingSet(paths, pre, synth, seed), info
+    dataset = TrainingSet(paths, pre, synth, seed)
+    if pre.tiling is not None:
+        work = {o.shape[:2] for o in dataset.originals}
+        print(
+            f"pouta-train: tiles: random {mcfg.width}x{mcfg.height} crops of {len(work)} work size(s)",
+            flush=True,
+        )
+    return dataset, info
 
 
 # -- training -----------------------------------------------------------------------
@@ -262,11 +299,22 @@ def train(
         cfg["out"] = str(rp.parent)
     if cfg is None:
         raise ConfigError("train: either a config or a checkpoint to resume is needed")
+    # From here on, no step within the limit (data loading and the first batch included)
+    # ends the run with the stacks of every process, instead of a silent hang.
+    with StallWatchdog(float(cfg["train"].get("stall_timeout_s", 300))) as watchdog:
+        return _train(cfg, ck, progress, watchdog)
+
+
+def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watchdog: StallWatchdog) -> Path:
     tc = cfg["train"]
     out = Path(cfg.get("out") or "runs/train")
     out.mkdir(parents=True, exist_ok=True)
     if tc.get("threads"):
         torch.set_num_threads(int(tc["threads"]))
+    single_threaded_opencv()  # before the training images are decoded and workers forked
+    paths = training_paths(cfg)
+    if ck is None:
+        resolve_geometry(cfg, paths)
     mcfg = model_config_from(cfg)
     cfg["model"] = {**mcfg.to_dict()}
     device = resolve_device(str(tc.get("device") or "auto"))
@@ -279,8 +327,10 @@ def train(
     opt = torch.optim.Adam(model.parameters(), lr=float(tc["lr"]))
     use_amp = bool(tc.get("amp", True)) and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    single_threaded_opencv()  # before the training images are decoded and workers forked
-    dataset, data_info = build_training_set(cfg, mcfg)
+    dataset, data_info = build_training_set(cfg, mcfg, paths)
+    if ck is None:
+        grids = dataset.save_grids(out)
+        print(f"pouta-train: synthetic defects: {', '.join(p.name for p in grids)} in {out}", flush=True)
     steps = int(tc["steps"])
     step = 0
     if ck is not None:
@@ -323,8 +373,7 @@ def train(
     # for 4, sized for a GPU host); batches do not depend on the worker count.
     workers = min(int(tc.get("num_workers", 0)), os.cpu_count() or 1)
     stream = batch_stream(dataset, bs, seed, step, workers)
-    watchdog = StallWatchdog(float(tc.get("stall_timeout_s", 300)))
-    with (out / LOG).open("a", encoding="utf-8") as log, watchdog:
+    with (out / LOG).open("a", encoding="utf-8") as log:
         while step < steps:
             batch = next(stream)
             lr = lr_at(step, steps, float(tc["lr"]), milestones, gamma)
@@ -478,7 +527,10 @@ def _evaluate(model: torch.nn.Module, mcfg: ModelConfig, cfg: dict, out: Path, d
     test = open_dataset(d["root"], split="test", layout=d.get("layout") or "auto", category=d.get("category"))
     model.eval()
     res = evaluate(
-        torch_scorer(model, device), test, Preprocessor(mcfg.height, mcfg.width), out_dir=out / "eval"
+        torch_scorer(model, device),
+        test,
+        preprocessor_for_training(cfg, mcfg.height, mcfg.width),
+        out_dir=out / "eval",
     )
     keys = ("image_auroc", "pixel_auroc", "pixel_ap")
     print("pouta-train: eval " + ", ".join(f"{k} {res[k]:.4f}" for k in keys if res.get(k) is not None))
@@ -506,10 +558,15 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
     for key, value in simple.items():
         if value is not None:
             set_key(cfg, key, value)
-    if args.size:
+    if args.size == "auto":
+        set_key(cfg, "data.aspect_size", True)
+        set_key(cfg, "data.tile_scale", "off")
+    elif args.size:
         h, w = parse_size(args.size)
         set_key(cfg, "model.height", h)
         set_key(cfg, "model.width", w)
+    if args.tile_scale is not None:
+        set_key(cfg, "data.tile_scale", yaml.safe_load(args.tile_scale))
     for item in args.set or []:
         if "=" not in item:
             raise ConfigError(f"--set: expected key=value, got {item!r}")
@@ -524,7 +581,7 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pouta-train", description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="YAML config file, or a packaged one: tiny | paper")
     ap.add_argument("--data", help="category folder of training data (data.root)")
@@ -534,7 +591,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kind", choices=["pouta", "vanilla"], help="model kind")
     ap.add_argument("--steps", type=int, help="optimizer steps")
     ap.add_argument("--batch-size", type=int)
-    ap.add_argument("--size", help="training/input size HxW, multiples of 16 (e.g. 128x128)")
+    ap.add_argument(
+        "--size",
+        help="model input (tile) size HxW, multiples of 16 (e.g. 128x128); 'auto' = one whole-image "
+        "input with the data's aspect ratio (no tiling)",
+    )
+    ap.add_argument(
+        "--tile-scale",
+        help="auto (default: tiles when images are large) | off (whole image) | work scale, e.g. 0.5",
+    )
     ap.add_argument("--out", help="output folder")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--resume", help="checkpoint (or output folder with last.pt) to continue from")
@@ -543,7 +608,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. train.lr=1e-3")
     ap.add_argument("--eval", action="store_true", help="evaluate on the test split at the end")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     try:
         if args.resume:
             overrides: dict[str, Any] = {}

@@ -1,0 +1,174 @@
+"""Quality over every real category: POUTA and the vanilla baseline, same CPU budget, defaults.
+
+``pouta-bench --sections quality --data ROOT`` finds every MVTec-layout category under
+ROOT (a folder with ``train/good``, up to two levels down), and for each one runs exactly
+the commands README gives for a new category, with default settings:
+
+    pouta-train --data CATEGORY --kind KIND --time-limit-min M --out OUT
+    pouta-eval  --checkpoint OUT/model.pt --data CATEGORY --out OUT/eval
+
+then tabulates image AUROC, pixel AUROC, pixel AP, AUPRO, training steps and seconds
+(``quality.md``, ``quality.json``, ``quality.png``). A category whose report already exists
+for the same command is not run again, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .accuracy import run_training
+from .common import Result, log
+
+KINDS = ("pouta", "vanilla")
+METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
+
+
+def find_categories(root: Path) -> list[Path]:
+    """MVTec-layout category folders at ``root`` or up to two levels below it, sorted by name."""
+    if (root / "train" / "good").is_dir():
+        return [root]
+    found = [p for p in sorted(root.glob("*")) if (p / "train" / "good").is_dir()]
+    found += [p for p in sorted(root.glob("*/*")) if (p / "train" / "good").is_dir()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def commands(category: Path, kind: str, minutes: float, out: Path) -> tuple[list[str], list[str]]:
+    train = [sys.executable, "-m", "pouta.trainer.train", "--data", str(category), "--kind", kind]
+    train += ["--time-limit-min", f"{minutes:g}", "--out", str(out), "--no-progress"]
+    evaluate = [sys.executable, "-m", "pouta.trainer.evaluate", "--checkpoint", str(out / "model.pt")]
+    evaluate += ["--data", str(category), "--out", str(out / "eval"), "--no-progress"]
+    return train, evaluate
+
+
+def run_one(category: Path, kind: str, minutes: float, out: Path) -> Result:
+    """Train and evaluate one (category, kind); reuse a finished run of the same command."""
+    train_cmd, eval_cmd = commands(category, kind, minutes, out)
+    done = out / "quality_row.json"
+    if done.is_file():
+        row = json.loads(done.read_text(encoding="utf-8"))
+        if row.get("train_command") == shlex.join(train_cmd):
+            log(f"quality: {category.name}/{kind}: reusing {done}")
+            return row
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"quality: {category.name}/{kind}: {shlex.join(train_cmd)}")
+    train_s = run_training(train_cmd, out, f"quality: training {category.name}/{kind}")
+    t0 = time.perf_counter()
+    proc = subprocess.run(eval_cmd, capture_output=True, text=True)
+    eval_s = time.perf_counter() - t0
+    (out / "eval.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"pouta-eval on {category} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
+        )
+    report = json.loads((out / "eval" / "report.json").read_text(encoding="utf-8"))
+    summary = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
+    row: Result = {
+        "category": category.name,
+        "kind": kind,
+        **{m: report.get(m) for m in METRICS},
+        "steps": summary.get("steps"),
+        "train_seconds": round(train_s, 1),
+        "eval_seconds": round(eval_s, 1),
+        "input": {k: report.get(k) for k in ("input_size", "tiling", "tiles_per_image", "map_size")},
+        "counts": report.get("counts"),
+        "train_command": shlex.join(train_cmd),
+        "eval_command": shlex.join(eval_cmd),
+    }
+    done.write_text(json.dumps(row, indent=2) + "\n", encoding="utf-8")
+    log(f"quality: {category.name}/{kind}: " + ", ".join(f"{m} {_fmt(row[m])}" for m in METRICS))
+    return row
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _mean(rows: list[Result], kind: str, metric: str) -> float | None:
+    vals = [r[metric] for r in rows if r["kind"] == kind and r.get(metric) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def run_quality(root: Path, out: Path, minutes: float, kinds: tuple[str, ...] = KINDS) -> Result:
+    categories = find_categories(root)
+    if not categories:
+        raise FileNotFoundError(f"{root}: no MVTec-layout category (a folder with train/good) found")
+    log(
+        f"quality: {len(categories)} categories x {len(kinds)} models x {minutes:g} min: "
+        + ", ".join(c.name for c in categories)
+    )
+    rows: list[Result] = []
+    for category in categories:
+        for kind in kinds:
+            rows.append(run_one(category, kind, minutes, out / category.name / kind))
+            write_outputs(rows, out, minutes)
+    return write_outputs(rows, out, minutes)
+
+
+def write_outputs(rows: list[Result], out: Path, minutes: float) -> Result:
+    kinds = sorted({r["kind"] for r in rows}, key=lambda k: KINDS.index(k) if k in KINDS else 9)
+    means = {k: {m: _mean(rows, k, m) for m in METRICS} for k in kinds}
+    res: Result = {"minutes": minutes, "rows": rows, "means": means}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    (out / "quality.md").write_text("\n".join(markdown(res)) + "\n", encoding="utf-8")
+    with contextlib.suppress(ImportError):
+        chart(res, out / "quality.png")
+    return res
+
+
+def markdown(res: Result) -> list[str]:
+    lines = [
+        f"Quality, `tiny`, {res['minutes']:g} CPU minutes per model, default settings",
+        "",
+        "| category | model | image AUROC | pixel AUROC | pixel AP | AUPRO | steps | train s | input |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        inp = r.get("input") or {}
+        tiling = inp.get("tiling")
+        geo = f"{inp.get('tiles_per_image')} tiles @ {tiling['scale']:.3g}" if tiling else "whole image"
+        lines.append(
+            f"| {r['category']} | {r['kind']} | "
+            + " | ".join(_fmt(r.get(m)) for m in METRICS)
+            + f" | {r.get('steps')} | {r.get('train_seconds'):.0f} | {geo} |"
+        )
+    for kind, m in res["means"].items():
+        lines.append(f"| **mean** | {kind} | " + " | ".join(_fmt(m[k]) for k in METRICS) + " | | | |")
+    return lines
+
+
+def chart(res: Result, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cats = list(dict.fromkeys(r["category"] for r in res["rows"]))
+    kinds = list(res["means"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=100)
+    for ax, metric in zip(axes, ("image_auroc", "pixel_auroc"), strict=True):
+        width = 0.8 / max(1, len(kinds))
+        for k, kind in enumerate(kinds):
+            vals = [
+                next(
+                    (r.get(metric) or 0.0 for r in res["rows"] if r["category"] == c and r["kind"] == kind),
+                    0.0,
+                )
+                for c in cats
+            ]
+            ax.bar([i + k * width for i in range(len(cats))], vals, width, label=kind)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cats))], cats, rotation=20, fontsize=8)
+        ax.set_ylim(0.4, 1.0)
+        ax.axhline(0.9, color="gray", lw=0.8, ls="--")
+        ax.set_title(metric.replace("_", " "))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
