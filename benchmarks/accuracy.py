@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pouta.edge.settings import parse_hw
+
 from . import artifacts, models
 from .common import KINDS, Result, error_line, latency_stats, log, progress, ratio, skipped
 from .latency import TimingPlan, interleaved
@@ -153,7 +155,7 @@ def untrained_checkpoint(kind: str, preset: str, size: str | None, out: Path) ->
     """``--train-steps 0``: a freshly initialised checkpoint, so the scoring path runs without training."""
     from pouta.trainer.checkpoint import save_checkpoint
 
-    h, w = (int(v) for v in size.lower().split("x")) if size else (None, None)
+    h, w = parse_hw(size) if size else (None, None)
     cfg = models.make_config(preset, kind, "full", h, w)
     return save_checkpoint(out / "untrained.pt", models.build(cfg), cfg, step=0, info={"status": "untrained"})
 

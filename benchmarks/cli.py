@@ -16,6 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pouta.edge import settings
+from pouta.edge.errors import ConfigError
+
 from . import accuracy, cost, endtoend, latency, quality, report, synthetic
 from .common import (
     DEFAULT_DATA,
@@ -139,14 +142,6 @@ def _csv_of(choices: tuple[str, ...]) -> Any:
     return parse
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW such as 224x224, got {text!r}") from None
-    return h, w
-
-
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="pouta-bench",
@@ -160,7 +155,9 @@ def parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="tiny preset, small sizes, few iterations (CI smoke run)"
     )
     ap.add_argument("--preset", default=None, help="model preset for cost and latency (default paper)")
-    ap.add_argument("--size", type=_size, default=None, help="input HxW for cost/latency (default 224x224)")
+    ap.add_argument(
+        "--size", type=settings.hw_arg, default=None, help="input HxW for cost/latency (default 224x224)"
+    )
     ap.add_argument("--batches", type=_csv_ints, default=None, help="batch sizes timed (default 1,8)")
     ap.add_argument(
         "--threads", type=int, default=None, help="CPU threads for PyTorch and ONNX Runtime (0: all cores)"
@@ -223,6 +220,7 @@ def parser() -> argparse.ArgumentParser:
         "--quality-minutes", type=float, default=None, help="quality: training budget per model (default 10)"
     )
     ap.add_argument("--seed", type=int, default=None)
+    settings.add_config_args(ap, config_file=True)
     return ap
 
 
@@ -231,7 +229,18 @@ def resolve(ns: argparse.Namespace) -> Options:
     values: dict[str, Any] = asdict(Options())
     if ns.quick:
         values.update(QUICK, quick=True, out=Path("runs/bench-quick"))
-    given = {k: v for k, v in vars(ns).items() if v is not None and k not in ("quick", "size")}
+    # Then a settings file and --set items (checked against the options and their types).
+    values = settings.resolve(settings.Schema(values), ns.config, ns.set)
+    for key in ("data", "checkpoints", "calib", "frames"):
+        if isinstance(values[key], str):
+            values[key] = Path(values[key])
+    unknown_sections = set(values["sections"]) - set(SECTIONS)
+    if unknown_sections:
+        raise ConfigError(
+            f"sections: unknown {sorted(unknown_sections)}, expected some of {', '.join(SECTIONS)}"
+        )
+    own = ("quick", "size", *settings.OWN_ARGS)
+    given = {k: v for k, v in vars(ns).items() if v is not None and k not in own}
     values.update(given)
     if ns.size is not None:
         values["height"], values["width"] = ns.size
@@ -364,7 +373,15 @@ def run(opts: Options) -> Result:
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts = resolve(parser().parse_args(argv))
+    ns = parser().parse_args(argv)
+    try:
+        opts = resolve(ns)
+    except ConfigError as exc:
+        print(f"pouta-bench: {exc}", file=sys.stderr)
+        return 2
+    if ns.print_config:
+        print(settings.dump(asdict(opts)), end="")
+        return 0
     log(f"command: {opts.command()}")
     results = run(opts)
     print(report.summary(results))

@@ -14,6 +14,7 @@ from pathlib import Path
 from pouta.edge.errors import PoutaError
 from pouta.edge.metadata import ModelMetadata, load_for_model, metadata_path
 from pouta.edge.preprocess import preprocessor_for, read_image
+from pouta.edge.settings import add_config_args, dump, resolve_namespace
 
 from .calibset import DEFAULT_MIN_IMAGES, DEFAULT_N_CALIB, DEFAULT_SYNTHETIC_FRACTION, list_images
 from .errors import CalibrationError
@@ -46,6 +47,7 @@ def _log(msg: str) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
+    add_config_args(p, config_file=True)
     p.add_argument("model", type=Path, help="FP32 ONNX model with its <model>.json sidecar")
     p.add_argument(
         "--calib",
@@ -95,6 +97,10 @@ def calibrate_main(argv: Sequence[str] | None = None) -> int:
     _common(p)
     a = p.parse_args(argv)
     try:
+        settings = resolve_namespace(p, a)
+        if a.print_config:
+            print(dump(settings), end="")
+            return 0
         calibrate_model(a.model, _calib_options(a), _log)
     except PoutaError as exc:
         print(f"pouta-calibrate: {exc}", file=sys.stderr)
@@ -155,8 +161,16 @@ def build_engine_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--opt-batch", type=int, default=1)
     p.add_argument("--max-batch", type=int, default=1)
     a = p.parse_args(argv)
+    try:
+        settings = resolve_namespace(p, a)
+    except PoutaError as exc:
+        print(f"pouta-build-engine: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if not (a.fp16 or a.int8):
         a.fp16 = a.int8 = True  # nothing asked: make every portable artifact
+    if a.print_config:
+        print(dump({**settings, "fp16": a.fp16, "int8": a.int8}), end="")
+        return 0
     try:
         stem = a.model.name[: -len(".onnx")] if a.model.name.endswith(".onnx") else a.model.name
         result = build_portable(

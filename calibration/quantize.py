@@ -51,6 +51,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
+from pouta.edge.fsutil import atomic_path
 from pouta.edge.metadata import INPUT_NAME, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, VALUE_RANGE
 
 from .errors import CalibrationError
@@ -364,13 +365,8 @@ def _quiet_shape_warnings() -> Iterator[None]:
 
 
 def _save_atomic(model: onnx.ModelProto, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         onnx.save(model, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def check_tensorrt_qdq(model: onnx.ModelProto | str | os.PathLike[str]) -> list[str]:

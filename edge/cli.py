@@ -71,6 +71,18 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--loop", action="store_true", default=None, help="replay --images/--video forever")
 
 
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="any config key, e.g. pipeline.queue_size=8 or postprocess.min_area=25 (repeatable)",
+    )
+    p.add_argument(
+        "--print-config", action="store_true", help="print the merged configuration (YAML) and exit"
+    )
+
+
 def _source_overrides(a: argparse.Namespace) -> dict[str, Any]:
     s: dict[str, Any] = {}
     if a.images:
@@ -114,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--config", metavar="YAML", help="run config (defaults: pouta/edge/configs/default.yaml)"
     )
+    _add_config_args(run)
     run.add_argument("--model", "--engine", dest="model", metavar="FILE", help=".onnx or .plan/.engine model")
     run.add_argument("--providers", help="ONNX Runtime providers, comma separated (default CPU)")
     run.add_argument("--threads", type=int)
@@ -268,8 +281,18 @@ def cmd_run(a: argparse.Namespace) -> int:
     from .config import build_pipeline, load_config
 
     overrides = _run_overrides(a)
-    cfg = load_config(a.config, overrides)
-    pipe = build_pipeline(cfg)
+    cfg = load_config(a.config, overrides, a.set)
+    if a.print_config:
+        from .settings import dump
+
+        print(dump(cfg), end="")
+        return EXIT_OK
+    with build_pipeline(cfg) as pipe:
+        return _run_pipeline(a, cfg, overrides, pipe)
+
+
+def _run_pipeline(a: argparse.Namespace, cfg: dict[str, Any], overrides: dict[str, Any], pipe: Any) -> int:
+    """Run an open pipeline until its input ends or a signal stops it; print the summary."""
     stop_reason: list[str] = []
     reloads: list[int] = []
     stopped = threading.Event()
@@ -287,7 +310,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         from .service import reload_thresholds
 
         out = reload_thresholds(
-            pipe, a.config, overrides, server.metrics.drift if server is not None else None
+            pipe, a.config, overrides, server.metrics.drift if server is not None else None, sets=a.set
         )
         print(
             f"thresholds reloaded: image {out['image_threshold']:.6g}, pixel {out['pixel_threshold']:.6g}",
@@ -299,21 +322,11 @@ def cmd_run(a: argparse.Namespace) -> int:
     if cfg["http"]["enabled"]:
         from .liveview import attach_http
 
-        try:
-            server = attach_http(pipe, cfg, reload)
-        except BaseException:
-            pipe.backend.close()
-            for sink in pipe.sinks:
-                sink.close()
-            raise
+        server = attach_http(pipe, cfg, reload)
     signals = [signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
     previous = {s: signal.signal(s, on_signal) for s in signals}
     try:
-        try:
-            pipe.start()
-        except SourceError:
-            pipe.backend.close()
-            raise
+        pipe.start()
         interval = float(cfg["pipeline"]["status_interval"] or 1.0)
         live = not a.quiet and sys.stderr.isatty()
         while pipe.running:
@@ -342,7 +355,6 @@ def cmd_run(a: argparse.Namespace) -> int:
             server.close()
     summary = pipe.summary()
     summary["stopped_by"] = stop_reason[0] if stop_reason else None
-    pipe.backend.close()
     _print_summary(summary, cfg["output"]["dir"])
     if a.summary_json:
         from .fsutil import atomic_write_json

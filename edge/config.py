@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import os
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ from .pipeline import Pipeline
 from .postprocess import PostProcessor
 from .preprocess import Roi, preprocessor_for
 from .sequence import SequenceCounter
+from .settings import Schema, resolve
 from .sinks import ResultSink, ResultWriter
 from .sources import FrameSource, ImageFolderSource, VideoSource
 
@@ -26,40 +27,18 @@ def default_config() -> dict[str, Any]:
     return yaml.safe_load(text)
 
 
-def merge(base: dict[str, Any], override: dict[str, Any], where: str = "") -> dict[str, Any]:
-    """Deep merge; an unknown key is an error naming it (typos must not be silently ignored)."""
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        path = f"{where}{key}"
-        if key not in base:
-            raise ConfigError(f"config: unknown key '{path}' (known: {', '.join(sorted(base))})")
-        if isinstance(base[key], dict) and key != "nodes":
-            if not isinstance(value, dict):
-                raise ConfigError(f"config: '{path}' must be a mapping, got {type(value).__name__}")
-            out[key] = merge(base[key], value, f"{path}.")
-        else:
-            out[key] = value
-    return out
+def run_schema() -> Schema:
+    """``pouta-edge run``'s settings: the packaged defaults are the schema."""
+    return Schema(default_config(), free_form=frozenset({"source.nodes"}))
 
 
 def load_config(
-    path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None
+    path: str | os.PathLike[str] | None,
+    overrides: dict[str, Any] | None = None,
+    sets: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    cfg = default_config()
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            user = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: invalid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(user, dict):
-            raise ConfigError(f"{p}: expected a mapping at the top level")
-        cfg = merge(cfg, user)
-    if overrides:
-        cfg = merge(cfg, overrides)
-    return cfg
+    """Defaults <- YAML ``path`` <- ``--set`` items <- flag ``overrides`` (``pouta.edge.settings``)."""
+    return resolve(run_schema(), path, sets, overrides)
 
 
 def make_source(scfg: dict[str, Any]) -> FrameSource:
@@ -104,21 +83,34 @@ def make_backend(mcfg: dict[str, Any]) -> Backend:
 
 
 def build_pipeline(cfg: dict[str, Any], source: FrameSource | None = None) -> Pipeline:
-    backend = make_backend(cfg["model"])
-    meta = backend.metadata
-    pc = cfg["preprocess"]
-    pre = preprocessor_for(meta, roi=Roi.parse(pc["roi"]), interpolation=pc["interpolation"])
-    post = make_postprocessor(cfg, meta.thresholds)
-    sinks = make_sinks(cfg)
+    """The pipeline for a merged config; it owns (and closes) source, backend and sinks.
+
+    Built source first, then backend, then sinks: whatever fails closes what was built.
+    """
+    built: list[Any] = []
+    try:
+        src = source if source is not None else make_source(cfg["source"])
+        built.append(src)
+        backend = make_backend(cfg["model"])
+        built.append(backend)
+        meta = backend.metadata
+        pc = cfg["preprocess"]
+        pre = preprocessor_for(meta, roi=Roi.parse(pc["roi"]), interpolation=pc["interpolation"])
+        post = make_postprocessor(cfg, meta.thresholds)
+        sinks = make_sinks(cfg)
+    except BaseException:
+        for part in reversed(built):
+            part.close()
+        raise
     pl = cfg["pipeline"]
     policy = pl["policy"]
     sc = cfg["source"]
-    if source is None and sc.get("kind") in ("images", "video") and not sc.get("fps"):
+    if source is None and sc["kind"] in ("images", "video") and not sc["fps"]:
         # A file replayed as fast as inference takes it has no line rate to keep up with.
         policy = "block"
     seq_file = pl["sequence_file"] or Path(cfg["output"]["dir"]) / "sequence.json"
     return Pipeline(
-        source if source is not None else make_source(cfg["source"]),
+        src,
         pre,
         backend,
         post,

@@ -67,7 +67,7 @@ def draw_overlay(
     """Operator picture: heatmap blended over the part, defect contours, verdict text.
 
     ``amap_source`` is the anomaly map already mapped to the image size
-    (``Preprocessor.map_to_source``), so contours follow source pixels. ``label``: text
+    (``FrameGeometry.to_source``), so contours follow source pixels. ``label``: text
     lines drawn large in the top-left corner instead of ``"<verdict> <score>"`` (the
     runtime passes verdict, normalised score, sequence number and UTC time).
     """
@@ -87,11 +87,12 @@ def draw_overlay(
         cv2.drawContours(out, contours, -1, (255, 255, 255), max(1, out.shape[1] // 400))
     color = (0, 0, 255) if verdict == "NG" else (0, 200, 0)
     lines = label or [f"{verdict} {score:.3f}"]
-    # Sized so the longest line spans about half the picture: readable on a line-side
-    # screen at any camera resolution.
+    # Sized so the longest line spans about half the picture, readable on a line-side
+    # screen at any camera resolution, but the lines together never cover more than
+    # about a third of its height (wide line-scan and fabric frames).
     longest = max(lines, key=len)
     (w1, _), _ = cv2.getTextSize(longest, cv2.FONT_HERSHEY_SIMPLEX, 1.0, 2)
-    scale = max(0.35, 0.5 * out.shape[1] / max(w1, 1))
+    scale = max(0.35, min(0.5 * out.shape[1] / max(w1, 1), 0.35 * out.shape[0] / (30 * len(lines))))
     thick = max(1, round(scale * 2))
     x = max(4, out.shape[1] // 100)
     step = round(30 * scale)

@@ -266,6 +266,7 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._inflight = 0
         self._done = threading.Event()
+        self._closed = False
         if hasattr(source, "stop_event"):
             source.stop_event = self.stop_event  # type: ignore[attr-defined]
 
@@ -277,6 +278,34 @@ class Pipeline:
     @sink.setter
     def sink(self, value: ResultSink | None) -> None:
         self.sinks = [] if value is None else [value]
+
+    # -- lifetime: the pipeline owns its source, backend and sinks -----------
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop, flush, and release sinks, backend and source, in reverse order of building.
+
+        Idempotent. After a run the worker threads have already closed the source and the
+        sinks; a pipeline that never started closes them here.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self.stop()
+        self.join(self.close_timeout_s)
+        parts: list[Any] = [] if self.workers else list(reversed(self.sinks))
+        parts.append(self.backend)
+        if not self._threads:
+            parts.append(self.source)
+        for part in parts:
+            try:
+                part.close()
+            except Exception as exc:
+                log.warning("closing %s failed: %s", type(part).__name__, exc)
 
     # -- control -----------------------------------------------------------
     def stop(self) -> None:

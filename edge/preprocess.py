@@ -160,7 +160,8 @@ class Roi:
 
 @dataclass(frozen=True)
 class Preprocessor:
-    """Source image -> model input [3, H, W] float32 RGB in [0, 1].
+    """Source image -> model input(s) float32 RGB in [0, 1]: one [3, H, W] image, or the
+    [N, 3, H, W] tiles of the rescaled "work" image when ``tiling`` is set (``tiles``).
 
     Order matters for speed: crop and resize happen on the integer image, the float
     conversion last, on the small image only.
@@ -210,8 +211,11 @@ class Preprocessor:
         The work size is the model size for whole-image models and the rescaled image
         for tiled ones.
         """
+        return self._resize(image, self.geometry(image.shape).work_hw, color_order)
+
+    def _resize(self, image: np.ndarray, work_hw: tuple[int, int], color_order: str) -> np.ndarray:
         img = self.crop(image)
-        wh, ww = self.geometry(image.shape).work_hw
+        wh, ww = work_hw
         if img.shape[0] != wh or img.shape[1] != ww:
             interp = _INTERPOLATION[self.interpolation]
             # INTER_AREA is only an anti-aliasing filter when shrinking.
@@ -240,8 +244,7 @@ class Preprocessor:
     def tiles(self, image: np.ndarray, color_order: str = "BGR") -> tuple[np.ndarray, FrameGeometry]:
         """Model inputs of one frame: [N, 3, H, W] float32 (N = 1 when not tiled) and its geometry."""
         geo = self.geometry(image.shape)
-        work = self(image, color_order)
-        return geo.cut(work), geo
+        return geo.cut(self.to_float(self._resize(image, geo.work_hw, color_order))), geo
 
     def mask(self, mask: np.ndarray) -> np.ndarray:
         """Ground-truth mask through the same geometry (nearest neighbour): bool at work size."""
@@ -249,10 +252,6 @@ class Preprocessor:
         m = self.crop(mask.astype(np.uint8))
         m = cv2.resize(m, (ww, wh), interpolation=cv2.INTER_NEAREST)
         return m > 0
-
-    def map_to_source(self, amap: np.ndarray, source_shape: tuple[int, ...]) -> np.ndarray:
-        """Work-size anomaly map -> source-size map (zeros outside the ROI)."""
-        return self.geometry(source_shape).to_source(amap)
 
 
 def tile_origins(length: int, tile: int, overlap: float) -> list[int]:

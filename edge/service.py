@@ -16,6 +16,7 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -123,6 +124,7 @@ def reload_thresholds(
     config: str | os.PathLike[str] | None,
     overrides: dict[str, Any] | None = None,
     drift: ScoreDrift | None = None,
+    sets: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Re-read the config and the model's sidecar; swap in a post-processor with the new
     thresholds. Raises ``PoutaError`` (and changes nothing) when either is invalid."""
@@ -130,7 +132,7 @@ def reload_thresholds(
     from .drift import calibration_median
     from .metadata import load_for_model
 
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides, sets)
     model = cfg["model"]["path"]
     meta = load_for_model(model)
     if meta.model_id != pipe.model_id:

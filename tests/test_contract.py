@@ -57,7 +57,7 @@ def test_roi_crop_and_map_back() -> None:
     pre = Preprocessor(20, 40, roi=Roi.parse("50,10,40,20"))
     x = pre(img)
     np.testing.assert_allclose(x, 1.0)
-    back = pre.map_to_source(np.ones((20, 40), np.float32), img.shape)
+    back = pre.geometry(img.shape).to_source(np.ones((20, 40), np.float32))
     assert back.shape == (100, 200)
     assert back[10:30, 50:90].min() == 1.0 and back.sum() == 20 * 40
 

@@ -263,6 +263,8 @@ def test_metadata_mismatch_refused(tmp_path: Path) -> None:
     meta = load_for_model(model)
     meta.input.height = meta.input.width = 96
     meta.save(metadata_path(model))
+    make_folder(tmp_path / "frames", 1, 0, size=64)  # the source is built (and checked) first
+    tmp_path = tmp_path / "frames"
     with pytest.raises(MetadataError, match="96"):
         build_pipeline(run_cfg(model, tmp_path, tmp_path / "o"))
     ok = make_brightness_model(tmp_path / "ok.onnx", 64, 64)
@@ -443,3 +445,31 @@ def test_overlay_tints_only_near_and_above_the_pixel_threshold() -> None:
     inside = pic[25:35, 35:45].astype(int)
     assert np.abs(inside - 128).max() > 40  # defect visibly coloured
     assert inside[..., 2].mean() > inside[..., 0].mean()  # 4x threshold and up reads red
+
+
+class _CountingSource(ArraySource):
+    closed = 0
+
+    def close(self) -> None:
+        type(self).closed += 1
+        super().close()
+
+
+def test_pipeline_owns_and_closes_what_it_was_built_from(tmp_path: Path) -> None:
+    imgs = [dark_part(64, 64, np.random.default_rng(i), False) for i in range(3)]
+    # A backend that cannot open: the source built before it is closed, nothing leaks.
+    cfg = run_cfg(tmp_path / "missing.onnx", tmp_path, tmp_path / "o")
+    _CountingSource.closed = 0
+    with pytest.raises(ConfigError, match="model file not found"):
+        build_pipeline(cfg, source=_CountingSource(imgs))
+    assert _CountingSource.closed == 1
+    # A pipeline that never ran closes source, backend and sinks when its block ends.
+    model = make_brightness_model(tmp_path / "m.onnx", 64, 64)
+    _CountingSource.closed = 0
+    with build_pipeline(run_cfg(model, tmp_path, tmp_path / "o"), source=_CountingSource(imgs)) as pipe:
+        closed: list[str] = []
+        pipe.backend.close = lambda: closed.append("backend")  # type: ignore[method-assign]
+        pipe.sinks[0].close = lambda: closed.append("files")  # type: ignore[method-assign]
+    assert closed == ["files", "backend"] and _CountingSource.closed == 1
+    pipe.close()  # idempotent
+    assert closed == ["files", "backend"]

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from pouta.edge.errors import ConfigError
+from pouta.edge.fsutil import atomic_path
 from torch import nn
 
 from .models import ModelConfig, build_model
@@ -55,16 +55,8 @@ def save_checkpoint(
         payload["scaler"] = scaler.state_dict()
     if rng is not None:
         payload["rng"] = rng
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from pouta.edge.errors import PoutaError
 from pouta.edge.overlay import draw_overlay, to_bgr8
 from pouta.edge.preprocess import FrameGeometry, Preprocessor, score_frames
+from pouta.edge.settings import hw_arg
 
 from .data import InspectionDataset, open_dataset
 from .metrics import aupro, average_precision, pixel_metrics, roc_auc
@@ -46,14 +47,15 @@ def _num(x: float | None) -> float | None:
     return float(x)
 
 
-def _progress(total: int, enabled: bool, desc: str) -> Any:
+def progress_bar(enabled: bool, total: int, desc: str, unit: str, initial: int = 0) -> Any:
+    """A tqdm bar on stderr, or None when disabled or tqdm is missing (training and evaluation)."""
     if not enabled:
         return None
     try:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
 
 
 def _common_size(work_maps: list[np.ndarray]) -> np.ndarray:
@@ -169,7 +171,7 @@ def evaluate(
     scores = np.empty(n, np.float32)
     masks: list[np.ndarray | None] = [None] * n
     n_tiles = 0
-    bar = _progress(n, progress, f"eval {dataset.name}")
+    bar = progress_bar(progress, n, f"eval {dataset.name}", "img")
 
     def frames() -> Iterator[tuple[np.ndarray, FrameGeometry]]:
         nonlocal n_tiles
@@ -317,13 +319,6 @@ def onnx_scorer(path: str | os.PathLike[str]) -> Scorer:
     return score
 
 
-def _parse_size(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"--size: expected HxW such as 256x256, got {text!r}")
-    return int(m.group(1)), int(m.group(2))
-
-
 def _summary(res: dict[str, Any]) -> str:
     def f(v: float | None) -> str:
         return "n/a" if v is None else f"{v:.4f}"
@@ -351,7 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--layout", default="auto", choices=["auto", "mvtec", "visa", "dagm", "folder"])
     ap.add_argument(
         "--size",
-        type=_parse_size,
+        type=hw_arg,
         default=None,
         help="whole-image input HxW, no tiling (default: the model's)",
     )

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from pouta.edge.errors import ConfigError, PoutaError
-from pouta.edge.fsutil import sha256_file
+from pouta.edge.fsutil import atomic_path, sha256_file
 from pouta.edge.metadata import (
     INPUT_NAME,
     OUTPUT_ANOMALY_MAP,
@@ -31,6 +31,7 @@ from pouta.edge.metadata import (
     metadata_path,
 )
 from pouta.edge.preprocess import Tiling
+from pouta.edge.settings import parse_hw
 from torch import nn
 
 from .checkpoint import load_model
@@ -76,7 +77,6 @@ def export_onnx(
     Raises ``ExportError`` when the ONNX Runtime outputs differ from PyTorch by more than
     ``tolerance``.
     """
-    import onnx
 
     if opset < 17:
         raise ConfigError(f"--opset: expected 17 or newer, got {opset}")
@@ -85,35 +85,13 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = ExportWrapper(model.cpu().eval()).eval()
     example = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
-    tmp = path.with_name(f".{path.name}.tmp")
-    with warnings.catch_warnings():
-        # The legacy exporter warns about dynamo; the traced graph is what we want here.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            wrapper,
-            (example,),
-            str(tmp),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_ANOMALY_MAP, OUTPUT_SCORE],
-            dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_ANOMALY_MAP: {0: "N"}, OUTPUT_SCORE: {0: "N"}},
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-    try:
-        proto = onnx.load(str(tmp))
-        onnx.checker.check_model(proto, full_check=True)
-        diffs = _parity(wrapper, tmp, height, width, parity_batches)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if diffs["map"] > tolerance or diffs["score"] > tolerance:
-        tmp.unlink(missing_ok=True)
-        raise ExportError(
-            f"{path}: ONNX Runtime differs from PyTorch (max abs diff map {diffs['map']:.3g}, "
-            f"score {diffs['score']:.3g} > tolerance {tolerance:g})"
-        )
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        diffs = _export_checked(wrapper, example, tmp, opset, height, width, parity_batches)
+        if diffs["map"] > tolerance or diffs["score"] > tolerance:
+            raise ExportError(
+                f"{path}: ONNX Runtime differs from PyTorch (max abs diff map {diffs['map']:.3g}, "
+                f"score {diffs['score']:.3g} > tolerance {tolerance:g})"
+            )
     artifact_sha = sha256_file(path)
     meta = ModelMetadata(
         model_kind=cfg.kind,
@@ -141,6 +119,36 @@ def export_onnx(
         "max_abs_diff_score": diffs["score"],
         "artifact_sha256": artifact_sha,
     }
+
+
+def _export_checked(
+    wrapper: nn.Module,
+    example: torch.Tensor,
+    tmp: Path,
+    opset: int,
+    height: int,
+    width: int,
+    parity_batches: tuple[int, ...],
+) -> dict[str, float]:
+    """Trace to ``tmp``, run the ONNX checker, measure ONNX Runtime vs PyTorch."""
+    import onnx
+
+    with warnings.catch_warnings():
+        # The legacy exporter warns about dynamo; the traced graph is what we want here.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper,
+            (example,),
+            str(tmp),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_ANOMALY_MAP, OUTPUT_SCORE],
+            dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_ANOMALY_MAP: {0: "N"}, OUTPUT_SCORE: {0: "N"}},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
+    return _parity(wrapper, tmp, height, width, parity_batches)
 
 
 def _parity(wrapper: nn.Module, onnx_path: Path, height: int, width: int, batches: tuple[int, ...]) -> dict:
@@ -204,13 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     try:
-        size = None
-        if args.size:
-            try:
-                h, w = (int(v) for v in args.size.lower().split("x"))
-            except ValueError:
-                raise ConfigError(f"--size: expected HxW such as 224x224, got {args.size!r}") from None
-            size = (h, w)
+        size = parse_hw(args.size) if args.size else None
         rep = export_checkpoint(args.checkpoint, args.output, size, args.opset)
     except PoutaError as exc:
         sys.exit(f"pouta-export: {exc}")

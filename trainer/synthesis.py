@@ -386,7 +386,8 @@ class AnomalySynthesizer:
         return self.perlin(img, rng)
 
     def pick_mode(self, rng: np.random.Generator) -> str:
-        names = list(self.cfg.modes)
+        # Sorted: the draw must not depend on the order the modes were written in (YAML, --set).
+        names = sorted(self.cfg.modes)
         weights = np.array([self.cfg.modes[n] for n in names], dtype=np.float64)
         return names[int(rng.choice(len(names), p=weights / weights.sum()))]
 

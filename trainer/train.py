@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import dataclasses
 import faulthandler
 import json
 import math
@@ -24,20 +22,21 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from pouta.edge.errors import ConfigError, PoutaError
 from pouta.edge.fsutil import atomic_write_json
+from pouta.edge.settings import dump, parse_sets
 
 from .checkpoint import read_checkpoint, save_checkpoint
+from .evaluate import progress_bar
 from .geometry import choose_geometry, preprocessor_for_training, scan_images
 from .losses import total_loss
-from .models import ModelConfig, build_model, preset_config
+from .models import ModelConfig, build_model
+from .train_config import build_config, model_config_from, resume_config
 from .watchdog import StallWatchdog
 
 LAST = "last.pt"
@@ -47,86 +46,6 @@ LOG = "train_log.jsonl"
 
 class TrainingError(PoutaError):
     """Training cannot go on (non-finite data or loss)."""
-
-
-# -- configuration ------------------------------------------------------------------
-def packaged_config(name: str) -> dict[str, Any]:
-    """A config shipped in ``pouta.trainer/configs`` (``tiny`` or ``paper``)."""
-    ref = resources.files("pouta.trainer").joinpath("configs", f"{name}.yaml")
-    if not ref.is_file():
-        raise ConfigError(f"config '{name}': no packaged configs/{name}.yaml (expected tiny or paper)")
-    return yaml.safe_load(ref.read_text(encoding="utf-8"))
-
-
-def load_config(path_or_name: str | os.PathLike[str]) -> dict[str, Any]:
-    p = Path(path_or_name)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            cfg = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: invalid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(cfg, dict):
-            raise ConfigError(f"{p}: expected a mapping at the top level")
-        return cfg
-    return packaged_config(str(path_or_name))
-
-
-def set_key(cfg: dict[str, Any], dotted: str, value: Any) -> None:
-    """``set_key(cfg, "train.lr", 1e-3)``; intermediate mappings are created."""
-    parts = dotted.split(".")
-    node = cfg
-    for part in parts[:-1]:
-        if not isinstance(node.get(part), dict):
-            node[part] = {}
-        node = node[part]
-    node[parts[-1]] = value
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().replace(",", "x").split("x"))
-    except ValueError:
-        raise ConfigError(f"--size: expected HxW such as 128x128, got {text!r}") from None
-    return h, w
-
-
-def model_config_from(cfg: dict[str, Any]) -> ModelConfig:
-    m = dict(cfg.get("model") or {})
-    preset = m.pop("preset", "tiny")
-    kind = m.pop("kind", "pouta")
-    variant = m.pop("variant", "full")
-    known = {f.name for f in dataclasses.fields(ModelConfig)} | {"preset", "kind", "variant"}
-    _refuse_unknown_keys("model", cfg.get("model") or {}, known)
-    return preset_config(preset, kind, variant, **m)
-
-
-def _refuse_unknown_keys(section: str, value: dict[str, Any], known: set[str]) -> None:
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ConfigError(f"{section}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
-
-
-def check_config_keys(cfg: dict[str, Any]) -> None:
-    """Refuse keys the trainer would silently ignore (a typo must not train the wrong model)."""
-    from .synthesis import SynthesisConfig
-
-    reference = packaged_config("tiny")
-    sections = {
-        "data": set(reference["data"]),
-        "train": set(reference["train"]),
-        "synthesis": {f.name for f in dataclasses.fields(SynthesisConfig)},
-    }
-    for key in sorted(cfg):
-        if key not in (*sections, "model", "out"):
-            raise ConfigError(f"{key}: unknown config section (known: data, model, out, synthesis, train)")
-    for section in ("model", *sections):
-        if not isinstance(cfg.get(section) or {}, dict):
-            raise ConfigError(f"{section}: expected a mapping, got {cfg[section]!r}")
-    for section, known in sections.items():
-        _refuse_unknown_keys(section, cfg.get(section) or {}, known)
-    model_config_from(cfg)
 
 
 # -- deterministic data order -------------------------------------------------------
@@ -185,10 +104,10 @@ def single_threaded_opencv() -> None:
 def training_paths(cfg: dict[str, Any]) -> list[Path]:
     from .data import open_dataset
 
-    d = cfg.get("data") or {}
-    if not d.get("root"):
+    d = cfg["data"]
+    if not d["root"]:
         raise ConfigError("data.root: no training data given (use --data CATEGORY_FOLDER)")
-    ds = open_dataset(d["root"], split="train", layout=d.get("layout") or "auto", category=d.get("category"))
+    ds = open_dataset(d["root"], split="train", layout=d["layout"], category=d["category"])
     paths = ds.good_paths()
     if not paths:
         raise ConfigError(f"{d['root']}: no good training images found")
@@ -201,12 +120,9 @@ def resolve_geometry(cfg: dict[str, Any], paths: list[Path]) -> None:
     Prints what the data look like and what was chosen; the config then holds concrete
     values, so a resumed run and the exported model use exactly this geometry.
     """
-    d = cfg.setdefault("data", {})
-    m = cfg.setdefault("model", {})
-    preset = preset_config(m.get("preset", "tiny"), m.get("kind", "pouta"), m.get("variant", "full"))
-    tile_hw = (int(m.get("height") or preset.height), int(m.get("width") or preset.width))
+    d, m = cfg["data"], cfg["model"]
     stats = scan_images(paths)
-    geo = choose_geometry(stats, tile_hw, d.get("tile_scale", "auto"), whole_auto=bool(d.get("aspect_size")))
+    geo = choose_geometry(stats, (m["height"], m["width"]), d["tile_scale"], whole_auto=d["aspect_size"])
     m["height"], m["width"] = geo.height, geo.width
     d["tile_scale"] = geo.tiling.scale if geo.tiling is not None else "off"
     d["aspect_size"] = False
@@ -222,15 +138,15 @@ def build_training_set(
 ) -> tuple[Any, dict[str, Any]]:
     from .synthesis import AnomalySynthesizer, SynthesisConfig, TrainingSet
 
-    d = cfg.get("data") or {}
+    d = cfg["data"]
     pre = preprocessor_for_training(cfg, mcfg.height, mcfg.width)
     try:
-        scfg = SynthesisConfig(**(cfg.get("synthesis") or {}))
+        scfg = SynthesisConfig(**cfg["synthesis"])
     except TypeError as exc:
         raise ConfigError(f"synthesis: invalid field ({exc})") from None
     synth = AnomalySynthesizer(scfg, mcfg.height, mcfg.width)
     seed = int(cfg["train"]["seed"])
-    info = {"data": str(d["root"]), "category": d.get("category"), "n_train_images": len(paths)}
+    info = {"data": str(d["root"]), "category": d["category"], "n_train_images": len(paths)}
     dataset = TrainingSet(paths, pre, synth, seed)
     if pre.tiling is not None:
         work = {o.shape[:2] for o in dataset.originals}
@@ -269,10 +185,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# Settings a resumed run may change: where and how fast it runs, not what it computes.
-RESUMABLE_OVERRIDES: tuple[str, ...] = ("device", "time_limit_min", "num_workers", "eval_at_end")
-
-
 def train(
     cfg: dict[str, Any] | None = None,
     resume: str | os.PathLike[str] | None = None,
@@ -289,27 +201,21 @@ def train(
         rp = Path(resume)
         rp = rp / LAST if rp.is_dir() else rp
         ck = read_checkpoint(rp)
-        cfg = ck["train_config"]
-        for key, value in (resume_overrides or {}).items():
-            if key not in RESUMABLE_OVERRIDES:
-                raise ConfigError(
-                    f"train.{key}: cannot be changed on resume (allowed: {RESUMABLE_OVERRIDES})"
-                )
-            cfg["train"][key] = value
+        cfg = resume_config(ck["train_config"], resume_overrides or {})
         cfg["out"] = str(rp.parent)
     if cfg is None:
         raise ConfigError("train: either a config or a checkpoint to resume is needed")
     # From here on, no step within the limit (data loading and the first batch included)
     # ends the run with the stacks of every process, instead of a silent hang.
-    with StallWatchdog(float(cfg["train"].get("stall_timeout_s", 300))) as watchdog:
+    with StallWatchdog(float(cfg["train"]["stall_timeout_s"])) as watchdog:
         return _train(cfg, ck, progress, watchdog)
 
 
 def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watchdog: StallWatchdog) -> Path:
     tc = cfg["train"]
-    out = Path(cfg.get("out") or "runs/train")
+    out = Path(cfg["out"])
     out.mkdir(parents=True, exist_ok=True)
-    if tc.get("threads"):
+    if tc["threads"]:
         torch.set_num_threads(int(tc["threads"]))
     single_threaded_opencv()  # before the training images are decoded and workers forked
     paths = training_paths(cfg)
@@ -317,15 +223,15 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
         resolve_geometry(cfg, paths)
     mcfg = model_config_from(cfg)
     cfg["model"] = {**mcfg.to_dict()}
-    device = resolve_device(str(tc.get("device") or "auto"))
+    device = resolve_device(str(tc["device"]))
     seed = int(tc["seed"])
     torch.manual_seed(seed)
     model = build_model(mcfg).to(device)
     # channels_last: oneDNN's convolutions (forward and backward) are ~20-30% faster on CPU.
-    memory_format = torch.channels_last if tc.get("channels_last", True) else torch.contiguous_format
+    memory_format = torch.channels_last if tc["channels_last"] else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     opt = torch.optim.Adam(model.parameters(), lr=float(tc["lr"]))
-    use_amp = bool(tc.get("amp", True)) and device.type == "cuda"
+    use_amp = bool(tc["amp"]) and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     dataset, data_info = build_training_set(cfg, mcfg, paths)
     if ck is None:
@@ -342,11 +248,11 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
         steps = int(ck["scheduler"]["steps"])
         _set_rng_state(ck.get("rng") or {})
         _truncate_log(out / LOG, step)
-    milestones = [float(m) for m in tc.get("lr_milestones", [0.8, 0.9])]
-    gamma = float(tc.get("lr_gamma", 0.2))
-    ck_every = max(1, int(tc.get("checkpoint_every", 100)))
-    log_every = max(1, int(tc.get("log_every", 10)))
-    limit_s = float(tc["time_limit_min"]) * 60 if tc.get("time_limit_min") else None
+    milestones = [float(m) for m in tc["lr_milestones"]]
+    gamma = float(tc["lr_gamma"])
+    ck_every = max(1, int(tc["checkpoint_every"]))
+    log_every = max(1, int(tc["log_every"]))
+    limit_s = float(tc["time_limit_min"]) * 60 if tc["time_limit_min"] else None
     bs = int(tc["batch_size"])
 
     def save(path: Path, status: str, seconds: float) -> Path:
@@ -364,14 +270,14 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
             info=info,
         )
 
-    pbar = _progress(progress, steps, step)
+    pbar = progress_bar(progress, steps, "train", "step", initial=step)
     t0 = time.monotonic()
     start_step = step
     status = "done"
     model.train()
     # More loader processes than cores only adds context switches (the paper preset asks
     # for 4, sized for a GPU host); batches do not depend on the worker count.
-    workers = min(int(tc.get("num_workers", 0)), os.cpu_count() or 1)
+    workers = min(int(tc["num_workers"]), os.cpu_count() or 1)
     stream = batch_stream(dataset, bs, seed, step, workers)
     with (out / LOG).open("a", encoding="utf-8") as log:
         while step < steps:
@@ -430,7 +336,7 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
         "seconds_this_run": round(seconds, 1),
         "checkpoint": str(final),
     }
-    if tc.get("eval_at_end"):
+    if tc["eval_at_end"]:
         summary["eval"] = _evaluate(model, mcfg, cfg, out, device)
     atomic_write_json(out / "train_summary.json", summary)
     print(f"pouta-train: {status} after {step} steps ({seconds:.0f} s this run) -> {final}", flush=True)
@@ -466,16 +372,6 @@ def _fit_to_budget(
     per_step = elapsed / done
     affordable = step + int(max(0.0, limit_s - elapsed) * 0.97 / per_step)
     return max(step + 1, min(planned, affordable))
-
-
-def _progress(enabled: bool, total: int, initial: int) -> Any:
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -524,7 +420,7 @@ def _evaluate(model: torch.nn.Module, mcfg: ModelConfig, cfg: dict, out: Path, d
     from .evaluate import evaluate, torch_scorer
 
     d = cfg["data"]
-    test = open_dataset(d["root"], split="test", layout=d.get("layout") or "auto", category=d.get("category"))
+    test = open_dataset(d["root"], split="test", layout=d["layout"], category=d["category"])
     model.eval()
     res = evaluate(
         torch_scorer(model, device),
@@ -538,49 +434,6 @@ def _evaluate(model: torch.nn.Module, mcfg: ModelConfig, cfg: dict, out: Path, d
 
 
 # -- CLI ----------------------------------------------------------------------------
-def build_config(args: argparse.Namespace) -> dict[str, Any]:
-    cfg = load_config(args.config or args.preset or "tiny")
-    cfg = copy.deepcopy(cfg)
-    cfg.setdefault("train", {})
-    simple = {
-        "data.root": args.data,
-        "data.category": args.category,
-        "model.preset": args.preset,
-        "model.variant": args.variant,
-        "model.kind": args.kind,
-        "train.steps": args.steps,
-        "train.batch_size": args.batch_size,
-        "train.seed": args.seed,
-        "train.device": args.device,
-        "train.time_limit_min": args.time_limit_min,
-        "out": args.out,
-    }
-    for key, value in simple.items():
-        if value is not None:
-            set_key(cfg, key, value)
-    if args.size == "auto":
-        set_key(cfg, "data.aspect_size", True)
-        set_key(cfg, "data.tile_scale", "off")
-    elif args.size:
-        h, w = parse_size(args.size)
-        set_key(cfg, "model.height", h)
-        set_key(cfg, "model.width", w)
-    if args.tile_scale is not None:
-        set_key(cfg, "data.tile_scale", yaml.safe_load(args.tile_scale))
-    for item in args.set or []:
-        if "=" not in item:
-            raise ConfigError(f"--set: expected key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        set_key(cfg, key.strip(), yaml.safe_load(raw))
-    check_config_keys(cfg)  # fail now, not after the data are loaded
-    for key in ("steps", "batch_size", "seed", "lr"):
-        if key not in cfg["train"]:
-            raise ConfigError(f"train.{key}: missing from the config")
-    if int(cfg["train"]["steps"]) <= 0 or int(cfg["train"]["batch_size"]) <= 0:
-        raise ConfigError("train.steps / train.batch_size: expected positive integers")
-    return cfg
-
-
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pouta-train", description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="YAML config file, or a packaged one: tiny | paper")
@@ -606,6 +459,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     ap.add_argument("--time-limit-min", type=float, help="stop within this many minutes of training")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config key, e.g. train.lr=1e-3")
+    ap.add_argument(
+        "--print-config", action="store_true", help="print the merged configuration (YAML) and exit"
+    )
     ap.add_argument("--eval", action="store_true", help="evaluate on the test split at the end")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
@@ -622,14 +478,17 @@ def main(argv: list[str] | None = None) -> None:
                 overrides["time_limit_min"] = args.time_limit_min
             if args.eval:
                 overrides["eval_at_end"] = True
-            for item in args.set or []:
-                key, _, raw = item.partition("=")
-                overrides[key.strip().removeprefix("train.")] = yaml.safe_load(raw)
+            sets = parse_sets(args.set)
+            unknown = sorted(set(sets) - {"train"})
+            if unknown:
+                raise ConfigError(f"--set {unknown[0]}: only train.* settings can change on resume")
+            overrides.update(sets.get("train", {}))
             train(resume=args.resume, progress=not args.no_progress, resume_overrides=overrides)
             return
         cfg = build_config(args)
-        if args.eval:
-            cfg["train"]["eval_at_end"] = True
+        if args.print_config:
+            print(dump(cfg), end="")
+            return
         train(cfg, progress=not args.no_progress)
     except PoutaError as exc:
         sys.exit(f"pouta-train: {exc}")

@@ -14,6 +14,8 @@ import sys
 from typing import Any
 
 import torch
+from pouta.edge.errors import ConfigError
+from pouta.edge.settings import parse_hw
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import build_model, count_params
@@ -82,9 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     try:
-        h, w = (int(v) for v in args.size.lower().split("x"))
-    except ValueError:
-        sys.exit(f"pouta-cost: --size: expected HxW such as 224x224, got {args.size!r}")
+        h, w = parse_hw(args.size)
+    except ConfigError as exc:
+        sys.exit(f"pouta-cost: {exc}")
     try:
         rows = all_costs(h, w, tuple(args.preset or ("paper", "tiny")))
     except Exception as exc:  # one-line CLI error
