@@ -1,8 +1,8 @@
 """Shared pieces of the benchmark: section isolation, progress output, statistics, machine info.
 
 Every section returns a plain JSON-able dict with a ``status`` ("ok", "error",
-"unavailable" or "skipped") so that one broken backend or a module that another team
-has not finished yet shows up in the report as a line, instead of losing the whole run.
+"unavailable" or "skipped") so that one broken backend, or a part a slim install lacks
+(torch, TensorRT), shows up in the report as a line, instead of losing the whole run.
 """
 
 from __future__ import annotations

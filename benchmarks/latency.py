@@ -279,7 +279,7 @@ def backends(ctx: LatencyContext) -> list[Backend]:
             "ort-cpu-int8",
             "ONNX Runtime",
             "cpu",
-            "int8 (u8s8, QOperator)",
+            "int8 (u8s8, QDQ)",
             _int8_available("int8"),
             _ort_factory(ctx, cpu, "int8"),
             group="ort-cpu",

@@ -9,10 +9,9 @@ reused through ONNX Runtime's calibration cache):
   TensorRT keeps from 11.0 on, and TensorRT's int8 kernels assume zero point 0.
 - ``model.int8.onnx`` for ONNX Runtime on CPU: uint8 activations, int8 per-channel weights
   (u8s8), QDQ format by default. ONNX Runtime's x86 integer conv kernels are built for
-  u8s8. Measured on the ``paper`` preset at 224x224, one thread, AVX512-VNNI x86, FP32 =
-  1.00: u8s8 QDQ 0.44, u8s8 QOperator 0.46, s8s8 QDQ (the TensorRT file) 0.62. QDQ
-  is also the form other execution providers understand; ``cpu_format="qoperator"``
-  remains available.
+  u8s8 (the s8s8 TensorRT file is markedly slower there; benchmarks/reports has the
+  numbers). QDQ is also the form other execution providers understand;
+  ``cpu_format="qoperator"`` remains available.
 
 Never quantized (``exclusions``): the detection head. The anomaly map is a probability
 that the image score and both thresholds are read from; int8 would put it on a grid of
@@ -34,7 +33,7 @@ import logging
 import os
 import tempfile
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -271,12 +270,8 @@ def quantize_pair(
     cpu_out: str | os.PathLike[str] | None = None,
     method: str = DEFAULT_CALIB_METHOD,
     cpu_format: str = "qdq",
-    exclude: Iterable[str] = (),
 ) -> list[QuantizeResult]:
-    """Quantize ``fp32_model`` into the TensorRT and/or CPU artifact from one reader.
-
-    ``exclude`` adds node names (of the pre-processed graph) to the head exclusions.
-    """
+    """Quantize ``fp32_model`` into the TensorRT and/or CPU artifact from one reader."""
     if method not in CALIB_METHODS:
         raise CalibrationError(
             f"calibration method {method!r} is unknown, expected one of {sorted(CALIB_METHODS)}"
@@ -288,11 +283,6 @@ def quantize_pair(
         prepared = prepare_model(fp32_model, Path(tmp) / "prepared.onnx")
         model = onnx.load(str(prepared))
         excluded = head_exclusions(model)
-        names = {n.name for n in model.graph.node}
-        for name in exclude:
-            if name not in names:
-                raise CalibrationError(f"--exclude {name!r}: no such node in {fp32_model}")
-            excluded.setdefault(name, "excluded on request")
         cache = Path(tmp) / "calibration_cache.json" if _supports_cache() else None
         jobs: list[tuple[Path, str, QuantFormat, QuantType, dict[str, Any]]] = []
         if trt_out is not None:

@@ -91,7 +91,7 @@ def test_quick_accuracy_and_endtoend(quick_run: tuple[dict, Path, float]) -> Non
         assert isinstance(acc["rows"]["pouta-int8-ort"]["image_auroc"], float)
         assert acc["latency_b1"]["pouta-int8"]["median_ms"] > 0
     e2e = res["sections"]["e2e"]
-    if not _has("pouta.edge.bench_runtime"):
+    if not _has("pouta.benchmarks.runtime_overhead"):
         assert e2e["status"] == "unavailable"
     else:
         assert e2e["status"] == "ok", e2e

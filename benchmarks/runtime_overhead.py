@@ -7,7 +7,7 @@ where the source runs faster than inference with ``drop-oldest``: every part acq
 must have its result file, a dropped one with verdict NOT_INSPECTED (parts without a
 record = 0).
 
-    python -m pouta.edge.bench_runtime MODEL.onnx --frames 300
+    python -m pouta.benchmarks.runtime_overhead MODEL.onnx --frames 300
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from .backend import open_backend
-from .pipeline import Pipeline, percentile
-from .postprocess import PostProcessor
-from .preprocess import preprocessor_for
-from .sinks import ResultWriter
-from .sources import ArraySource
+from pouta.edge.backend import open_backend
+from pouta.edge.pipeline import Pipeline, percentile
+from pouta.edge.postprocess import PostProcessor
+from pouta.edge.preprocess import preprocessor_for
+from pouta.edge.sinks import ResultWriter
+from pouta.edge.sources import ArraySource
 
 
 def _parts(h: int, w: int, n: int, seed: int = 0) -> list[np.ndarray]:
@@ -144,7 +143,7 @@ def measure_overhead(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m pouta.edge.bench_runtime", description=__doc__.splitlines()[0]
+        prog="python -m pouta.benchmarks.runtime_overhead", description=__doc__.splitlines()[0]
     )
     ap.add_argument("model")
     ap.add_argument("--frames", type=int, default=300)
