@@ -73,6 +73,7 @@ class Options:
     acc_iters: int = 30
     e2e_frames: int = 60
     quality_minutes: float = 10.0
+    quality_kinds: list[str] = field(default_factory=lambda: ["pouta", "vanilla"])
     seed: int = 0
 
     def command(self) -> str:
@@ -99,7 +100,12 @@ class Options:
         args += ["--train-steps", str(self.train_steps), "--acc-iters", str(self.acc_iters)]
         args += ["--e2e-frames", str(self.e2e_frames), "--seed", str(self.seed)]
         if "quality" in self.sections:
-            args += ["--quality-minutes", f"{self.quality_minutes:g}"]
+            args += [
+                "--quality-minutes",
+                f"{self.quality_minutes:g}",
+                "--quality-kinds",
+                ",".join(self.quality_kinds),
+            ]
         return shlex.join(args)
 
 
@@ -218,6 +224,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--e2e-frames", type=int, default=None, help="frames replayed end to end at most")
     ap.add_argument(
         "--quality-minutes", type=float, default=None, help="quality: training budget per model (default 10)"
+    )
+    ap.add_argument(
+        "--quality-kinds",
+        type=_csv_of(quality.KINDS),
+        default=None,
+        help="quality: models trained per category (default pouta,vanilla; a finished row is reused)",
     )
     ap.add_argument("--seed", type=int, default=None)
     settings.add_config_args(ap, config_file=True)
@@ -349,7 +361,10 @@ def run(opts: Options) -> Result:
     sections["e2e"] = run_isolated("e2e", e2e) if want("e2e") else skipped("not selected (--sections)")
     sections["quality"] = (
         run_isolated(
-            "quality", lambda: quality.run_quality(opts.data, opts.out / "quality", opts.quality_minutes)
+            "quality",
+            lambda: quality.run_quality(
+                opts.data, opts.out / "quality", opts.quality_minutes, tuple(opts.quality_kinds)
+            ),
         )
         if want("quality") and opts.data is not None
         else skipped("not selected (--sections quality --data ROOT)")

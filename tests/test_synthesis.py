@@ -161,12 +161,17 @@ def _textured(seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("mode", ["stroke", "spot", "uneven", "cutpaste"])
 def test_line_defect_modes_change_only_the_labelled_pixels(mode: str) -> None:
     s = AnomalySynthesizer(SynthesisConfig(), H, W)
-    img = _textured()
-    for k in range(12):
-        aug, mask, has = s(img, np.random.default_rng([k, 7]), force_anomaly=True, force_mode=mode)
-        assert has and mask.any() and set(np.unique(mask)) <= {0.0, 1.0}
-        np.testing.assert_array_equal(aug[mask == 0], img[mask == 0])
-        assert np.abs(aug - img)[mask > 0].max() > 0.02  # the defect is visible
+    # A textured part, and one with a saturated white half (a glare, a fabric border):
+    # a defect "brightened" there would leave the pixels unchanged yet be labelled.
+    glare = _textured()
+    glare[:, : W // 2] = 1.0
+    for img in (_textured(), glare):
+        for k in range(12):
+            aug, mask, has = s(img, np.random.default_rng([k, 7]), force_anomaly=True, force_mode=mode)
+            assert has and mask.any() and set(np.unique(mask)) <= {0.0, 1.0}
+            np.testing.assert_array_equal(aug[mask == 0], img[mask == 0])
+            # Every labelled pixel visibly changed.
+            assert np.abs(aug - img).max(axis=-1)[mask > 0].min() > 0.03
 
 
 def test_stroke_and_spot_are_thin_or_small_uneven_is_large() -> None:

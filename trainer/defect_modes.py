@@ -30,11 +30,18 @@ LABEL_LEVEL = 0.2  # a soft-edged defect is labelled where it is at least this s
 def _tone(
     img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, strength: tuple[float, float]
 ) -> np.ndarray:
-    """Darken or brighten ``img`` where ``mask`` (soft, [H,W] in [0,1]) is set."""
+    """Darken or brighten ``img`` where ``mask`` (soft, [H,W] in [0,1]) is set.
+
+    On a bright surface the defect is darker, on a dark one brighter, else either: a
+    brightened white (or darkened black) region would not change at all.
+    """
     m = mask[..., None]
     amount = rng.uniform(*strength)
+    level = float(img[mask > 0.5].mean()) if (mask > 0.5).any() else 0.5
+    draw = rng.random()
+    darker = level > 0.7 or (level >= 0.3 and draw < 0.5)
     # Darker (towards black, keeping some texture) or brighter (towards white).
-    target = img * (1.0 - amount) if rng.random() < 0.5 else img + (1.0 - img) * amount
+    target = img * (1.0 - amount) if darker else img + (1.0 - img) * amount
     return np.clip(img * (1.0 - m) + target * m, 0.0, 1.0).astype(np.float32)
 
 
@@ -129,9 +136,7 @@ def cutpaste(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.
     out = img.copy()
     out[ty : ty + ph, tx : tx + pw] = patch
     mask = np.zeros((h, w), np.float32)
-    diff = np.abs(out - img).max(axis=-1) > 0.02  # a patch identical to where it lands is no defect
-    mask[ty : ty + ph, tx : tx + pw] = 1.0
-    mask *= diff
+    mask[ty : ty + ph, tx : tx + pw] = 1.0  # the synthesizer keeps only what visibly changed
     return out.astype(np.float32), mask
 
 

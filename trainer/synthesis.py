@@ -290,6 +290,8 @@ class TextureSource:
 
 # ------------------------------------------------------------------ synthesis
 
+VISIBLE_CHANGE = 0.03  # a synthetic defect pixel must change by at least this (of [0, 1])
+
 
 class AnomalySynthesizer:
     def __init__(self, cfg: SynthesisConfig, height: int, width: int) -> None:
@@ -378,12 +380,24 @@ class AnomalySynthesizer:
         mode = self.pick_mode(rng)
         mode = force_mode or mode
         if mode != "perlin":
-            out, mask = MODES[mode](img, rng)
-            if mask.any():
-                # Pixels outside the label stay bit-identical: the model must not learn
-                # that a changed pixel is normal.
-                return np.where(mask[..., None] > 0, out, img).astype(np.float32), mask, True
-        return self.perlin(img, rng)
+            out, mask, has = self._labelled(img, *MODES[mode](img, rng))
+            if has:
+                return out, mask, True
+        return self._labelled(img, *self.perlin(img, rng))
+
+    @staticmethod
+    def _labelled(img: np.ndarray, out: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Label only what visibly changed, and change nothing outside the label.
+
+        A stroke brightened on a saturated highlight, or a patch pasted onto its twin,
+        leaves pixels as they were; labelling those would teach the model that normal
+        bright (or dark, or repeated) areas are defects. Pixels outside the label stay
+        bit-identical, so the model never learns that a changed pixel is normal.
+        """
+        label = (mask > 0) & (np.abs(out - img).max(axis=-1) > VISIBLE_CHANGE)
+        if not label.any():
+            return img.copy(), np.zeros(mask.shape, np.float32), False
+        return np.where(label[..., None], out, img).astype(np.float32), label.astype(np.float32), True
 
     def pick_mode(self, rng: np.random.Generator) -> str:
         # Sorted: the draw must not depend on the order the modes were written in (YAML, --set).
@@ -391,7 +405,7 @@ class AnomalySynthesizer:
         weights = np.array([self.cfg.modes[n] for n in names], dtype=np.float64)
         return names[int(rng.choice(len(names), p=weights / weights.sum()))]
 
-    def perlin(self, img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, bool]:
+    def perlin(self, img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """DRAEM's recipe: a Perlin-noise mask filled with a (fused) augmented texture."""
         c = self.cfg
         mask = self.perlin_mask(rng)
@@ -402,10 +416,8 @@ class AnomalySynthesizer:
         beta = np.float32(rng.uniform(0.0, c.beta_max))
         m = mask[..., None]
         out = img * (1.0 - m) + (1.0 - beta) * src * m + beta * img * m
-        # The blend of two [0,1] images stays in [0,1]; clip only float noise, and only
-        # inside the mask so pixels outside it are bit-identical to the input.
-        out = np.where(m > 0, np.clip(out, 0.0, 1.0), img).astype(np.float32)
-        return out, mask, True
+        # The blend of two [0,1] images stays in [0,1]; clip only float noise.
+        return np.clip(out, 0.0, 1.0).astype(np.float32), mask
 
     def save_grid(
         self,
