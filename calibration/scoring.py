@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from pouta.edge.backend import Backend
-from pouta.edge.preprocess import score_frames
+from pouta.edge.geometry import score_frames
 
 from .calibset import ImageSet
 from .thresholds import PixelHistogram

@@ -12,10 +12,11 @@ import yaml
 
 from .backend import Backend, open_backend
 from .errors import ConfigError
+from .geometry import Roi
 from .metadata import Thresholds, check_request
 from .pipeline import Pipeline
 from .postprocess import PostProcessor
-from .preprocess import Roi, preprocessor_for
+from .preprocess import preprocessor_for
 from .sequence import SequenceCounter
 from .settings import Schema, resolve
 from .sinks import ResultSink, ResultWriter

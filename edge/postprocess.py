@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 
 from .errors import ConfigError
+from .geometry import FrameGeometry
 from .metadata import Thresholds
-from .preprocess import FrameGeometry
 
 OK = "OK"
 NG = "NG"

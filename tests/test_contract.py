@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from pouta.edge.errors import ImageReadError, MetadataError
 from pouta.edge.fsutil import atomic_write_bytes, atomic_write_json
+from pouta.edge.geometry import Roi
 from pouta.edge.metadata import (
     InputSpec,
     ModelMetadata,
@@ -20,7 +21,7 @@ from pouta.edge.metadata import (
     load_for_model,
     metadata_path,
 )
-from pouta.edge.preprocess import Preprocessor, Roi, read_image, read_mask
+from pouta.edge.preprocess import Preprocessor, read_image, read_mask
 
 
 def test_gray_is_replicated_and_scaled() -> None:

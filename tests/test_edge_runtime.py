@@ -19,10 +19,11 @@ from contract_models import dark_part, make_brightness_model
 from pouta.edge import cli
 from pouta.edge.config import build_pipeline, load_config
 from pouta.edge.errors import ConfigError, MetadataError
+from pouta.edge.geometry import Roi
 from pouta.edge.metadata import load_for_model, metadata_path
 from pouta.edge.pipeline import Pipeline
 from pouta.edge.postprocess import PostProcessor
-from pouta.edge.preprocess import Preprocessor, Roi
+from pouta.edge.preprocess import Preprocessor
 from pouta.edge.sinks import ResultWriter
 from pouta.edge.sources import ArraySource, ImageFolderSource, label_for
 

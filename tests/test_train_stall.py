@@ -53,14 +53,14 @@ def test_large_tall_grayscale_trains_with_a_worker(tmp_path: Path) -> None:
     ("where", "patch"),
     [
         # A loader worker that never delivers a batch, as the fork deadlock did.
-        ("worker", "synthesis._TrainingSetImpl.__getitem__ = lambda *a, **k: time.sleep(3600)"),
+        ("worker", "training_set.TrainingSet.__getitem__ = lambda *a, **k: time.sleep(3600)"),
         # A hang in the training process itself, before the first step (set-up included).
         ("main", "synthesis.AnomalySynthesizer.__call__ = lambda *a, **k: time.sleep(3600)"),
     ],
 )
 def test_forced_stall_exits_with_the_watchdog_error(tmp_path: Path, where: str, patch: str) -> None:
     data = _tall_gray_set(tmp_path / "data", n=4)
-    script = f"import sys, time\nfrom pouta.trainer import synthesis\n{patch}\nfrom pouta.trainer.train import main\nmain(sys.argv[1:])\n"
+    script = f"import sys, time\nfrom pouta.trainer import synthesis, training_set\n{patch}\nfrom pouta.trainer.train import main\nmain(sys.argv[1:])\n"
     args = _train_cmd(data, tmp_path / "run", "--set", "train.stall_timeout_s=4")
     proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr[-2000:]

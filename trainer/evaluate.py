@@ -26,8 +26,9 @@ from typing import Any
 import cv2
 import numpy as np
 from pouta.edge.errors import PoutaError
+from pouta.edge.geometry import FrameGeometry, score_frames
 from pouta.edge.overlay import draw_overlay, to_bgr8
-from pouta.edge.preprocess import FrameGeometry, Preprocessor, score_frames
+from pouta.edge.preprocess import Preprocessor
 from pouta.edge.settings import hw_arg
 
 from .data import InspectionDataset, open_dataset

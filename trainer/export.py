@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from pouta.edge.errors import ConfigError, PoutaError
 from pouta.edge.fsutil import atomic_path, sha256_file
+from pouta.edge.geometry import Tiling
 from pouta.edge.metadata import (
     INPUT_NAME,
     OUTPUT_ANOMALY_MAP,
@@ -30,7 +31,6 @@ from pouta.edge.metadata import (
     ModelMetadata,
     metadata_path,
 )
-from pouta.edge.preprocess import Tiling
 from pouta.edge.settings import parse_hw
 from torch import nn
 

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 from pouta.edge.errors import ConfigError, ImageReadError
-from pouta.edge.preprocess import Preprocessor, Tiling, read_image
+from pouta.edge.geometry import Tiling
+from pouta.edge.preprocess import Preprocessor, read_image
 
 WORK_SHORT_SIDE_IN_TILES = 2.0
 DEFAULT_OVERLAP = 0.25

@@ -13,7 +13,7 @@ A share ``1 - anomaly_prob`` of samples stays normal (M = 0, image unchanged).
 Every random choice is drawn from the ``np.random.Generator`` passed in, so a sample is a
 pure function of that generator's seed. ``TrainingSet`` seeds it with (seed, epoch,
 index): batches are reproducible after a resume and independent of DataLoader workers.
-Only ``TrainingSet`` needs torch, and imports it lazily.
+``pouta.trainer.training_set.TrainingSet`` (which needs torch) serves the samples.
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 from pouta.edge.errors import ConfigError, ImageReadError
-from pouta.edge.preprocess import Preprocessor, is_image_file, read_image, to_rgb8_or_16
+from pouta.edge.preprocess import is_image_file, read_image, to_rgb8_or_16
 
 from .defect_modes import MODES
 
@@ -148,7 +147,7 @@ def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Ge
     return (math.sqrt(2.0) * (n0 * (1 - ty) + n1 * ty)).astype(np.float32)
 
 
-def _rotate(img: np.ndarray, degrees: float, border: int = cv2.BORDER_REFLECT_101) -> np.ndarray:
+def rotate_image(img: np.ndarray, degrees: float, border: int = cv2.BORDER_REFLECT_101) -> np.ndarray:
     h, w = img.shape[:2]
     m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), degrees, 1.0)
     return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=border)
@@ -206,7 +205,7 @@ def _equalize(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _affine_rotate(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return _rotate(x, rng.uniform(-45, 45))
+    return rotate_image(x, rng.uniform(-45, 45))
 
 
 _AUGMENTS: tuple[Callable[[np.ndarray, np.random.Generator], np.ndarray], ...] = (
@@ -312,7 +311,7 @@ class AnomalySynthesizer:
             rx = 2 ** int(rng.integers(c.perlin_min_scale, c.perlin_max_scale))
             noise = perlin_noise((self.height, self.width), (ry, rx), rng)
             if c.rotate_mask:
-                noise = _rotate(noise, rng.uniform(-c.rotate_mask, c.rotate_mask))
+                noise = rotate_image(noise, rng.uniform(-c.rotate_mask, c.rotate_mask))
             mask = (noise > c.threshold).astype(np.float32)
             if mask.any():
                 return mask
@@ -353,7 +352,7 @@ class AnomalySynthesizer:
             dx, dy = rng.uniform(-t, t) * w, rng.uniform(-t, t) * h
             m = np.float32([[1, 0, dx], [0, 1, dy]])
             return cv2.warpAffine(image, m, (w, h), borderMode=cv2.BORDER_REFLECT_101)
-        return _rotate(image, rng.uniform(-90, 90))
+        return rotate_image(image, rng.uniform(-90, 90))
 
     def __call__(
         self,
@@ -459,112 +458,3 @@ class AnomalySynthesizer:
         if not cv2.imwrite(str(out), bgr):
             raise OSError(f"{out}: could not write the synthesis grid PNG")
         return out
-
-
-MIN_SAMPLES_PER_EPOCH = 128  # small sets: fewer worker restarts (one per epoch)
-
-
-class _TrainingSetImpl:
-    """Good images with synthetic anomalies, as torch tensors.
-
-    Originals are decoded and brought to work size once, at construction, and kept in
-    memory in their integer dtype (forked DataLoader workers share them copy-on-write).
-    A tiled model trains on random model-size crops of the work images; a whole-image
-    model on the images themselves. An epoch has at least ``MIN_SAMPLES_PER_EPOCH``
-    samples (sample ``i`` uses image ``i mod n``). Sample ``i`` of epoch ``e`` is drawn from
-    ``default_rng([seed, e, i])``: reproducible after a resume and with any number of
-    workers. Call ``set_epoch`` before creating each epoch's iterator (with
-    ``persistent_workers=False``, the default, workers get the updated object).
-    """
-
-    def __init__(
-        self, paths: Sequence[Path], pre: Preprocessor, synth: AnomalySynthesizer, seed: int
-    ) -> None:
-        if (pre.height, pre.width) != (synth.height, synth.width):
-            raise ConfigError(
-                f"synthesis size {synth.height}x{synth.width} differs from input size {pre.height}x{pre.width}"
-            )
-        self.pre = pre
-        self.synth = synth
-        self.seed = int(seed)
-        self.epoch = 0
-        kept: list[Path] = []
-        self.originals: list[np.ndarray] = []  # work-size HxWx3 RGB, source dtype
-        self.skipped: list[tuple[Path, str]] = []
-        for p in paths:
-            try:
-                work = pre.resize_hwc(read_image(p))
-            except ImageReadError as exc:
-                self.skipped.append((Path(p), str(exc)))
-                warnings.warn(f"skipping unreadable training image {exc}", stacklevel=2)
-                continue
-            ph, pw = max(work.shape[0], pre.height), max(work.shape[1], pre.width)
-            if (ph, pw) != work.shape[:2]:
-                work = cv2.copyMakeBorder(
-                    work, 0, ph - work.shape[0], 0, pw - work.shape[1], cv2.BORDER_REFLECT_101
-                )
-            self.originals.append(np.ascontiguousarray(work))
-            kept.append(Path(p))
-        if not self.originals:
-            raise ImageReadError(f"training set: none of the {len(paths)} given images could be read")
-        self.paths = kept
-
-    def __len__(self) -> int:
-        return max(len(self.paths), MIN_SAMPLES_PER_EPOCH)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def original(self, i: int, rng: np.random.Generator) -> np.ndarray:
-        """A model-size [H, W, 3] float32 view of image ``i mod n``: a random crop when tiled."""
-        work = self.originals[int(i) % len(self.originals)]
-        h, w = self.pre.height, self.pre.width
-        y = int(rng.integers(0, work.shape[0] - h + 1))
-        x = int(rng.integers(0, work.shape[1] - w + 1))
-        return self.pre.to_float(work[y : y + h, x : x + w]).transpose(1, 2, 0)
-
-    def save_grids(self, out_dir: Path, n: int = 12) -> list[Path]:
-        """``synthesis_<mode>.png`` for every mode with a weight: what training is taught."""
-        rng = np.random.default_rng([self.seed, 0xC0FFEE])
-        crops = [self.original(int(rng.integers(len(self.originals))), rng) for _ in range(4)]
-        return [
-            self.synth.save_grid(crops, out_dir / f"synthesis_{mode}.png", seed=self.seed, n=n, mode=mode)
-            for mode, weight in self.synth.cfg.modes.items()
-            if weight > 0
-        ]
-
-    def sample(self, i: int, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
-        """(augmented, original, mask, has_anomaly) as numpy: HWC images, [H,W] mask."""
-        e = self.epoch if epoch is None else int(epoch)
-        rng = np.random.default_rng([self.seed, e, int(i)])
-        original = self.original(i, rng)
-        c = self.synth.cfg
-        if c.rotate_original_prob > 0 and rng.random() < c.rotate_original_prob:
-            original = _rotate(original, rng.uniform(-90, 90))
-        aug, mask, has = self.synth(original, rng)
-        return aug, original, mask, has
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        import torch
-
-        aug, original, mask, has = self.sample(i)
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(aug.transpose(2, 0, 1))),
-            "original": torch.from_numpy(np.ascontiguousarray(original.transpose(2, 0, 1))),
-            "mask": torch.from_numpy(mask[None].copy()),
-            "has_anomaly": torch.tensor(float(has), dtype=torch.float32),
-        }
-
-
-def __getattr__(name: str) -> Any:
-    # ``TrainingSet`` subclasses torch's Dataset, so it is built on first access: importing
-    # this module (synthesis grids, calibration tools) must not pull in torch. It is stored
-    # in the module so pickling (spawned DataLoader workers) finds the same class.
-    if name == "TrainingSet":
-        from torch.utils.data import Dataset
-
-        cls = type(name, (_TrainingSetImpl, Dataset), {"__module__": __name__, "__qualname__": name})
-        cls.__doc__ = _TrainingSetImpl.__doc__
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -136,7 +136,8 @@ def resolve_geometry(cfg: dict[str, Any], paths: list[Path]) -> None:
 def build_training_set(
     cfg: dict[str, Any], mcfg: ModelConfig, paths: list[Path]
 ) -> tuple[Any, dict[str, Any]]:
-    from .synthesis import AnomalySynthesizer, SynthesisConfig, TrainingSet
+    from .synthesis import AnomalySynthesizer, SynthesisConfig
+    from .training_set import TrainingSet
 
     d = cfg["data"]
     pre = preprocessor_for_training(cfg, mcfg.height, mcfg.width)
