@@ -20,10 +20,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 from typing import Any
 
 from .errors import ConfigError, PoutaError
+from .handshake import ResultHandshake
 from .sinks import NG, NOT_INSPECTED, OK, REASONS, PartResult
 
 log = logging.getLogger("pouta.edge.modbus")
@@ -75,7 +75,7 @@ def _u32(v: int) -> list[int]:
     return [v >> 16, v & 0xFFFF]
 
 
-class ModbusResultServer:
+class ModbusResultServer(ResultHandshake):
     """A ``ResultSink`` that serves the latest result as Modbus registers."""
 
     name = "modbus"
@@ -95,17 +95,10 @@ class ModbusResultServer:
         except ImportError:
             raise ConfigError("modbus: needs pymodbus >= 3.16: pip install 'pouta-edge[plc]'") from None
         self.host, self.port = host, int(port)
-        self.handshake = handshake
-        self.ack_timeout_s = float(ack_timeout_s)
+        super().__init__(handshake, ack_timeout_s)
         self._regs = [0] * N_REGISTERS
-        self._cond = threading.Condition()
-        self._valid = False
-        self._closing = False
         self.written = 0
-        self.acks = 0
-        self.ack_timeouts = 0
         self.reads = 0
-        self._counts = {OK: 0, NG: 0, NOT_INSPECTED: 0}
         device = SimDevice(
             id=0,  # answers every unit id
             simdata=[
@@ -164,10 +157,8 @@ class ModbusResultServer:
                 addr, value = address + i, int(v) & 0xFFFF
                 self._regs[addr] = value
                 if addr == ACK and self._valid and value == self._regs[SEQ + 1]:
-                    self._valid = False
-                    self.acks += 1
                     self._regs[STATUS] &= ~STATUS_VALID
-                    self._cond.notify_all()
+                    self._acknowledged()
         return None
 
     # -- runtime side --------------------------------------------------------
@@ -179,14 +170,7 @@ class ModbusResultServer:
     def write(self, result: PartResult) -> bool:
         d = result.to_dict()
         with self._cond:
-            if self.handshake and self._valid:
-                deadline = time.monotonic() + self.ack_timeout_s
-                while self._valid and not self._closing:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        self.ack_timeouts += 1
-                        break
-                    self._cond.wait(left)
+            self._await_ack()
             status = d["verdict"]
             self._counts[status] += 1
             norm = d["score_norm"]
@@ -233,14 +217,8 @@ class ModbusResultServer:
 
     def close(self) -> None:
         with self._cond:
-            if self.handshake:
-                # The last result deserves its acknowledge too before the server goes.
-                end = time.monotonic() + self.ack_timeout_s
-                while self._valid and time.monotonic() < end:
-                    self._cond.wait(max(0.0, end - time.monotonic()))
-            self._closing = True
+            self._drain()
             self._regs[STATUS] &= ~(STATUS_READY | STATUS_BUSY)
-            self._cond.notify_all()
         if self._loop.is_closed():
             return
         if self._server is not None and self._loop.is_running():

@@ -22,10 +22,10 @@ import datetime as dt
 import json
 import logging
 import threading
-import time
 from typing import Any
 
 from .errors import ConfigError, PoutaError
+from .handshake import ResultHandshake
 from .sinks import NG, NOT_INSPECTED, OK, PartResult
 
 log = logging.getLogger("pouta.edge.opcua")
@@ -34,7 +34,7 @@ NAMESPACE = "urn:pouta-edge"
 VERDICT_CODES = {OK: 1, NG: 2, NOT_INSPECTED: 3}
 
 
-class OpcUaResultServer:
+class OpcUaResultServer(ResultHandshake):
     """A ``ResultSink`` that publishes each result to an OPC UA address space."""
 
     name = "opcua"
@@ -53,17 +53,10 @@ class OpcUaResultServer:
             raise ConfigError("opcua: needs asyncua: pip install 'pouta-edge[plc]'") from None
         self._ua = ua
         self.endpoint = endpoint
-        self.handshake = handshake
-        self.ack_timeout_s = float(ack_timeout_s)
-        self._cond = threading.Condition()
-        self._valid = False
+        super().__init__(handshake, ack_timeout_s)
         self._seq = 0
-        self._closing = False
         self._part_id_in: str | None = None
         self.written = 0
-        self.acks = 0
-        self.ack_timeouts = 0
-        self._counts = {OK: 0, NG: 0, NOT_INSPECTED: 0}
         self.nodes: dict[str, Any] = {}
         self._loop = asyncio.new_event_loop()
         self._server = Server()
@@ -146,9 +139,7 @@ class OpcUaResultServer:
     def _ack(self, seq: int) -> bool:
         with self._cond:
             if self._valid and seq == self._seq:
-                self._valid = False
-                self.acks += 1
-                self._cond.notify_all()
+                self._acknowledged()
                 return True
             return False
 
@@ -209,14 +200,7 @@ class OpcUaResultServer:
     def write(self, result: PartResult) -> bool:
         d = result.to_dict()
         with self._cond:
-            if self.handshake and self._valid:
-                deadline = time.monotonic() + self.ack_timeout_s
-                while self._valid and not self._closing:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        self.ack_timeouts += 1
-                        break
-                    self._cond.wait(left)
+            self._await_ack()
             status = d["verdict"]
             self._counts[status] += 1
             self._seq = d["seq"]
@@ -261,13 +245,7 @@ class OpcUaResultServer:
 
     def close(self) -> None:
         with self._cond:
-            if self.handshake:
-                # The last result deserves its acknowledge too before the server goes.
-                end = time.monotonic() + self.ack_timeout_s
-                while self._valid and time.monotonic() < end:
-                    self._cond.wait(max(0.0, end - time.monotonic()))
-            self._closing = True
-            self._cond.notify_all()
+            self._drain()
         if self._loop.is_closed() or not self._thread.is_alive():
             return
 

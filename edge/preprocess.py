@@ -14,7 +14,6 @@ the frame rescaled by ``Tiling.scale`` (the "work" image) and cut into H x W til
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -231,8 +230,3 @@ def preprocessor_for(
     return Preprocessor(
         i.height, i.width, roi=roi, interpolation=interpolation, bit_depth=bit_depth, tiling=tiling
     )
-
-
-def batch(images: Sequence[np.ndarray]) -> np.ndarray:
-    """Stack preprocessed [3,H,W] images into a contiguous [N,3,H,W] float32 batch."""
-    return np.ascontiguousarray(np.stack(images, axis=0), dtype=np.float32)
