@@ -289,7 +289,9 @@ class TextureSource:
 
 # ------------------------------------------------------------------ synthesis
 
-VISIBLE_CHANGE = 0.03  # a synthetic defect pixel must change by at least this (of [0, 1])
+# A labelled synthetic-defect pixel must change by at least one grey level: only pixels a
+# blend left as they were lose their label (DRAEM's subtle, low-contrast ones stay).
+VISIBLE_CHANGE = 1.0 / 255.0
 
 
 class AnomalySynthesizer:
