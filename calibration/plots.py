@@ -1,4 +1,5 @@
-"""Score histogram with the chosen threshold drawn: the picture a line engineer checks."""
+"""Score histogram (normal vs defective, the chosen threshold drawn): the picture a line
+engineer checks after calibration, and the one an evaluation report carries."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from pouta.edge.fsutil import atomic_write_bytes
 def save_score_histogram(
     path: str | os.PathLike[str],
     normal: Sequence[float] | np.ndarray,
-    threshold: float,
+    threshold: float | None,
     defect: Sequence[float] | np.ndarray | None = None,
     title: str = "",
 ) -> Path:
+    """Write the histogram PNG atomically; ``threshold`` None draws no threshold line."""
     import matplotlib
 
     # Agg: build boxes and Jetsons have no display.
@@ -26,7 +28,7 @@ def save_score_histogram(
 
     n = np.asarray(normal, dtype=np.float64)
     d = np.asarray(defect if defect is not None else [], dtype=np.float64)
-    both = np.concatenate([n, d, [threshold]])
+    both = np.concatenate([n, d, [] if threshold is None else [threshold]])
     lo, hi = float(both.min()), float(both.max())
     if hi <= lo:
         hi = lo + 1e-3
@@ -36,7 +38,8 @@ def save_score_histogram(
         ax.hist(n, bins=bins, alpha=0.6, label=f"normal (n={n.size})", color="tab:blue")
         if d.size:
             ax.hist(d, bins=bins, alpha=0.6, label=f"defect (n={d.size})", color="tab:red")
-        ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g}")
+        if threshold is not None:
+            ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.4g}")
         ax.set_xlabel("image score")
         ax.set_ylabel("images")
         ax.set_title(title or "calibration scores")

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .drift import ScoreDrift
+from .postprocess import OK
 from .sinks import NOT_INSPECTED, REASONS, VERDICTS, PartResult
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ class MetricsSink:
             self.latency.labels(stage).observe(ms / 1e3)
         if d["score_norm"] is not None:
             self.score.observe(d["score_norm"])
-        if d["verdict"] == "OK" and d["score"] is not None:
+        if d["verdict"] == OK and d["score"] is not None:
             self.drift.add(d["score"])
         return True
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from .postprocess import NG
 from .preprocess import to_rgb8_or_16
 
 
@@ -85,7 +86,7 @@ def draw_overlay(
     if mask.any():
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(out, contours, -1, (255, 255, 255), max(1, out.shape[1] // 400))
-    color = (0, 0, 255) if verdict == "NG" else (0, 200, 0)
+    color = (0, 0, 255) if verdict == NG else (0, 200, 0)
     lines = label or [f"{verdict} {score:.3f}"]
     # Sized so the longest line spans about half the picture, readable on a line-side
     # screen at any camera resolution, but the lines together never cover more than

@@ -17,8 +17,10 @@ from .errors import ConfigError
 from .geometry import FrameGeometry
 from .metadata import Thresholds
 
+# The verdict vocabulary of every record, file, register and message.
 OK = "OK"
 NG = "NG"
+NOT_INSPECTED = "NOT_INSPECTED"  # the part was seen but not judged (dropped, corrupt, error)
 
 
 @dataclass

@@ -35,12 +35,11 @@ import numpy as np
 from .errors import ConfigError
 from .fsutil import atomic_write_bytes, atomic_write_text
 from .overlay import draw_overlay, to_bgr8
-from .postprocess import NG, OK, Verdict
+from .postprocess import NG, NOT_INSPECTED, OK, Verdict
 from .sources import Frame
 
 log = logging.getLogger("pouta.edge.sinks")
 
-NOT_INSPECTED = "NOT_INSPECTED"
 VERDICTS = (OK, NG, NOT_INSPECTED)
 # Why a part was not inspected; the numbers are the Modbus reason codes.
 REASONS = {"dropped": 1, "corrupt_frame": 2, "inference_error": 3, "timeout_after_trigger": 4}

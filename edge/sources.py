@@ -20,10 +20,9 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from .errors import ConfigError, ImageReadError, PoutaError
+from .postprocess import NG, OK
 from .preprocess import is_image_file, read_image
 
-OK = "OK"
-NG = "NG"
 GOOD_FOLDER_NAMES = frozenset({"good", "ok", "normal"})
 
 

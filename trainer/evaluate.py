@@ -25,6 +25,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from pouta.calibration.plots import save_score_histogram
 from pouta.edge.errors import PoutaError
 from pouta.edge.geometry import FrameGeometry, score_frames
 from pouta.edge.overlay import draw_overlay, to_bgr8
@@ -117,38 +118,6 @@ def _overlay_png(
     panels = [_label(bgr, "input"), sep, _label(over, "overlay"), sep, _label(gt, gt_text)]
     if not cv2.imwrite(str(path), np.concatenate(panels, axis=0 if wide else 1)):
         raise OSError(f"{path}: could not write overlay PNG")
-
-
-def _histogram_png(path: Path, scores: np.ndarray, labels: np.ndarray, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    lo, hi = float(scores.min()), float(scores.max())
-    bins = np.linspace(lo, hi if hi > lo else lo + 1e-6, 31)
-    ax.hist(
-        scores[labels == 0],
-        bins=bins,
-        alpha=0.6,
-        label=f"good ({int((labels == 0).sum())})",
-        color="tab:blue",
-    )
-    ax.hist(
-        scores[labels == 1],
-        bins=bins,
-        alpha=0.6,
-        label=f"defective ({int((labels == 1).sum())})",
-        color="tab:red",
-    )
-    ax.set_xlabel("image score")
-    ax.set_ylabel("images")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def evaluate(
@@ -275,7 +244,9 @@ def evaluate(
         (out / "overlays").mkdir(parents=True, exist_ok=True)
         files: list[str] = []
         hist = out / "score_histogram.png"
-        _histogram_png(hist, scores, labels, f"{dataset.name}: image scores")
+        save_score_histogram(
+            hist, scores[labels == 0], None, scores[labels == 1], f"{dataset.name}: image scores"
+        )
         files.append(hist.name)
         # Tint from a high quantile of the good images' map values up: the level a
         # calibrated pixel threshold would sit near, so overlays show what the runtime would.
