@@ -14,11 +14,11 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pouta.edge.metadata import ARTIFACT_TOOLS, tool_versions
 
 # Paper Table 5 (224x224, batch 1). FLOPs there are almost certainly MACs (thop style).
 PAPER = {
@@ -137,29 +137,12 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-PACKAGES = (
-    "pouta-edge",
-    "torch",
-    "onnx",
-    "onnxruntime",
-    "onnxruntime-gpu",
-    "onnxconverter-common",
-    "tensorrt",
-    "numpy",
-    "opencv-python-headless",
-    "matplotlib",
-    "scikit-learn",
-)
+# What a benchmark's numbers depend on: the artifact tools plus the quantizer and plotting.
+PACKAGES = (*ARTIFACT_TOOLS, "onnxconverter-common", "matplotlib", "scikit-learn")
 
 
 def package_versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for dist in PACKAGES:
-        try:
-            out[dist] = importlib_metadata.version(dist)
-        except importlib_metadata.PackageNotFoundError:
-            continue
-    return out
+    return tool_versions(PACKAGES)
 
 
 def machine_info(threads: int) -> dict[str, Any]:

@@ -243,19 +243,23 @@ def check_request(meta: ModelMetadata, source: str, **expected: Any) -> None:
             )
 
 
-def tool_versions() -> dict[str, str]:
-    """Versions of the tools that matter for reproducing an artifact (no heavy imports)."""
+ARTIFACT_TOOLS: tuple[str, ...] = (
+    "pouta-edge",
+    "torch",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "tensorrt",
+    "opencv-python-headless",
+    "numpy",
+)
+
+
+def tool_versions(dists: tuple[str, ...] = ARTIFACT_TOOLS) -> dict[str, str]:
+    """Python and the installed versions of ``dists`` (those that matter for reproducing an
+    artifact by default); no heavy imports."""
     out = {"python": platform.python_version()}
-    for dist in (
-        "pouta-edge",
-        "torch",
-        "onnx",
-        "onnxruntime",
-        "onnxruntime-gpu",
-        "tensorrt",
-        "opencv-python-headless",
-        "numpy",
-    ):
+    for dist in dists:
         try:
             out[dist] = importlib_metadata.version(dist)
         except importlib_metadata.PackageNotFoundError:

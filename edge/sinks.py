@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import csv
+import io
 import json
 import logging
 import os
@@ -192,14 +194,14 @@ class PartResult:
             d["latency_ms"].get("total", ""),
             d["model_id"],
         ]
-        return ",".join(_csv_field(v) for v in vals) + "\n"
+        return csv_row(vals)
 
 
-def _csv_field(v: object) -> str:
-    s = str(v)
-    if any(c in s for c in ',"\n\r'):
-        return '"' + s.replace('"', '""') + '"'
-    return s
+def csv_row(values: list[Any] | tuple[Any, ...]) -> str:
+    """One CSV line (the stdlib's minimal quoting), newline included."""
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(values)
+    return buf.getvalue()
 
 
 class ResultSink(Protocol):
@@ -311,7 +313,7 @@ class ResultWriter:
         try:
             self.parts_dir.mkdir(parents=True, exist_ok=True)
             if self.csv and not self.csv_path.exists():
-                self._append(self.csv_path, ",".join(CSV_COLUMNS) + "\n")
+                self._append(self.csv_path, csv_row(CSV_COLUMNS))
         except OSError as exc:
             self._error("prepare", exc)
             return False
@@ -371,7 +373,7 @@ class ResultWriter:
             if self.csv_path.stat().st_size < self.csv_max_bytes:
                 return
         except FileNotFoundError:
-            self._append(self.csv_path, ",".join(CSV_COLUMNS) + "\n")
+            self._append(self.csv_path, csv_row(CSV_COLUMNS))
             return
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         target = self.out / f"results.{stamp}.csv"
@@ -380,7 +382,7 @@ class ResultWriter:
             target = self.out / f"results.{stamp}-{n}.csv"
             n += 1
         os.replace(self.csv_path, target)
-        self._append(self.csv_path, ",".join(CSV_COLUMNS) + "\n")
+        self._append(self.csv_path, csv_row(CSV_COLUMNS))
         rotated = sorted(self.out.glob("results.*.csv"), key=lambda p: p.stat().st_mtime_ns)
         for old in rotated[: max(0, len(rotated) - self.csv_keep)]:
             with contextlib.suppress(FileNotFoundError):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import DoubleConv, UpBlock
+from .layers import DoubleConv, UpBlock, encode_pyramid
 
 
 @dataclass
@@ -48,14 +48,8 @@ class ReconstructiveAE(nn.Module):
         self.image_head = nn.Conv2d(w1, 3, 3, padding=1)
 
     def forward(self, x: torch.Tensor, with_image: bool = True) -> AEFeatures:
-        enc: list[torch.Tensor] = []
-        h = x
-        for i, block in enumerate(self.enc):
-            if i > 0:
-                h = F.max_pool2d(h, 2)
-            h = block(h)
-            enc.append(h)
-        h = self.mapping(F.max_pool2d(h, 2))
+        enc = encode_pyramid(self.enc, x)
+        h = self.mapping(F.max_pool2d(enc[-1], 2))
         dec: list[torch.Tensor] = [h] * 4
         for i in (3, 2, 1, 0):
             h = self.dec[i](h, (enc[i].shape[-2], enc[i].shape[-1]))

@@ -117,3 +117,15 @@ class UpBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         return self.block(self.reduce(resize_to(x, size)))
+
+
+def encode_pyramid(blocks: nn.ModuleList, x: torch.Tensor) -> list[torch.Tensor]:
+    """Run ``blocks`` with a 2x max-pool between them: features at H, H/2, H/4, ... (one per block)."""
+    feats: list[torch.Tensor] = []
+    h = x
+    for i, block in enumerate(blocks):
+        if i > 0:
+            h = F.max_pool2d(h, 2)
+        h = block(h)
+        feats.append(h)
+    return feats

@@ -8,7 +8,7 @@ from torch import nn
 
 from .autoencoder import ReconstructiveAE
 from .config import ModelConfig, check_input_size
-from .layers import DoubleConv, MapSmoothing, ModelOutput, head_output
+from .layers import DoubleConv, MapSmoothing, ModelOutput, encode_pyramid, head_output
 
 
 class UNetDiscriminator(nn.Module):
@@ -30,14 +30,8 @@ class UNetDiscriminator(nn.Module):
         self.out = nn.Conv2d(w[0], 2, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips: list[torch.Tensor] = []
-        h = x
-        for i, block in enumerate(self.enc):
-            if i > 0:
-                h = F.max_pool2d(h, 2)
-            h = block(h)
-            skips.append(h)
-        h = self.bottleneck(F.max_pool2d(h, 2))
+        skips = encode_pyramid(self.enc, x)
+        h = self.bottleneck(F.max_pool2d(skips[-1], 2))
         for i in (3, 2, 1, 0):
             h = self.up[i](h, skips[i])
         return self.out(h)
