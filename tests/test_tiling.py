@@ -59,9 +59,13 @@ def _stats(h: int, w: int) -> DataStats:
 
 
 def test_automatic_geometry_rules() -> None:
-    # Small images: one whole-image input, as before.
+    # Small images, and those a whole-image input shrinks at most 2x: one input, as before.
     g = choose_geometry(_stats(128, 128), (128, 128), "auto")
     assert g.tiling is None and (g.height, g.width) == (128, 128)
+    g = choose_geometry(_stats(256, 256), (128, 128), "auto")
+    assert g.tiling is None and g.downscale == 2.0
+    g = choose_geometry(_stats(300, 300), (128, 128), "auto")  # 2.3x: tiled at scale 256/300
+    assert g.tiling is not None and round(300 * g.tiling.scale) == 256
     # A fabric web 256 x 4096: native scale, tiles.
     g = choose_geometry(_stats(256, 4096), (128, 128), "auto")
     assert g.tiling is not None and g.tiling.scale == 1.0 and g.downscale == 1.0

@@ -3,12 +3,13 @@
 Rules (``data.tile_scale: auto`` and ``--size``, the defaults):
 
 - The model input (tile) is the preset's H x W (``tiny`` 128 x 128) unless ``--size`` says.
-- Work scale ``s = min(1, 2 * tile_short_side / median_short_side)``: images are never
-  upscaled, and a large image is shrunk only until its short side is two tiles long, so
-  thin cracks and small pits keep most of their pixels.
-- If the whole work image fits in one tile, the model sees the whole image (no tiling);
-  otherwise it is tiled: random tile-size crops of the work image in training, and
-  overlapping tiles (``Tiling.overlap``) batched into one call at inference.
+- Images that a whole-image input shrinks by at most 2x (e.g. up to 256 x 256 for
+  ``tiny``) stay whole: the model keeps the global view, which large defects (a missing
+  piece of a bottle) need.
+- Larger ones are tiled. Work scale ``s = min(1, 2 * tile_short_side / median_short_side)``:
+  never upscaled, and shrunk only until the short side is two tiles long, so thin cracks
+  and small pits keep most of their pixels; random tile-size crops of the work image in
+  training, overlapping tiles (``Tiling.overlap``) batched into one call at inference.
 - ``--size auto`` instead keeps one whole-image input with the training images' median
   aspect ratio and the preset's pixel count, each side a multiple of 16 (long side at most
   4x the preset side).
@@ -28,6 +29,7 @@ from pouta.edge.geometry import Tiling
 from pouta.edge.preprocess import Preprocessor, read_image
 
 WORK_SHORT_SIDE_IN_TILES = 2.0
+WHOLE_IMAGE_MAX_DOWNSCALE = 2.0
 DEFAULT_OVERLAP = 0.25
 MIN_DEFECT_PX = 2.0  # a defect narrower than this at model scale is hard to see
 WARN_DOWNSCALE = 2.0  # past this, a 4 px defect at source shrinks below MIN_DEFECT_PX
@@ -134,9 +136,10 @@ def choose_geometry(
     if tile_scale in (None, 0, "off", False):
         return Geometry(th, tw, None, max(mh / th, mw / tw))
     if tile_scale == "auto":
+        whole_downscale = max(mh / th, mw / tw)
         scale = min(1.0, WORK_SHORT_SIDE_IN_TILES * min(th, tw) / min(mh, mw))
-        if mh * scale <= th and mw * scale <= tw:
-            return Geometry(th, tw, None, max(mh / th, mw / tw))
+        if whole_downscale <= WHOLE_IMAGE_MAX_DOWNSCALE or (mh * scale <= th and mw * scale <= tw):
+            return Geometry(th, tw, None, whole_downscale)
     else:
         try:
             scale = float(tile_scale)
