@@ -97,7 +97,7 @@ def test_train_set_and_print_config(capsys: pytest.CaptureFixture[str]) -> None:
     )
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["train"]["lr"] == pytest.approx(2e-4) and cfg["model"]["kind"] == "vanilla"
-    assert cfg["synthesis"]["modes"] == {"spot": 1} and cfg["data"]["tile_scale"] == "auto"
+    assert cfg["synthesis"]["modes"] == {"spot": 1} and cfg["data"]["tile_scale"] == "off"
     assert cfg["train"]["stall_timeout_s"] == 300  # defaults are printed, from the packaged preset
     for bad, message in (
         ("train.lr=fast", "pouta-train: train.lr: expected a number, got 'fast'"),
