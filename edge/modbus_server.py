@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from typing import Any
 
 from .errors import ConfigError, PoutaError
 from .handshake import ResultHandshake
+from .loop_thread import start_loop_thread
 from .sinks import NG, NOT_INSPECTED, OK, REASONS, PartResult
 
 log = logging.getLogger("pouta.edge.modbus")
@@ -109,8 +109,6 @@ class ModbusResultServer(ResultHandshake):
         )
         self._loop = asyncio.new_event_loop()
         self._server: Any = None
-        self._error: BaseException | None = None
-        started = threading.Event()
 
         async def serve() -> None:
             self._server = ModbusTcpServer(device, address=(self.host, self.port))
@@ -119,21 +117,9 @@ class ModbusResultServer(ResultHandshake):
             if sockets:
                 self.port = int(sockets[0].getsockname()[1])
 
-        def run() -> None:
-            asyncio.set_event_loop(self._loop)
-            try:
-                self._loop.run_until_complete(serve())
-            except BaseException as exc:
-                self._error = exc
-                started.set()
-                return
-            started.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, name="pouta-modbus", daemon=True)
-        self._thread.start()
-        if not started.wait(start_timeout_s) or self._error is not None:
-            raise PoutaError(f"modbus: cannot listen on {self.host}:{self.port} ({self._error or 'timeout'})")
+        self._thread, error = start_loop_thread(self._loop, serve, "pouta-modbus", start_timeout_s)
+        if error is not None:
+            raise PoutaError(f"modbus: cannot listen on {self.host}:{self.port} ({error})")
         log.info("Modbus TCP server on %s:%d", self.host, self.port)
 
     # -- PLC side (server thread) -----------------------------------------

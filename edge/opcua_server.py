@@ -21,11 +21,11 @@ import asyncio
 import datetime as dt
 import json
 import logging
-import threading
 from typing import Any
 
 from .errors import ConfigError, PoutaError
 from .handshake import ResultHandshake
+from .loop_thread import start_loop_thread
 from .sinks import NG, NOT_INSPECTED, OK, PartResult
 
 log = logging.getLogger("pouta.edge.opcua")
@@ -60,26 +60,11 @@ class OpcUaResultServer(ResultHandshake):
         self.nodes: dict[str, Any] = {}
         self._loop = asyncio.new_event_loop()
         self._server = Server()
-        self._error: BaseException | None = None
         self._poll: asyncio.Task[None] | None = None
         self._write_lock: asyncio.Lock | None = None
-        started = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(self._loop)
-            try:
-                self._loop.run_until_complete(self._start())
-            except BaseException as exc:
-                self._error = exc
-                started.set()
-                return
-            started.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, name="pouta-opcua", daemon=True)
-        self._thread.start()
-        if not started.wait(start_timeout_s) or self._error is not None:
-            raise PoutaError(f"opcua: cannot serve {endpoint} ({self._error or 'timeout'})")
+        self._thread, error = start_loop_thread(self._loop, self._start, "pouta-opcua", start_timeout_s)
+        if error is not None:
+            raise PoutaError(f"opcua: cannot serve {endpoint} ({error})")
         log.info("OPC UA server on %s", endpoint)
 
     async def _start(self) -> None:
