@@ -10,7 +10,6 @@ different model.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -91,12 +90,6 @@ class ImageSet:
         work = self.image(index)
         tiles = self.preprocessor.geometry_of_work(work.shape[1:]).cut(work)
         return tiles[int(rng.integers(len(tiles)))] if len(tiles) > 1 else tiles[0]
-
-    def batches(self, batch_size: int = 8) -> Iterator[np.ndarray]:
-        """[N, 3, H, W] float32 model inputs (all tiles of every image) in file order."""
-        inputs = (t for work, geo in self.frames() for t in geo.cut(work))
-        while chunk := list(itertools.islice(inputs, batch_size)):
-            yield np.ascontiguousarray(np.stack(chunk))
 
     def describe(self) -> dict[str, Any]:
         """What the metadata records about this set (no absolute paths: they leak and drift)."""

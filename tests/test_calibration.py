@@ -38,8 +38,9 @@ def test_set_is_deterministic_recursive_and_hashed(tmp_path: Path) -> None:
     assert s1.files == s2.files and s1.sha256 == s2.sha256 and len(s1) == 8 and s1.n_found == 12
     assert any("sub" in p.parts for p in s1.files)
     assert load_image_set(tmp_path / "a", PRE, n=8, seed=4, min_images=2).sha256 != s1.sha256
-    batch = next(s1.batches(4))
-    assert batch.shape == (4, 3, H, W) and batch.dtype == np.float32
+    work, geometry = next(s1.frames())
+    batch = geometry.cut(work)
+    assert batch.shape == (1, 3, H, W) and batch.dtype == np.float32
     r = ImageSetReader(s1, synthetic_fraction=0.5, seed=0)
     first = [r.get_next()["image"] for _ in range(len(s1))]  # type: ignore[index]
     assert r.get_next() is None

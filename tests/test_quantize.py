@@ -19,6 +19,7 @@ from pouta.calibration.quantize import (
     quantize_pair,
     quantized_weight_layers,
 )
+from pouta.calibration.scoring import score_set
 from pouta.edge.backend import OnnxRuntimeBackend
 from pouta.edge.metadata import load_for_model
 from pouta.edge.preprocess import preprocessor_for
@@ -67,7 +68,7 @@ def _scores(path: Path, fp32: Path, folders: list[Path]) -> np.ndarray:
     out = []
     for folder in folders:
         s = load_image_set(folder, pre, n=None, min_images=1)
-        out += [backend.run(b)[1] for b in s.batches(8)]
+        out.append(score_set(backend, s).scores)
     return np.concatenate(out).astype(np.float64)
 
 
