@@ -45,7 +45,7 @@ def int8_onnx(fp32: Path, calib_dir: Path | None, target: str = "int8", n_calib:
         return want
     log(f"  quantizing {fp32.name} -> {cpu.name}, {trt.name} (calibration: {calib_dir})")
     from pouta.calibration.calibset import DEFAULT_N_CALIB
-    from pouta.calibration.pipeline import CalibOptions, build_portable
+    from pouta.calibration.steps import CalibOptions, build_portable
 
     # Exactly what `pouta-build-engine --int8` does (same calibration inputs, synthetic
     # defect share, sidecars and thresholds), so benchmark accuracy is what users get.

@@ -18,8 +18,8 @@ from pouta.edge.settings import add_config_args, dump, resolve_namespace
 
 from .calibset import DEFAULT_MIN_IMAGES, DEFAULT_N_CALIB, DEFAULT_SYNTHETIC_FRACTION, list_images
 from .errors import CalibrationError
-from .pipeline import CalibOptions, ThresholdOptions, build_portable, calibrate_model, write_sidecar
 from .quantize import CALIB_METHODS, DEFAULT_CALIB_METHOD
+from .steps import CalibOptions, ThresholdOptions, build_portable, calibrate_model, write_sidecar
 from .tensorrt_build import (
     DEFAULT_WORKSPACE_MB,
     BuildRequest,

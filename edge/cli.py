@@ -338,7 +338,7 @@ def _run_pipeline(a: argparse.Namespace, cfg: dict[str, Any], overrides: dict[st
                 except PoutaError as exc:
                     print(f"pouta-edge: reload refused, thresholds unchanged: {exc}", file=sys.stderr)
             if not a.quiet:
-                line = pipe.stats.status_line()
+                line = pipe.status_line()
                 # One updating line on a terminal, plain lines in a log file.
                 sys.stderr.write(f"\r{line}\033[K" if live else line + "\n")
                 sys.stderr.flush()

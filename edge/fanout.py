@@ -25,15 +25,11 @@ from .sinks import PartResult, ResultSink
 log = logging.getLogger("pouta.edge.fanout")
 
 
-def sink_name(sink: object) -> str:
-    return str(getattr(sink, "name", type(sink).__name__))
-
-
 class SinkWorker:
     def __init__(self, sink: ResultSink, max_records: int = 100000, image_slots: int = 16) -> None:
         self.sink = sink
-        self.name = sink_name(sink)
-        self.needs_images = bool(getattr(sink, "needs_images", False))
+        self.name = sink.name
+        self.needs_images = sink.needs_images
         self.max_records = max(1, int(max_records))
         self.image_slots = max(0, int(image_slots))
         self._q: collections.deque[PartResult] = collections.deque()
@@ -117,13 +113,10 @@ class SinkWorker:
         return not self._thread.is_alive()
 
     def stats(self) -> dict[str, Any]:
-        own: dict[str, Any] = {}
-        fn = getattr(self.sink, "stats", None)
-        if fn is not None:
-            try:
-                own = dict(fn())
-            except Exception as exc:  # a broken stats() must not break the summary
-                own = {"stats_error": str(exc)}
+        try:
+            own = dict(self.sink.stats())
+        except Exception as exc:  # a broken stats() must not break the summary
+            own = {"stats_error": str(exc)}
         return {
             "delivered": self.delivered,
             "failed": self.failed,

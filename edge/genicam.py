@@ -456,7 +456,6 @@ class GenICamSource:
         self.reconnects = 0  # successful re-creations after a loss
         self.reconnect_failures = 0
         self.device_losses = 0
-        self.timeouts = 0  # free-running fetch timeouts
         self.trigger_waits = 0  # triggered: fetch timeouts while waiting for a part (not failures)
         self.probes = 0
         self.incomplete_frames = 0  # buffers harvesters dropped as incomplete
@@ -507,7 +506,6 @@ class GenICamSource:
             "reconnects": self.reconnects,
             "reconnect_failures": self.reconnect_failures,
             "device_losses": self.device_losses,
-            "timeouts": self.timeouts,
             "trigger_waits": self.trigger_waits,
             "incomplete_frames": self.incomplete_frames,
             "strobe_pulses": pulse.pulses if pulse else 0,
@@ -728,7 +726,6 @@ class GenICamSource:
 
     def _stall(self) -> None:
         """The free-running rule: ``reconnect_after`` fetch timeouts in a row mean the camera is lost."""
-        self.timeouts += 1
         self._stalled += 1
         if self._stalled >= self.reconnect_after:
             self._lose(f"free-running camera sent nothing for {self._stalled} fetches of {self.timeout_s} s")

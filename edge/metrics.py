@@ -113,6 +113,9 @@ class MetricsSink:
     def exposition(self) -> bytes:
         return bytes(_prometheus().generate_latest(self.registry))
 
+    def stats(self) -> dict[str, Any]:
+        return {"drift_ratio": self.drift.snapshot().get("ratio")}
+
     def close(self) -> None:
         pass
 

@@ -58,16 +58,13 @@ class Stats:
     started: float = field(default_factory=time.perf_counter)
     acquired: int = 0
     processed: int = 0
-    written: int = 0
     ok: int = 0
     ng: int = 0
     not_inspected: int = 0
     dropped: int = 0
     corrupt: int = 0
     timeouts: int = 0
-    reconnects: int = 0
     frame_errors: int = 0
-    write_errors: int = 0
     labelled: int = 0
     correct: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -105,16 +102,13 @@ class Stats:
                 for k in (
                     "acquired",
                     "processed",
-                    "written",
                     "ok",
                     "ng",
                     "not_inspected",
                     "dropped",
                     "corrupt",
                     "timeouts",
-                    "reconnects",
                     "frame_errors",
-                    "write_errors",
                     "labelled",
                     "correct",
                 )
@@ -130,20 +124,21 @@ class Stats:
             "accuracy": round(counts["correct"] / counts["labelled"], 4) if counts["labelled"] else None,
         }
 
-    def status_line(self) -> str:
-        s = self.snapshot()
-        tot = s["latency_ms"].get("total", {"p50": 0.0, "p99": 0.0})
-        line = (
-            f"{s['processed']} parts  {s['fps']:.1f} fps  latency p50 {tot['p50']:.1f} ms "
-            f"p99 {tot['p99']:.1f} ms  OK {s['ok']} NG {s['ng']}  not inspected {s['not_inspected']}  "
-            f"dropped {s['dropped']}"
-        )
-        extra = [
-            f"{k.replace('_', ' ')} {s[k]}"
-            for k in ("corrupt", "timeouts", "reconnects", "frame_errors", "write_errors")
-            if s[k]
-        ]
-        return line + ("  " + "  ".join(extra) if extra else "")
+
+def status_line(s: dict[str, Any]) -> str:
+    """One console line from a pipeline's ``summary()``."""
+    tot = s["latency_ms"].get("total", {"p50": 0.0, "p99": 0.0})
+    line = (
+        f"{s['processed']} parts  {s['fps']:.1f} fps  latency p50 {tot['p50']:.1f} ms "
+        f"p99 {tot['p99']:.1f} ms  OK {s['ok']} NG {s['ng']}  not inspected {s['not_inspected']}  "
+        f"dropped {s['dropped']}"
+    )
+    extra = [
+        f"{k.replace('_', ' ')} {s[k]}"
+        for k in ("corrupt", "timeouts", "reconnects", "frame_errors", "write_errors")
+        if s[k]
+    ]
+    return line + ("  " + "  ".join(extra) if extra else "")
 
 
 @dataclass
@@ -267,8 +262,7 @@ class Pipeline:
         self._inflight = 0
         self._done = threading.Event()
         self._closed = False
-        if hasattr(source, "stop_event"):
-            source.stop_event = self.stop_event  # type: ignore[attr-defined]
+        source.stop_event = self.stop_event
 
     @property
     def sink(self) -> ResultSink | None:
@@ -360,16 +354,24 @@ class Pipeline:
             out[name] = st
         return out
 
+    def counters(self) -> dict[str, Any]:
+        """The pipeline's own counters plus the source's (each counted by its one owner)."""
+        return {**self.stats.snapshot(), "reconnects": self.source.reconnects, "source": self.source.stats}
+
+    def status_line(self) -> str:
+        return status_line(self.summary())
+
     def summary(self) -> dict[str, Any]:
-        s = self.stats.snapshot()
-        s["reconnects"] = max(s["reconnects"], int(getattr(self.source, "reconnects", 0)))
+        """``counters()`` plus every sink's own counters; the first sink's (the files, when
+        configured) are the headline ``written`` and ``unsaved_in_memory``."""
+        s = self.counters()
         s["model_id"] = self.model_id
         s["backend"] = self.backend.name
         sinks = self.sink_stats()
         s["sinks"] = sinks
-        first = self.sink
-        s["written"] = int(getattr(first, "written", self.workers[0].delivered if self.workers else 0))
-        s["unsaved_in_memory"] = int(getattr(first, "backlog", 0))
+        first = next(iter(sinks.values()), {})
+        s["written"] = int(first.get("written", first.get("delivered", 0)))
+        s["unsaved_in_memory"] = int(first.get("backlog", 0))
         s["backlog_dropped"] = sum(int(v.get("backlog_dropped", 0)) for v in sinks.values())
         s["write_errors"] = sum(int(v.get("errors", 0)) + int(v["exceptions"]) for v in sinks.values())
         if self.workers:
@@ -379,7 +381,7 @@ class Pipeline:
 
     # -- helpers -----------------------------------------------------------
     def _new_part(self, frame: Frame | None, reason: str | None = None) -> _Part:
-        part_id = getattr(frame, "part_id", None) if frame is not None else None
+        part_id = frame.part_id if frame is not None else None
         if part_id is None:
             part_id = self._plc_part_id()
         return _Part(self.sequence.next(), None if part_id is None else str(part_id), frame, reason)
@@ -394,7 +396,7 @@ class Pipeline:
             try:
                 pid = fn()
             except Exception as exc:
-                log.warning("reading the part id from %s failed: %s", getattr(s, "name", s), exc)
+                log.warning("reading the part id from %s failed: %s", s.name, exc)
                 continue
             if pid is not None:
                 return str(pid)
@@ -456,7 +458,7 @@ class Pipeline:
                 except FrameTimeout as exc:
                     self.stats.add(timeouts=1)
                     log.debug("%s", exc)
-                    if getattr(exc, "after_trigger", False):
+                    if exc.after_trigger:
                         # Triggered, so a part was there, but no frame came.
                         n += 1
                         self.stats.add(acquired=1)
@@ -477,9 +479,6 @@ class Pipeline:
             self.fatal = exc
             log.exception("acquisition thread stopped: %s", exc)
         finally:
-            reconnects = int(getattr(self.source, "reconnects", 0))
-            with self.stats.lock:
-                self.stats.reconnects = max(self.stats.reconnects, reconnects)
             try:
                 self.source.close()
             except Exception as exc:
@@ -597,7 +596,7 @@ class Pipeline:
                 try:
                     fn(beat, state)
                 except Exception as exc:
-                    log.debug("heartbeat to %s failed: %s", getattr(sink, "name", sink), exc)
+                    log.debug("heartbeat to %s failed: %s", sink.name, exc)
 
 
 _NO_PIXELS = np.empty((0, 0), np.uint8)
@@ -621,7 +620,7 @@ def _slim(frame: Frame | None) -> Frame | None:
 
 
 def _empty_frame(source: FrameSource, wall_time: float) -> Frame:
-    return Frame(_NO_PIXELS, -1, int(wall_time * 1e9), getattr(source, "name", "source"))
+    return Frame(_NO_PIXELS, -1, int(wall_time * 1e9), source.name)
 
 
 __all__ = ["FPS_WINDOW", "NOT_INSPECTED", "FrameQueue", "Pipeline", "Stats", "percentile"]

@@ -205,12 +205,20 @@ def csv_row(values: list[Any] | tuple[Any, ...]) -> str:
 
 
 class ResultSink(Protocol):
-    """What the pipeline hands every part to. Optional extras a sink may have:
-    ``name``, ``needs_images`` (False: gets records without pixels), ``heartbeat(beat,
-    state)``, ``part_id() -> str | None`` (an id the PLC wrote for the next part) and
-    ``stats() -> dict``."""
+    """What the pipeline hands every part to.
+
+    ``stats()`` returns the counters only the sink can see (written, errors, backlog ...);
+    the pipeline reports them as they are. ``needs_images`` False: the sink gets records
+    without pixels. Optional capabilities a sink may have: ``heartbeat(beat, state)`` and
+    ``part_id() -> str | None`` (an id the PLC wrote for the next part).
+    """
+
+    name: str
+    needs_images: bool
 
     def write(self, result: PartResult) -> bool: ...
+
+    def stats(self) -> dict[str, Any]: ...
 
     def close(self) -> None: ...
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -27,7 +27,15 @@ GOOD_FOLDER_NAMES = frozenset({"good", "ok", "normal"})
 
 
 class FrameTimeout(PoutaError):
-    """No frame arrived within the source's timeout."""
+    """No frame arrived within the source's timeout.
+
+    ``after_trigger``: the source knows a part was there (a trigger fired) and its frame
+    never came; the pipeline then gives that part a NOT_INSPECTED record.
+    """
+
+    def __init__(self, message: str, after_trigger: bool = False) -> None:
+        super().__init__(message)
+        self.after_trigger = after_trigger
 
 
 class SourceError(PoutaError):
@@ -45,18 +53,45 @@ class Frame:
     label: str | None = None  # OK/NG when known (replayed labelled folder)
     path: str | None = None
     color_order: str = "BGR"  # of ``image`` when it has 3/4 channels
+    part_id: str | None = None  # set by a source that reads the part's id (else the PLC's is used)
     acquired: float = field(default_factory=time.perf_counter)
 
 
 @runtime_checkable
 class FrameSource(Protocol):
+    """What the pipeline reads frames from.
+
+    ``stop_event`` is handed over by the pipeline: a read that waits (pacing, a trigger)
+    returns once it is set. ``reconnects`` and ``stats`` are the counters only the source
+    can see (the pipeline counts frames, timeouts and corrupt frames itself).
+    """
+
     name: str
+    stop_event: threading.Event | None
+    reconnects: int
+
+    @property
+    def stats(self) -> dict[str, Any]: ...
 
     def open(self) -> None: ...
 
     def read(self) -> Frame | None: ...
 
     def close(self) -> None: ...
+
+
+class SourceBase:
+    """The members of ``FrameSource`` that a source which cannot reconnect shares."""
+
+    name = "source"
+
+    def __init__(self) -> None:
+        self.stop_event: threading.Event | None = None
+        self.reconnects = 0
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return {}
 
 
 def signal_verdict(source: object, ng: bool) -> None:
@@ -128,7 +163,7 @@ class _Pacer:
         self.next = max(self.next, time.perf_counter() - self.period) + self.period
 
 
-class ImageFolderSource:
+class ImageFolderSource(SourceBase):
     """Replays a folder (recursively) or glob of images as a camera."""
 
     def __init__(
@@ -138,6 +173,7 @@ class ImageFolderSource:
         loop: bool = False,
         labels: bool = True,
     ) -> None:
+        super().__init__()
         if isinstance(spec, str | os.PathLike):
             self.files, root = list_images(spec)
             self.name = f"images:{os.fspath(spec)}"
@@ -149,7 +185,6 @@ class ImageFolderSource:
         self._pacer = _Pacer(fps)
         self._index = 0
         self._frame_id = 0
-        self.stop_event: threading.Event | None = None
 
     def open(self) -> None:
         self._index = 0
@@ -180,7 +215,7 @@ class ImageFolderSource:
         pass
 
 
-class ArraySource:
+class ArraySource(SourceBase):
     """In-memory frames (benchmarks, tests): replays a list of images at ``fps``."""
 
     def __init__(
@@ -191,6 +226,7 @@ class ArraySource:
         count: int | None = None,
         name: str = "arrays",
     ) -> None:
+        super().__init__()
         if not images:
             raise ConfigError("ArraySource: expected at least one image")
         self.images = list(images)
@@ -199,7 +235,6 @@ class ArraySource:
         self.name = name
         self._pacer = _Pacer(fps)
         self._n = 0
-        self.stop_event: threading.Event | None = None
 
     def open(self) -> None:
         self._n = 0
@@ -216,17 +251,17 @@ class ArraySource:
         pass
 
 
-class VideoSource:
+class VideoSource(SourceBase):
     """OpenCV ``VideoCapture``: a video file (``--video``) or a UVC/V4L2 camera (``--uvc``)."""
 
     def __init__(self, target: str | int, fps: float | None = None, loop: bool = False) -> None:
+        super().__init__()
         self.target = target
         self.loop = loop and not isinstance(target, int)
         self.name = f"uvc:{target}" if isinstance(target, int) else f"video:{target}"
         self._pacer = _Pacer(fps)
         self._cap: object | None = None
         self._frame_id = 0
-        self.stop_event: threading.Event | None = None
 
     def open(self) -> None:
         import cv2

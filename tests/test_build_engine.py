@@ -311,7 +311,7 @@ def qdq_model(fp32: Path, tmp_path: Path) -> Path:
     import cv2
     import numpy as np
     from contract_models import dark_part
-    from pouta.calibration.pipeline import CalibOptions, build_portable
+    from pouta.calibration.steps import CalibOptions, build_portable
 
     calib = tmp_path / "calib"
     calib.mkdir()

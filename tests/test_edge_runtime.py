@@ -25,7 +25,7 @@ from pouta.edge.pipeline import Pipeline
 from pouta.edge.postprocess import PostProcessor
 from pouta.edge.preprocess import Preprocessor
 from pouta.edge.sinks import ResultWriter
-from pouta.edge.sources import ArraySource, ImageFolderSource, label_for
+from pouta.edge.sources import ArraySource, Frame, FrameTimeout, ImageFolderSource, label_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -475,3 +475,39 @@ def test_pipeline_owns_and_closes_what_it_was_built_from(tmp_path: Path) -> None
     assert closed == ["files", "backend"] and _CountingSource.closed == 1
     pipe.close()  # idempotent
     assert closed == ["files", "backend"]
+
+
+class _FlakyCamera(ArraySource):
+    """A camera that reconnected twice, times out once on its own and once after a trigger."""
+
+    def __init__(self, images: list[np.ndarray]) -> None:
+        super().__init__(images, count=6, name="flaky")
+        self.reconnects = 2
+        self.reads = 0
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {"device_losses": 2}
+
+    def read(self) -> Frame | None:
+        self.reads += 1
+        if self.reads == 2:
+            raise FrameTimeout("free-running: nothing")
+        if self.reads == 4:
+            raise FrameTimeout("triggered, no frame", after_trigger=True)
+        return super().read()
+
+
+def test_each_counter_comes_from_its_one_owner(brightness_onnx: Path, tmp_path: Path) -> None:
+    imgs = [dark_part(64, 64, np.random.default_rng(i), False) for i in range(3)]
+    cfg = run_cfg(brightness_onnx, tmp_path, tmp_path / "out", policy="block")
+    with build_pipeline(cfg, source=_FlakyCamera(imgs)) as pipe:
+        s = pipe.run()
+    # The source owns reconnects and its own stats; the pipeline owns timeouts and parts;
+    # the files sink owns written.
+    assert s["reconnects"] == 2 and s["source"] == {"device_losses": 2}
+    assert s["timeouts"] == 2 and s["processed"] == 6
+    assert s["not_inspected"] == 1 and s["parts"] == 7 == s["written"] == s["sinks"]["files"]["written"]
+    reasons = [json.loads(p.read_text()).get("reason") for p in (tmp_path / "out" / "parts").rglob("*.json")]
+    assert reasons.count("timeout_after_trigger") == 1
+    assert "reconnects 2" in pipe.status_line() and "timeouts 2" in pipe.status_line()

@@ -338,7 +338,7 @@ def test_line_trigger_waits_are_not_failures() -> None:
     time.sleep(1.5)  # an idle line: 30 fetch timeouts, several probes
     assert reader.frames == [] and reader.timeouts == 0
     assert src.trigger_waits >= 15 and src.probes >= 3 and cam.invalidations >= 3
-    assert (src.reconnects, src.device_losses, src.timeouts, cam.opened) == (0, 0, 0, 1)
+    assert (src.reconnects, src.device_losses, cam.opened) == (0, 0, 1)
     cam.pulse("Line1")  # another line: not our trigger
     cam.pulse("Line0")
     assert reader.wait_frames(1)
@@ -388,7 +388,7 @@ def test_device_loss_reconnects_with_backoff_and_reapplies_trigger() -> None:
     assert wait_for(lambda: src.reconnects == 4)
     assert "camera reset" in str(src.last_loss) and cam.values["TriggerMode"] == "On"
     reader.close()
-    assert reader.timeouts == 0 and src.timeouts == 0
+    assert reader.timeouts == 0
 
 
 def test_free_running_stall_rule() -> None:
@@ -401,7 +401,7 @@ def test_free_running_stall_rule() -> None:
         with pytest.raises(FrameTimeout, match="free-running"):
             src.read()
         assert src.device_losses == (1 if i == 2 else 0)
-    assert src.timeouts == 3 and src.acquirer is None and "sent nothing for 3 fetches" in str(src.last_loss)
+    assert src.acquirer is None and "sent nothing for 3 fetches" in str(src.last_loss)
     cam.stalled = False
     assert src.read() is not None
     assert (src.reconnects, cam.opened) == (1, 2)

@@ -18,8 +18,9 @@ import torch
 from pouta.edge.errors import ConfigError
 from pouta.trainer.checkpoint import load_model, read_checkpoint, save_checkpoint
 from pouta.trainer.models import build_model, preset_config
-from pouta.trainer.train import epoch_batches, lr_at, parser, train
+from pouta.trainer.train import lr_at, parser, train
 from pouta.trainer.train_config import build_config
+from pouta.trainer.training_set import epoch_batches
 
 torch.set_num_threads(2)
 

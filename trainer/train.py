@@ -13,19 +13,14 @@ step and RNG states.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import faulthandler
 import json
 import math
 import os
-import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from pouta.edge.errors import ConfigError, PoutaError
 from pouta.edge.fsutil import atomic_write_json
@@ -33,10 +28,18 @@ from pouta.edge.settings import dump, parse_sets
 
 from .checkpoint import read_checkpoint, save_checkpoint
 from .evaluate import progress_bar
-from .geometry import choose_geometry, preprocessor_for_training, scan_images
+from .geometry import preprocessor_for_training
 from .losses import total_loss
 from .models import ModelConfig, build_model
 from .train_config import build_config, model_config_from, resume_config
+from .train_log import plot_losses, truncate_log
+from .training_set import (
+    batch_stream,
+    build_training_set,
+    resolve_geometry,
+    single_threaded_opencv,
+    training_paths,
+)
 from .watchdog import StallWatchdog
 
 LAST = "last.pt"
@@ -46,116 +49,6 @@ LOG = "train_log.jsonl"
 
 class TrainingError(PoutaError):
     """Training cannot go on (non-finite data or loss)."""
-
-
-# -- deterministic data order -------------------------------------------------------
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Batches of one epoch: a permutation that depends only on (seed, epoch); last partial batch dropped."""
-    perm = np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
-    bs = min(batch_size, n)
-    return [perm[i : i + bs].tolist() for i in range(0, n - bs + 1, bs)]
-
-
-def batch_stream(
-    dataset: Any, batch_size: int, seed: int, start_step: int, num_workers: int
-) -> Iterator[dict]:
-    """Batches from global step ``start_step`` on, identical whether or not the run was resumed."""
-    n = len(dataset)
-    per_epoch = len(epoch_batches(n, batch_size, seed, 0))
-    epoch, offset = divmod(start_step, per_epoch)
-    while True:
-        dataset.set_epoch(epoch)
-        batches = epoch_batches(n, batch_size, seed, epoch)[offset:]
-        # A fresh loader per epoch: worker processes copy the dataset, so they must
-        # start after set_epoch.
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=batches,
-            num_workers=num_workers,
-            worker_init_fn=_worker_init if num_workers else None,
-        )
-        yield from loader
-        epoch, offset = epoch + 1, 0
-
-
-def _worker_init(_: int) -> None:
-    # OpenCV's thread count is inherited from the parent (fixed by
-    # ``single_threaded_opencv`` before any worker is forked): calling
-    # cv2.setNumThreads here would tear down a pool copied mid-use and deadlock.
-    torch.set_num_threads(1)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
-
-
-def single_threaded_opencv() -> None:
-    """Run OpenCV on one thread in this process, before any DataLoader worker forks.
-
-    A worker forked while OpenCV's thread pool is live inherits the pool's locks but not
-    its threads, and hangs in its first OpenCV call that touches the pool. Large images
-    start the pool (a 256x256 bottle never does). Fixing the count in the parent, before
-    the training images are decoded, means no pool thread is ever alive at a fork.
-    Chosen over a spawn/forkserver context because those pickle the decoded training
-    set into every worker each epoch.
-    """
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
-def training_paths(cfg: dict[str, Any]) -> list[Path]:
-    from .data import open_dataset
-
-    d = cfg["data"]
-    if not d["root"]:
-        raise ConfigError("data.root: no training data given (use --data CATEGORY_FOLDER)")
-    ds = open_dataset(d["root"], split="train", layout=d["layout"], category=d["category"])
-    paths = ds.good_paths()
-    if not paths:
-        raise ConfigError(f"{d['root']}: no good training images found")
-    return paths
-
-
-def resolve_geometry(cfg: dict[str, Any], paths: list[Path]) -> None:
-    """Fix model.height/width and data.tile_scale from the training images (``geometry`` rules).
-
-    Prints what the data look like and what was chosen; the config then holds concrete
-    values, so a resumed run and the exported model use exactly this geometry.
-    """
-    d, m = cfg["data"], cfg["model"]
-    stats = scan_images(paths)
-    geo = choose_geometry(stats, (m["height"], m["width"]), d["tile_scale"], whole_auto=d["aspect_size"])
-    m["height"], m["width"] = geo.height, geo.width
-    d["tile_scale"] = geo.tiling.scale if geo.tiling is not None else "off"
-    d["aspect_size"] = False
-    print(f"pouta-train: data: {stats.describe()}", flush=True)
-    print(f"pouta-train: input: {geo.describe()}", flush=True)
-    warning = geo.small_defect_warning()
-    if warning:
-        print(f"pouta-train: warning: {warning}", flush=True)
-
-
-def build_training_set(
-    cfg: dict[str, Any], mcfg: ModelConfig, paths: list[Path]
-) -> tuple[Any, dict[str, Any]]:
-    from .synthesis import AnomalySynthesizer, SynthesisConfig
-    from .training_set import TrainingSet
-
-    d = cfg["data"]
-    pre = preprocessor_for_training(cfg, mcfg.height, mcfg.width)
-    try:
-        scfg = SynthesisConfig(**cfg["synthesis"])
-    except TypeError as exc:
-        raise ConfigError(f"synthesis: invalid field ({exc})") from None
-    synth = AnomalySynthesizer(scfg, mcfg.height, mcfg.width)
-    seed = int(cfg["train"]["seed"])
-    info = {"data": str(d["root"]), "category": d["category"], "n_train_images": len(paths)}
-    dataset = TrainingSet(paths, pre, synth, seed)
-    if pre.tiling is not None:
-        work = {o.shape[:2] for o in dataset.originals}
-        print(
-            f"pouta-train: tiles: random {mcfg.width}x{mcfg.height} crops of {len(work)} work size(s)",
-            flush=True,
-        )
-    return dataset, info
 
 
 # -- training -----------------------------------------------------------------------
@@ -248,7 +141,7 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
         step = int(ck["step"])
         steps = int(ck["scheduler"]["steps"])
         _set_rng_state(ck.get("rng") or {})
-        _truncate_log(out / LOG, step)
+        truncate_log(out / LOG, step)
     milestones = [float(m) for m in tc["lr_milestones"]]
     gamma = float(tc["lr_gamma"])
     ck_every = max(1, int(tc["checkpoint_every"]))
@@ -330,7 +223,7 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
     seconds = time.monotonic() - t0
     save(out / LAST, status, seconds)
     final = save_final(out / FINAL, model, mcfg, cfg, {**data_info, "status": status, "steps": step}, seconds)
-    _plot_losses(out / LOG, out / "loss_curve.png")
+    plot_losses(out / LOG, out / "loss_curve.png")
     summary = {
         "status": status,
         "steps": step,
@@ -373,47 +266,6 @@ def _fit_to_budget(
     per_step = elapsed / done
     affordable = step + int(max(0.0, limit_s - elapsed) * 0.97 / per_step)
     return max(step + 1, min(planned, affordable))
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log rows written after the checkpoint being resumed (they will be redone)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-    path.write_text("".join(f"{line}\n" for line in keep), encoding="utf-8")
-
-
-def _plot_losses(log_path: Path, png: Path) -> None:
-    rows = []
-    if log_path.is_file():
-        for line in log_path.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                rows.append(json.loads(line))
-    if not rows:
-        return
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [r["step"] for r in rows]
-    for key in ("total", "mse", "ssim", "pre", "mss"):
-        ax.plot(steps, [r[key] for r in rows], label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
 
 
 def _evaluate(model: torch.nn.Module, mcfg: ModelConfig, cfg: dict, out: Path, device: torch.device) -> dict:

@@ -1,4 +1,5 @@
-"""The training set: good images with synthetic anomalies, as torch tensors.
+"""What feeds training: the good images found and their geometry, the training set (good
+images with synthetic anomalies, as torch tensors) and the deterministic batch order.
 
 Only training imports this module (it needs torch); synthesis itself, grids and the
 calibration tools use ``pouta.trainer.synthesis``, which does not.
@@ -6,8 +7,10 @@ calibration tools use ``pouta.trainer.synthesis``, which does not.
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,9 @@ from pouta.edge.errors import ConfigError, ImageReadError
 from pouta.edge.preprocess import Preprocessor, read_image
 from torch.utils.data import Dataset
 
-from .synthesis import AnomalySynthesizer, rotate_image
+from .geometry import choose_geometry, preprocessor_for_training, scan_images
+from .models import ModelConfig
+from .synthesis import AnomalySynthesizer, SynthesisConfig, rotate_image
 
 MIN_SAMPLES_PER_EPOCH = 128  # small sets: fewer worker restarts (one per epoch)
 
@@ -111,3 +116,110 @@ class TrainingSet(Dataset):
             "mask": torch.from_numpy(mask[None].copy()),
             "has_anomaly": torch.tensor(float(has), dtype=torch.float32),
         }
+
+
+# -- deterministic data order -------------------------------------------------------
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches of one epoch: a permutation that depends only on (seed, epoch); last partial batch dropped."""
+    perm = np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
+    bs = min(batch_size, n)
+    return [perm[i : i + bs].tolist() for i in range(0, n - bs + 1, bs)]
+
+
+def batch_stream(
+    dataset: Any, batch_size: int, seed: int, start_step: int, num_workers: int
+) -> Iterator[dict]:
+    """Batches from global step ``start_step`` on, identical whether or not the run was resumed."""
+    n = len(dataset)
+    per_epoch = len(epoch_batches(n, batch_size, seed, 0))
+    epoch, offset = divmod(start_step, per_epoch)
+    while True:
+        dataset.set_epoch(epoch)
+        batches = epoch_batches(n, batch_size, seed, epoch)[offset:]
+        # A fresh loader per epoch: worker processes copy the dataset, so they must
+        # start after set_epoch.
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=num_workers,
+            worker_init_fn=_worker_init if num_workers else None,
+        )
+        yield from loader
+        epoch, offset = epoch + 1, 0
+
+
+def _worker_init(_: int) -> None:
+    # OpenCV's thread count is inherited from the parent (fixed by
+    # ``single_threaded_opencv`` before any worker is forked): calling
+    # cv2.setNumThreads here would tear down a pool copied mid-use and deadlock.
+    torch.set_num_threads(1)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
+def single_threaded_opencv() -> None:
+    """Run OpenCV on one thread in this process, before any DataLoader worker forks.
+
+    A worker forked while OpenCV's thread pool is live inherits the pool's locks but not
+    its threads, and hangs in its first OpenCV call that touches the pool. Large images
+    start the pool (a 256x256 bottle never does). Fixing the count in the parent, before
+    the training images are decoded, means no pool thread is ever alive at a fork.
+    Chosen over a spawn/forkserver context because those pickle the decoded training
+    set into every worker each epoch.
+    """
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def training_paths(cfg: dict[str, Any]) -> list[Path]:
+    from .data import open_dataset
+
+    d = cfg["data"]
+    if not d["root"]:
+        raise ConfigError("data.root: no training data given (use --data CATEGORY_FOLDER)")
+    ds = open_dataset(d["root"], split="train", layout=d["layout"], category=d["category"])
+    paths = ds.good_paths()
+    if not paths:
+        raise ConfigError(f"{d['root']}: no good training images found")
+    return paths
+
+
+def resolve_geometry(cfg: dict[str, Any], paths: list[Path]) -> None:
+    """Fix model.height/width and data.tile_scale from the training images (``geometry`` rules).
+
+    Prints what the data look like and what was chosen; the config then holds concrete
+    values, so a resumed run and the exported model use exactly this geometry.
+    """
+    d, m = cfg["data"], cfg["model"]
+    stats = scan_images(paths)
+    geo = choose_geometry(stats, (m["height"], m["width"]), d["tile_scale"], whole_auto=d["aspect_size"])
+    m["height"], m["width"] = geo.height, geo.width
+    d["tile_scale"] = geo.tiling.scale if geo.tiling is not None else "off"
+    d["aspect_size"] = False
+    print(f"pouta-train: data: {stats.describe()}", flush=True)
+    print(f"pouta-train: input: {geo.describe()}", flush=True)
+    warning = geo.small_defect_warning()
+    if warning:
+        print(f"pouta-train: warning: {warning}", flush=True)
+
+
+def build_training_set(
+    cfg: dict[str, Any], mcfg: ModelConfig, paths: list[Path]
+) -> tuple[Any, dict[str, Any]]:
+    d = cfg["data"]
+    pre = preprocessor_for_training(cfg, mcfg.height, mcfg.width)
+    try:
+        scfg = SynthesisConfig(**cfg["synthesis"])
+    except TypeError as exc:
+        raise ConfigError(f"synthesis: invalid field ({exc})") from None
+    synth = AnomalySynthesizer(scfg, mcfg.height, mcfg.width)
+    seed = int(cfg["train"]["seed"])
+    info = {"data": str(d["root"]), "category": d["category"], "n_train_images": len(paths)}
+    dataset = TrainingSet(paths, pre, synth, seed)
+    if pre.tiling is not None:
+        work = {o.shape[:2] for o in dataset.originals}
+        print(
+            f"pouta-train: tiles: random {mcfg.width}x{mcfg.height} crops of {len(work)} work size(s)",
+            flush=True,
+        )
+    return dataset, info
