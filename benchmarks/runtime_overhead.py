@@ -22,11 +22,12 @@ from typing import Any
 
 import numpy as np
 from pouta.edge.backend import open_backend
-from pouta.edge.pipeline import Pipeline, percentile
+from pouta.edge.pipeline import Pipeline
 from pouta.edge.postprocess import PostProcessor
 from pouta.edge.preprocess import preprocessor_for
 from pouta.edge.sinks import ResultWriter
 from pouta.edge.sources import ArraySource
+from pouta.edge.stats import percentile
 
 
 def _parts(h: int, w: int, n: int, seed: int = 0) -> list[np.ndarray]:

@@ -256,7 +256,7 @@ def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _print_summary(s: dict[str, Any], out_dir: str) -> None:
-    from .pipeline import FPS_WINDOW
+    from .stats import FPS_WINDOW
 
     lat = s["latency_ms"].get("total", {"p50": 0.0, "p99": 0.0})
     lines = [
@@ -320,7 +320,7 @@ def _run_pipeline(a: argparse.Namespace, cfg: dict[str, Any], overrides: dict[st
         return out
 
     if cfg["http"]["enabled"]:
-        from .liveview import attach_http
+        from .liveview_server import attach_http
 
         server = attach_http(pipe, cfg, reload)
     signals = [signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]

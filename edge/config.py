@@ -17,9 +17,10 @@ from .metadata import Thresholds, check_request
 from .pipeline import Pipeline
 from .postprocess import PostProcessor
 from .preprocess import preprocessor_for
+from .records import ResultSink
 from .sequence import SequenceCounter
 from .settings import Schema, resolve
-from .sinks import ResultSink, ResultWriter
+from .sinks import ResultWriter
 from .sources import FrameSource, ImageFolderSource, VideoSource
 
 

@@ -20,7 +20,7 @@ import threading
 import time
 from typing import Any
 
-from .sinks import PartResult, ResultSink
+from .records import PartResult, ResultSink
 
 log = logging.getLogger("pouta.edge.fanout")
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .drift import ScoreDrift
 from .postprocess import OK
-from .sinks import NOT_INSPECTED, REASONS, VERDICTS, PartResult
+from .records import NOT_INSPECTED, REASONS, VERDICTS, PartResult
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry

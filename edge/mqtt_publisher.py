@@ -37,7 +37,7 @@ import time
 from typing import Any
 
 from .errors import ConfigError
-from .sinks import PartResult, utc_iso
+from .records import PartResult, utc_iso
 
 log = logging.getLogger("pouta.edge.mqtt")
 

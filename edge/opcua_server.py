@@ -26,7 +26,8 @@ from typing import Any
 from .errors import ConfigError, PoutaError
 from .handshake import ResultHandshake
 from .loop_thread import start_loop_thread
-from .sinks import NG, NOT_INSPECTED, OK, PartResult
+from .postprocess import NG, NOT_INSPECTED, OK
+from .records import PartResult
 
 log = logging.getLogger("pouta.edge.opcua")
 

@@ -15,198 +15,27 @@ from a persistent counter and are assigned at acquisition.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from .backend import Backend
-from .errors import ConfigError, ImageReadError
+from .errors import ImageReadError
 from .fanout import SinkWorker
-from .postprocess import PostProcessor
+from .frame_queue import END, FrameQueue, PendingPart
+from .postprocess import NOT_INSPECTED, PostProcessor
 from .preprocess import Preprocessor
+from .records import PartResult, ResultSink, utc_iso
 from .sequence import SequenceCounter
-from .sinks import NOT_INSPECTED, PartResult, ResultSink, utc_iso
 from .sources import Frame, FrameSource, FrameTimeout, signal_verdict
+from .stats import Stats, percentile, status_line
 
 log = logging.getLogger("pouta.edge.pipeline")
-
-POLICIES = ("drop-oldest", "block")
-_END = object()  # end-of-stream marker passed down the queues
-
-
-def percentile(values: collections.deque[float] | list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    return float(np.percentile(np.fromiter(values, dtype=np.float64), q))
-
-
-FPS_WINDOW = 256  # parts: the live fps is measured over the last this many
-
-
-@dataclass
-class Stats:
-    """Counters and latency windows, shared by the threads (one lock)."""
-
-    window: int = 4096
-    started: float = field(default_factory=time.perf_counter)
-    acquired: int = 0
-    processed: int = 0
-    ok: int = 0
-    ng: int = 0
-    not_inspected: int = 0
-    dropped: int = 0
-    corrupt: int = 0
-    timeouts: int = 0
-    frame_errors: int = 0
-    labelled: int = 0
-    correct: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    latency: dict[str, collections.deque[float]] = field(default_factory=dict, repr=False)
-    _done_times: collections.deque[float] = field(
-        default_factory=lambda: collections.deque(maxlen=FPS_WINDOW)
-    )
-
-    def add(self, **counts: int) -> None:
-        with self.lock:
-            for k, v in counts.items():
-                setattr(self, k, getattr(self, k) + v)
-
-    def record(self, latency_ms: dict[str, float], part_done: bool = True) -> None:
-        """Latencies of one stage set; ``part_done`` marks one finished part for the fps
-        (only the inference record does: a part is one part however many sinks it reaches)."""
-        with self.lock:
-            for k, v in latency_ms.items():
-                self.latency.setdefault(k, collections.deque(maxlen=self.window)).append(v)
-            if part_done:
-                self._done_times.append(time.perf_counter())
-
-    def fps(self) -> float:
-        with self.lock:
-            t = list(self._done_times)
-        if len(t) < 2:
-            return 0.0
-        return (len(t) - 1) / max(t[-1] - t[0], 1e-9)
-
-    def snapshot(self) -> dict[str, Any]:
-        with self.lock:
-            lat = {k: (percentile(v, 50), percentile(v, 99)) for k, v in self.latency.items()}
-            counts = {
-                k: getattr(self, k)
-                for k in (
-                    "acquired",
-                    "processed",
-                    "ok",
-                    "ng",
-                    "not_inspected",
-                    "dropped",
-                    "corrupt",
-                    "timeouts",
-                    "frame_errors",
-                    "labelled",
-                    "correct",
-                )
-            }
-        elapsed = time.perf_counter() - self.started
-        return {
-            **counts,
-            "parts": counts["ok"] + counts["ng"] + counts["not_inspected"],
-            "elapsed_s": round(elapsed, 3),
-            "fps": round(self.fps(), 2),
-            "mean_fps": round(counts["processed"] / elapsed, 2) if elapsed > 0 else 0.0,
-            "latency_ms": {k: {"p50": round(a, 3), "p99": round(b, 3)} for k, (a, b) in lat.items()},
-            "accuracy": round(counts["correct"] / counts["labelled"], 4) if counts["labelled"] else None,
-        }
-
-
-def status_line(s: dict[str, Any]) -> str:
-    """One console line from a pipeline's ``summary()``."""
-    tot = s["latency_ms"].get("total", {"p50": 0.0, "p99": 0.0})
-    line = (
-        f"{s['processed']} parts  {s['fps']:.1f} fps  latency p50 {tot['p50']:.1f} ms "
-        f"p99 {tot['p99']:.1f} ms  OK {s['ok']} NG {s['ng']}  not inspected {s['not_inspected']}  "
-        f"dropped {s['dropped']}"
-    )
-    extra = [
-        f"{k.replace('_', ' ')} {s[k]}"
-        for k in ("corrupt", "timeouts", "reconnects", "frame_errors", "write_errors")
-        if s[k]
-    ]
-    return line + ("  " + "  ".join(extra) if extra else "")
-
-
-@dataclass
-class _Part:
-    """A part on its way through the pipeline: numbered at acquisition."""
-
-    seq: int
-    part_id: str | None
-    frame: Frame | None  # None: nothing usable was acquired (corrupt frame, trigger timeout)
-    reason: str | None = None
-    wall_time: float = field(default_factory=time.time)
-
-
-class FrameQueue:
-    """Bounded queue with a full-queue policy; counts what it drops and hands each
-    dropped item to ``on_drop`` (it still needs its NOT_INSPECTED record)."""
-
-    def __init__(
-        self, maxsize: int, policy: str, stats: Stats, on_drop: Callable[[Any], None] | None = None
-    ) -> None:
-        if policy not in POLICIES:
-            raise ConfigError(f"pipeline.policy: expected one of {POLICIES}, got {policy!r}")
-        if maxsize < 1:
-            raise ConfigError(f"pipeline.queue_size: expected >= 1, got {maxsize}")
-        self.q: queue.Queue[Any] = queue.Queue(maxsize=maxsize)
-        self.policy = policy
-        self.stats = stats
-        self.on_drop = on_drop
-        # Taking the oldest item out and handing it to on_drop is one step under this
-        # lock; see settle().
-        self._drop_lock = threading.Lock()
-
-    def _dropped(self, item: Any) -> None:
-        self.stats.add(dropped=1)
-        if self.on_drop is not None:
-            self.on_drop(item)
-
-    def put(self, item: Any, stop: threading.Event) -> None:
-        if item is _END or self.policy == "block":
-            while True:
-                try:
-                    self.q.put(item, timeout=0.1)
-                    return
-                except queue.Full:
-                    # The end marker must get through even after stop(); frames need not.
-                    if stop.is_set() and item is not _END:
-                        self._dropped(item)
-                        return
-        while True:
-            try:
-                self.q.put_nowait(item)
-                return
-            except queue.Full:
-                with self._drop_lock, contextlib.suppress(queue.Empty):
-                    self._dropped(self.q.get_nowait())
-
-    def get(self, timeout: float | None = None) -> Any:
-        return self.q.get(timeout=timeout)
-
-    def settle(self) -> None:
-        """Return once a drop in progress has reached on_drop. Called after get(): an item
-        dropped ahead of the one just got left the queue before it, so after this it is
-        in on_drop's hands and its record can go out first (sequence order)."""
-        with self._drop_lock:
-            pass
-
-    def empty(self) -> bool:
-        return self.q.empty()
 
 
 class Pipeline:
@@ -252,7 +81,7 @@ class Pipeline:
         self.results: queue.Queue[Any] = queue.Queue(maxsize=max(1, result_queue_size))
         self.model_id = backend.metadata.model_id
         # Dropped parts wait here so that their records go out in sequence order.
-        self._dropped: collections.deque[_Part] = collections.deque()
+        self._dropped: collections.deque[PendingPart] = collections.deque()
         # Kept in memory for callers (tests, benchmarks); 0 keeps none.
         self.recent: collections.deque[PartResult] = collections.deque(maxlen=keep_results or None)
         self._keep = keep_results > 0
@@ -380,11 +209,11 @@ class Pipeline:
         return s
 
     # -- helpers -----------------------------------------------------------
-    def _new_part(self, frame: Frame | None, reason: str | None = None) -> _Part:
+    def _new_part(self, frame: Frame | None, reason: str | None = None) -> PendingPart:
         part_id = frame.part_id if frame is not None else None
         if part_id is None:
             part_id = self._plc_part_id()
-        return _Part(self.sequence.next(), None if part_id is None else str(part_id), frame, reason)
+        return PendingPart(self.sequence.next(), None if part_id is None else str(part_id), frame, reason)
 
     def _plc_part_id(self) -> str | None:
         # The PLC writes the id of the next part before it triggers; it is latched here,
@@ -403,12 +232,12 @@ class Pipeline:
         return None
 
     def _on_drop(self, part: Any) -> None:
-        if isinstance(part, _Part):
+        if isinstance(part, PendingPart):
             part.reason = part.reason or "dropped"
             part.frame = _slim(part.frame)
             self._dropped.append(part)
 
-    def _not_inspected(self, part: _Part) -> PartResult:
+    def _not_inspected(self, part: PendingPart) -> PartResult:
         frame = part.frame if part.frame is not None else _empty_frame(self.source, part.wall_time)
         r = PartResult(
             _slim(frame) or frame,
@@ -483,7 +312,7 @@ class Pipeline:
                 self.source.close()
             except Exception as exc:
                 log.warning("closing the source failed: %s", exc)
-            self.frames.put(_END, stop)
+            self.frames.put(END, stop)
 
     def _infer_loop(self) -> None:
         while True:
@@ -494,16 +323,16 @@ class Pipeline:
                 self._emit_dropped_before(None)
                 continue
             self.frames.settle()
-            if part is _END:
+            if part is END:
                 break
             self._emit_dropped_before(part.seq)
             self._inflight = 1
             self._emit(self._judge(part))
             self._inflight = 0
         self._emit_dropped_before(None)
-        self.results.put(_END)
+        self.results.put(END)
 
-    def _judge(self, part: _Part) -> PartResult:
+    def _judge(self, part: PendingPart) -> PartResult:
         frame = part.frame
         if frame is None:
             return self._not_inspected(part)
@@ -551,7 +380,7 @@ class Pipeline:
         try:
             while True:
                 result = self.results.get()
-                if result is _END:
+                if result is END:
                     break
                 result.to_dict()  # once, before several sink threads read it
                 if self._keep:
@@ -623,4 +452,4 @@ def _empty_frame(source: FrameSource, wall_time: float) -> Frame:
     return Frame(_NO_PIXELS, -1, int(wall_time * 1e9), source.name)
 
 
-__all__ = ["FPS_WINDOW", "NOT_INSPECTED", "FrameQueue", "Pipeline", "Stats", "percentile"]
+__all__ = ["NOT_INSPECTED", "Pipeline"]

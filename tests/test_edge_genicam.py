@@ -12,14 +12,8 @@ import numpy as np
 import pytest
 from contract_models import make_brightness_model
 from pouta.edge.config import build_pipeline, load_config
-from pouta.edge.genicam import (
-    BAYER_CODES,
-    GenICamSource,
-    TriggerConfig,
-    apply_settings,
-    apply_trigger,
-    convert,
-)
+from pouta.edge.genicam import GenICamSource
+from pouta.edge.genicam_nodes import BAYER_CODES, TriggerConfig, apply_settings, apply_trigger, convert
 
 pytest.importorskip("harvesters.core", reason="harvesters not installed (pip install '.[camera]')")
 genicam = pytest.importorskip("genicam", reason="genicam (viky.cti simulator) not installed")

@@ -25,7 +25,8 @@ from pouta.edge.sources import ArraySource, FrameTimeout, signal_verdict
 genicam = pytest.importorskip("genicam", reason="genicam (viky.cti simulator) not installed")
 pytest.importorskip("harvesters.core", reason="harvesters not installed (pip install '.[camera]')")
 from genicam import genapi, gentl  # noqa: E402
-from pouta.edge.genicam import GenICamSource, StrobeConfig, TriggerConfig  # noqa: E402
+from pouta.edge.genicam import GenICamSource  # noqa: E402
+from pouta.edge.genicam_nodes import StrobeConfig, TriggerConfig  # noqa: E402
 
 VIKY = Path(genicam.__file__).parent / "viky.cti"
 TRIGGER_NODES = {
