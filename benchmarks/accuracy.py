@@ -20,7 +20,7 @@ from pouta.edge.settings import parse_hw
 
 from . import artifacts, models
 from .common import KINDS, Result, error_line, latency_stats, log, progress, ratio, skipped
-from .latency import TimingPlan, interleaved
+from .timing import TimingPlan, interleaved
 
 # model.pt is the trainer's final checkpoint; last.pt is its resumable one (same weights at the end).
 CHECKPOINT_NAMES = ("model.pt", "last.pt", "last.ckpt", "best.pt", "best.ckpt", "checkpoint.pt")

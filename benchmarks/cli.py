@@ -19,7 +19,7 @@ from typing import Any
 from pouta.edge import settings
 from pouta.edge.errors import ConfigError
 
-from . import accuracy, cost, endtoend, latency, quality, report, synthetic
+from . import accuracy, cost, endtoend, latency, quality, report, report_charts, synthetic
 from .common import (
     DEFAULT_DATA,
     Result,
@@ -31,6 +31,7 @@ from .common import (
     to_jsonable,
     usable_cores,
 )
+from .timing import TimingPlan
 
 # "quality" trains two models per real category (hours on a CPU): only when asked for.
 DEFAULT_SECTIONS = ("cost", "latency", "accuracy", "e2e")
@@ -304,7 +305,7 @@ def run(opts: Options) -> Result:
         opts.data = synthetic.make_category(opts.out / "synthetic-data", size=max(opts.height, opts.width))
         log(f"quick mode: generated test data in {opts.data}")
     calib = _calib_dir(opts)
-    plan = latency.TimingPlan(opts.warmup, opts.iters, opts.min_iters, opts.budget_s)
+    plan = TimingPlan(opts.warmup, opts.iters, opts.min_iters, opts.budget_s)
     ctx = latency.LatencyContext(
         opts.preset, opts.height, opts.width, opts.threads, opts.out / "artifacts", calib
     )
@@ -323,7 +324,7 @@ def run(opts: Options) -> Result:
         if want("latency")
         else skipped("not selected (--sections)")
     )
-    acc_plan = latency.TimingPlan(
+    acc_plan = TimingPlan(
         min(2, opts.warmup), opts.acc_iters, min(opts.min_iters, opts.acc_iters), opts.budget_s
     )
     sections["accuracy"] = (
@@ -377,7 +378,7 @@ def run(opts: Options) -> Result:
     results = to_jsonable(results)
     (opts.out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     try:
-        results["charts"] = report.write_charts(results, opts.out)
+        results["charts"] = report_charts.write_charts(results, opts.out)
     except Exception as exc:  # charts are a convenience: the numbers are in the JSON and report
         log(f"charts failed: {exc}")
         results["charts"] = {}

@@ -9,7 +9,6 @@ either absolute latency.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -29,66 +28,15 @@ from .common import (
     log,
     ratio,
 )
+from .timing import Step, TimingPlan, interleaved, paired_ratio
 
-Step = Callable[[], None]
 # Calibration images for the latency section's INT8 files: their speed does not depend on
 # how well they are calibrated, and 128 paper-size images take minutes on a 2-core CPU.
 LATENCY_N_CALIB = 16
 
 
 @dataclass
-class TimingPlan:
-    warmup: int = 5
-    iters: int = 50
-    min_iters: int = 10
-    budget_s: float = 60.0  # per backend and batch size, both models together
-    # Untimed pause before each timed call. ONNX Runtime's worker threads keep spinning
-    # for a while after a run; on 2 cores the next session in the loop then competes
-    # with them and is billed for it (measured: a tiny model 16 ms alone, 50 ms
-    # interleaved without a pause, 21 ms with 50 ms).
-    settle_s: float = 0.05
-
-
-def interleaved(runners: dict[str, Step], plan: TimingPlan, label: str = "") -> dict[str, list[float]]:
-    """Seconds per call for each runner, measured alternately (ABBA order)."""
-    names = list(runners)
-    # Warm-up is capped at a fifth of the budget: five untimed rounds of a paper-size
-    # model at batch 8 on a 2-core CPU would otherwise cost more than the timed part.
-    t_warm = time.perf_counter()
-    for _ in range(plan.warmup):
-        for n in names:
-            runners[n]()
-        if time.perf_counter() - t_warm > 0.2 * plan.budget_s:
-            break
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    start = last_report = time.perf_counter()
-    for i in range(plan.iters):
-        order = names if i % 2 == 0 else names[::-1]
-        for n in order:
-            if plan.settle_s > 0:
-                time.sleep(plan.settle_s)
-            t0 = time.perf_counter()
-            runners[n]()
-            samples[n].append(time.perf_counter() - t0)
-        now = time.perf_counter()
-        if now - last_report > 15.0:
-            log(f"  {label}: {i + 1}/{plan.iters} iterations, {now - start:.0f} s")
-            last_report = now
-        if i + 1 >= plan.min_iters and now - start > plan.budget_s:
-            log(f"  {label}: time budget {plan.budget_s:.0f} s reached after {i + 1} iterations")
-            break
-    return samples
-
-
-def paired_ratio(a: list[float], b: list[float]) -> float | None:
-    n = min(len(a), len(b))
-    if n == 0:
-        return None
-    return float(np.median(np.asarray(a[:n]) / np.asarray(b[:n])))
-
-
-@dataclass
-class Backend:
+class LatencyBackend:
     """One way to run a model: framework x device x precision."""
 
     name: str
@@ -239,10 +187,10 @@ def _trt_factory(ctx: LatencyContext, precision: str) -> Callable[[str, int], St
     return make
 
 
-def backends(ctx: LatencyContext) -> list[Backend]:
+def backends(ctx: LatencyContext) -> list[LatencyBackend]:
     cpu, cuda = "CPUExecutionProvider", "CUDAExecutionProvider"
     return [
-        Backend(
+        LatencyBackend(
             "torch-cpu-fp32",
             "PyTorch eager",
             "cpu",
@@ -250,7 +198,7 @@ def backends(ctx: LatencyContext) -> list[Backend]:
             _torch_available("cpu"),
             _torch_factory(ctx, "cpu", False),
         ),
-        Backend(
+        LatencyBackend(
             "torch-cuda-fp32",
             "PyTorch eager",
             "cuda",
@@ -258,7 +206,7 @@ def backends(ctx: LatencyContext) -> list[Backend]:
             _torch_available("cuda"),
             _torch_factory(ctx, "cuda", False),
         ),
-        Backend(
+        LatencyBackend(
             "torch-cuda-fp16",
             "PyTorch eager",
             "cuda",
@@ -266,7 +214,7 @@ def backends(ctx: LatencyContext) -> list[Backend]:
             _torch_available("cuda"),
             _torch_factory(ctx, "cuda", True),
         ),
-        Backend(
+        LatencyBackend(
             "ort-cpu-fp32",
             "ONNX Runtime",
             "cpu",
@@ -275,7 +223,7 @@ def backends(ctx: LatencyContext) -> list[Backend]:
             _ort_factory(ctx, cpu, "fp32"),
             group="ort-cpu",
         ),
-        Backend(
+        LatencyBackend(
             "ort-cpu-int8",
             "ONNX Runtime",
             "cpu",
@@ -284,7 +232,7 @@ def backends(ctx: LatencyContext) -> list[Backend]:
             _ort_factory(ctx, cpu, "int8"),
             group="ort-cpu",
         ),
-        Backend(
+        LatencyBackend(
             "ort-cuda-fp32",
             "ONNX Runtime",
             "cuda",
@@ -293,8 +241,10 @@ def backends(ctx: LatencyContext) -> list[Backend]:
             _ort_factory(ctx, cuda, "fp32"),
             notes="numpy in/out: host-device copies included",
         ),
-        Backend("trt-fp16", "TensorRT", "cuda", "fp16", _trt_available, _trt_factory(ctx, "fp16")),
-        Backend("trt-int8", "TensorRT", "cuda", "int8 (QDQ s8s8)", _trt_available, _trt_factory(ctx, "int8")),
+        LatencyBackend("trt-fp16", "TensorRT", "cuda", "fp16", _trt_available, _trt_factory(ctx, "fp16")),
+        LatencyBackend(
+            "trt-int8", "TensorRT", "cuda", "int8 (QDQ s8s8)", _trt_available, _trt_factory(ctx, "int8")
+        ),
     ]
 
 
@@ -310,7 +260,7 @@ def run_latency(
         torch_threads = None
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Result] = {}
-    groups: dict[str, list[Backend]] = {}
+    groups: dict[str, list[LatencyBackend]] = {}
     for be in backends(ctx):
         if only and be.name not in only:
             continue
@@ -368,7 +318,7 @@ def run_latency(
 
 
 def _measure(
-    members: list[Backend], batch: int, plan: TimingPlan
+    members: list[LatencyBackend], batch: int, plan: TimingPlan
 ) -> tuple[dict[str, Result], dict[str, list[float]]]:
     """Time both kinds on every backend of one group in a single interleaved loop."""
     label = f"{'+'.join(be.name for be in members)} batch {batch}"

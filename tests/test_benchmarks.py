@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pouta.benchmarks import cli, common, latency, report
+from pouta.benchmarks import cli, common, report, timing
 from pouta.benchmarks.accuracy import checkpoint_for
 
 
@@ -125,15 +125,15 @@ def test_reproduce_command_round_trips() -> None:
 def test_interleaved_alternates_and_respects_budget() -> None:
     calls: list[str] = []
     runners = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
-    plan = latency.TimingPlan(warmup=1, iters=4, min_iters=2, budget_s=60)
-    samples = latency.interleaved(runners, plan)
+    plan = timing.TimingPlan(warmup=1, iters=4, min_iters=2, budget_s=60)
+    samples = timing.interleaved(runners, plan)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
     assert len(samples["a"]) == len(samples["b"]) == 4
 
     def slow() -> None:
         time.sleep(0.02)
 
-    samples = latency.interleaved({"s": slow}, latency.TimingPlan(0, 1000, 3, budget_s=0.05))
+    samples = timing.interleaved({"s": slow}, timing.TimingPlan(0, 1000, 3, budget_s=0.05))
     assert 3 <= len(samples["s"]) < 10
 
 
@@ -143,8 +143,8 @@ def test_interleaved_pauses_before_each_call_without_timing_the_pause() -> None:
         "a": lambda: starts.append(time.perf_counter()),
         "b": lambda: starts.append(time.perf_counter()),
     }
-    plan = latency.TimingPlan(warmup=0, iters=3, min_iters=3, budget_s=60, settle_s=0.03)
-    samples = latency.interleaved(runners, plan)
+    plan = timing.TimingPlan(warmup=0, iters=3, min_iters=3, budget_s=60, settle_s=0.03)
+    samples = timing.interleaved(runners, plan)
     assert min(b - a for a, b in itertools.pairwise(starts)) >= 0.03
     assert max(samples["a"] + samples["b"]) < 0.03
 
