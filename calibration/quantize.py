@@ -40,7 +40,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -54,6 +53,7 @@ from pouta.edge.fsutil import atomic_path
 from pouta.edge.metadata import INPUT_NAME, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, VALUE_RANGE
 
 from .errors import CalibrationError
+from .qdq_check import MIN_QDQ_OPSET, WEIGHT_AXIS, check_tensorrt_qdq, default_opset
 
 CALIB_METHODS: dict[str, CalibrationMethod] = {
     "minmax": CalibrationMethod.MinMax,
@@ -63,9 +63,6 @@ CALIB_METHODS: dict[str, CalibrationMethod] = {
 DEFAULT_CALIB_METHOD = "minmax"
 TRT_SUFFIX = ".int8.trt.onnx"
 CPU_SUFFIX = ".int8.onnx"
-MIN_QDQ_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear (axis attribute)
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1}
 # Probability-valued gates: see the module docstring.
 NEVER_QUANTIZE_OP_TYPES = frozenset({"Sigmoid", "Softmax"})
 # Nodes that only select, reshape or resample the map on its way to the outputs.
@@ -122,16 +119,12 @@ def prepare_model(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> P
     except Exception as exc:  # the pre-processor raises assorted onnx/ort/sympy errors
         raise CalibrationError(f"{src}: quantization pre-processing failed ({exc})") from None
     model = onnx.load(str(dst))
-    opset = _default_opset(model)
+    opset = default_opset(model)
     if opset < MIN_QDQ_OPSET:
         model = onnx.version_converter.convert_version(model, MIN_QDQ_OPSET)
     _name_nodes(model)
     onnx.save(model, str(dst))
     return dst
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _name_nodes(model: onnx.ModelProto) -> None:
@@ -320,6 +313,12 @@ def quantize_pair(
             quantized = onnx.load(str(tmp_out))
             quantized.producer_name = "pouta-calibration"
             onnx.checker.check_model(quantized)
+            if target == "tensorrt":
+                problems = check_tensorrt_qdq(quantized)
+                if problems:
+                    raise CalibrationError(
+                        f"{out}: the quantized file breaks TensorRT's Q/DQ rules: {'; '.join(problems[:3])}"
+                    )
             _save_atomic(quantized, out)
             results.append(
                 QuantizeResult(
@@ -357,86 +356,3 @@ def _quiet_shape_warnings() -> Iterator[None]:
 def _save_atomic(model: onnx.ModelProto, path: Path) -> None:
     with atomic_path(path) as tmp:
         onnx.save(model, str(tmp))
-
-
-def check_tensorrt_qdq(model: onnx.ModelProto | str | os.PathLike[str]) -> list[str]:
-    """Problems that would make a Q/DQ file wrong for TensorRT (empty list: none).
-
-    Read from the graph itself rather than trusted from the quantizer's options: every
-    scale positive and finite, every zero point present, int8 and 0, weights per-channel
-    on the output-channel axis, opset >= 13, no int32 (bias) dequantization.
-    """
-    m = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
-    problems: list[str] = []
-    opset = _default_opset(m)
-    if opset < MIN_QDQ_OPSET:
-        problems.append(f"opset {opset} < {MIN_QDQ_OPSET}")
-    inits = {t.name: t for t in m.graph.initializer}
-    consts = {
-        n.output[0]: next(a.t for a in n.attribute if a.name == "value")
-        for n in m.graph.node
-        if n.op_type == "Constant" and any(a.name == "value" for a in n.attribute)
-    }
-    tensors = {**consts, **inits}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in m.graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
-    n_qdq = 0
-    for node in m.graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        n_qdq += 1
-        where = f"{node.op_type} {node.name or node.output[0]}"
-        scale = tensors.get(node.input[1])
-        if scale is None:
-            problems.append(f"{where}: scale is not a constant")
-            continue
-        s = numpy_helper.to_array(scale)
-        if not (np.all(np.isfinite(s)) and np.all(s > 0)):
-            problems.append(f"{where}: scale has non-positive or non-finite values")
-        if len(node.input) < 3 or not node.input[2]:
-            # An omitted zero point means uint8, which TensorRT rejects.
-            problems.append(f"{where}: zero point missing (defaults to uint8)")
-            continue
-        zp_t = tensors.get(node.input[2])
-        if zp_t is None:
-            problems.append(f"{where}: zero point is not a constant")
-            continue
-        zp = numpy_helper.to_array(zp_t)
-        if zp.dtype != np.int8:
-            problems.append(f"{where}: zero point dtype {zp.dtype}, expected int8")
-        if np.any(zp != 0):
-            problems.append(f"{where}: non-zero zero point")
-        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
-            w = numpy_helper.to_array(inits[node.input[0]])
-            if w.dtype != np.int8:
-                problems.append(f"{where}: dequantizes {w.dtype} data (TensorRT takes int8 only)")
-            elif w.size and int(w.min()) < -127:
-                # TensorRT's int8 weights are [-127, 127]; -128 breaks the symmetry it assumes.
-                problems.append(f"{where}: int8 weight value -128 (TensorRT expects [-127, 127])")
-            for user in consumers.get(node.output[0], []):
-                if user.op_type in WEIGHT_AXIS and len(user.input) > 1 and user.input[1] == node.output[0]:
-                    want = WEIGHT_AXIS[user.op_type]
-                    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-                    # A one-channel conv (POUTA's spatial gate) has one scale either way.
-                    if s.size != w.shape[want] or (s.size > 1 and axis != want):
-                        problems.append(
-                            f"{where}: {user.op_type} weight not per-channel on axis {want} "
-                            f"(axis {axis}, {s.size} scales for shape {list(w.shape)})"
-                        )
-    if n_qdq == 0:
-        problems.append("no QuantizeLinear/DequantizeLinear nodes: the model is not quantized")
-    return problems
-
-
-def quantized_weight_layers(model: onnx.ModelProto) -> list[str]:
-    """Names of Conv/ConvTranspose/Gemm/MatMul nodes that run in int8 in this graph."""
-    dq_out = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
-    out = []
-    for n in model.graph.node:
-        integer_op = n.op_type.startswith("QLinear") or n.op_type in ("ConvInteger", "MatMulInteger")
-        qdq_op = n.op_type in WEIGHTED_OPS and len(n.input) > 1 and n.input[1] in dq_out
-        if integer_op or qdq_op:
-            out.append(n.name)
-    return out

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 from fake_tensorrt import install_gpu_stack
+from pouta.calibration.engine_inspect import check_precisions, layer_precisions
 from pouta.calibration.errors import CalibrationError
 from pouta.calibration.tensorrt_build import (
     BuildRequest,
     build_engine,
-    check_precisions,
-    layer_precisions,
     plan_build,
     tensorrt_version,
     trtexec_command,

@@ -12,13 +12,8 @@ from contract_models import dark_part, make_brightness_model
 from onnx import TensorProto, helper, numpy_helper
 from pouta.calibration.calibset import ImageSetReader, load_image_set
 from pouta.calibration.fp16 import convert_to_fp16
-from pouta.calibration.quantize import (
-    check_tensorrt_qdq,
-    head_exclusions,
-    prepare_model,
-    quantize_pair,
-    quantized_weight_layers,
-)
+from pouta.calibration.qdq_check import check_tensorrt_qdq, quantized_weight_layers
+from pouta.calibration.quantize import head_exclusions, prepare_model, quantize_pair
 from pouta.calibration.scoring import score_set
 from pouta.edge.backend import OnnxRuntimeBackend
 from pouta.edge.metadata import load_for_model

@@ -21,42 +21,19 @@ from __future__ import annotations
 import logging
 import math
 import os
-import warnings
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
-from pouta.edge.errors import ConfigError, ImageReadError
-from pouta.edge.preprocess import is_image_file, read_image, to_rgb8_or_16
+from pouta.edge.errors import ConfigError
 
+from .augment import AUGMENTS, rotate_image
 from .defect_modes import MODES
+from .textures import TextureSource
 
 log = logging.getLogger(__name__)
-
-# Real photos inside scikit-image's wheel (no download). Textures first: they are the
-# closest to DTD; the rest add colour and structure variety.
-BUILTIN_TEXTURES: tuple[str, ...] = (
-    "brick",
-    "gravel",
-    "grass",
-    "rocket",
-    "coffee",
-    "astronaut",
-    "camera",
-    "chelsea",
-    "coins",
-    "moon",
-    "text",
-    "page",
-    "cell",
-    "clock",
-    "immunohistochemistry",
-    "hubble_deep_field",
-    "colorwheel",
-)
 
 
 @dataclass
@@ -99,8 +76,8 @@ class SynthesisConfig:
             )
         if not 0.0 <= self.beta_max < 1.0:
             raise ConfigError(f"synthesis.beta_max: expected a value in [0, 1), got {self.beta_max}")
-        if not 1 <= self.n_augment <= len(_AUGMENTS):
-            raise ConfigError(f"synthesis.n_augment: expected 1..{len(_AUGMENTS)}, got {self.n_augment}")
+        if not 1 <= self.n_augment <= len(AUGMENTS):
+            raise ConfigError(f"synthesis.n_augment: expected 1..{len(AUGMENTS)}, got {self.n_augment}")
         known = {"perlin", *MODES}
         unknown = sorted(set(self.modes) - known)
         if unknown:
@@ -147,146 +124,6 @@ def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Ge
     n0 = dot(0, 0) * (1 - tx) + dot(0, 1) * tx
     n1 = dot(1, 0) * (1 - tx) + dot(1, 1) * tx
     return (math.sqrt(2.0) * (n0 * (1 - ty) + n1 * ty)).astype(np.float32)
-
-
-def rotate_image(img: np.ndarray, degrees: float, border: int = cv2.BORDER_REFLECT_101) -> np.ndarray:
-    h, w = img.shape[:2]
-    m = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), degrees, 1.0)
-    return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=border)
-
-
-# ---------------------------------------------------- photometric augmentations
-# All take and return HxWx3 float32 RGB in [0, 1]; DRAEM's 10 imgaug operations.
-
-
-def _gamma(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return np.power(x, rng.uniform(0.5, 2.0, size=3).astype(np.float32))
-
-
-def _brightness(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return x * rng.uniform(0.8, 1.2) + rng.uniform(-30, 30) / 255.0
-
-
-def _sharpness(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    smooth = cv2.blur(x, (3, 3))
-    return smooth + rng.uniform(0.0, 2.0) * (x - smooth)
-
-
-def _hue_saturation(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    hsv = cv2.cvtColor(np.clip(x, 0, 1).astype(np.float32), cv2.COLOR_RGB2HSV)
-    hsv[..., 0] = (hsv[..., 0] + rng.uniform(-50, 50) * 360.0 / 255.0) % 360.0
-    hsv[..., 1] = np.clip(hsv[..., 1] + rng.uniform(-50, 50) / 255.0, 0.0, 1.0)
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
-
-
-def _solarize(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    if rng.random() < 0.5:
-        return x
-    t = rng.uniform(32, 128) / 255.0
-    return np.where(x >= t, 1.0 - x, x)
-
-
-def _posterize(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    levels = 2 ** int(rng.integers(1, 9))
-    return np.floor(np.clip(x, 0, 1) * (levels - 1) + 0.5) / (levels - 1)
-
-
-def _invert(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return 1.0 - x
-
-
-def _autocontrast(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    lo = x.min(axis=(0, 1), keepdims=True)
-    hi = x.max(axis=(0, 1), keepdims=True)
-    return (x - lo) / np.maximum(hi - lo, 1e-6)
-
-
-def _equalize(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    u8 = np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8)
-    return np.stack([cv2.equalizeHist(u8[..., c]) for c in range(3)], axis=-1).astype(np.float32) / 255.0
-
-
-def _affine_rotate(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    return rotate_image(x, rng.uniform(-45, 45))
-
-
-_AUGMENTS: tuple[Callable[[np.ndarray, np.random.Generator], np.ndarray], ...] = (
-    _gamma,
-    _brightness,
-    _sharpness,
-    _hue_saturation,
-    _solarize,
-    _posterize,
-    _invert,
-    _autocontrast,
-    _equalize,
-    _affine_rotate,
-)
-
-
-# ------------------------------------------------------------------ textures
-
-
-def _load_builtin(name: str) -> np.ndarray:
-    import skimage.data
-
-    img = np.asarray(getattr(skimage.data, name)())
-    if img.dtype == bool:
-        img = img.astype(np.uint8) * 255
-    if img.dtype != np.uint8:
-        img = np.clip(img, 0, 255).astype(np.uint8)
-    if img.ndim == 3 and img.shape[2] == 4:
-        img = img[..., :3]
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=-1)
-    return np.ascontiguousarray(img)  # already RGB
-
-
-class TextureSource:
-    """Texture photos as HxWx3 uint8 RGB, loaded on first use and kept in a small LRU cache."""
-
-    def __init__(self, texture_dir: str | os.PathLike[str] | None, cache_size: int = 256) -> None:
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._cache_size = max(1, cache_size)
-        if texture_dir is None:
-            self.paths: list[Path] = []
-            self.names: list[str] = list(BUILTIN_TEXTURES)
-            self.description = "scikit-image bundled photos"
-        else:
-            folder = Path(texture_dir)
-            if not folder.is_dir():
-                raise ConfigError(f"texture_dir: {folder} is not a folder")
-            # Recursive: DTD keeps its images in images/<class>/.
-            self.paths = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
-            if not self.paths:
-                raise ConfigError(
-                    f"texture_dir: {folder} holds no image files ({', '.join(('.png', '.jpg'))}, ...)"
-                )
-            self.names = [str(p) for p in self.paths]
-            self.description = f"{len(self.paths)} images under {folder}"
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def get(self, i: int) -> np.ndarray | None:
-        if i in self._cache:
-            self._cache.move_to_end(i)
-            return self._cache[i]
-        try:
-            if self.paths:
-                img = read_image(self.paths[i])
-                if img.dtype == np.uint16:
-                    img = (img >> 8).astype(np.uint8)
-                img = to_rgb8_or_16(img, "BGR")
-            else:
-                img = _load_builtin(self.names[i])
-        except (ImageReadError, ValueError, OSError, ImportError) as exc:
-            warnings.warn(f"texture {self.names[i]} skipped: {exc}", stacklevel=2)
-            return None
-        self._cache[i] = img
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return img
 
 
 # ------------------------------------------------------------------ synthesis
@@ -340,9 +177,9 @@ class AnomalySynthesizer:
         crop = img[y0 : y0 + ch, x0 : x0 + cw]
         tex = cv2.resize(crop, (self.width, self.height), interpolation=cv2.INTER_LINEAR).astype(np.float32)
         tex /= 255.0
-        for k in rng.choice(len(_AUGMENTS), size=c.n_augment, replace=False):
+        for k in rng.choice(len(AUGMENTS), size=c.n_augment, replace=False):
             # Clip after each step: gamma of a negative value is NaN.
-            tex = np.clip(_AUGMENTS[int(k)](tex, rng), 0.0, 1.0).astype(np.float32)
+            tex = np.clip(AUGMENTS[int(k)](tex, rng), 0.0, 1.0).astype(np.float32)
         return tex
 
     def transformed_copy(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:

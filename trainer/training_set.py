@@ -21,9 +21,10 @@ from pouta.edge.errors import ConfigError, ImageReadError
 from pouta.edge.preprocess import Preprocessor, read_image
 from torch.utils.data import Dataset
 
+from .augment import rotate_image
 from .geometry import choose_geometry, preprocessor_for_training, scan_images
 from .models import ModelConfig
-from .synthesis import AnomalySynthesizer, SynthesisConfig, rotate_image
+from .synthesis import AnomalySynthesizer, SynthesisConfig
 
 MIN_SAMPLES_PER_EPOCH = 128  # small sets: fewer worker restarts (one per epoch)
 
