@@ -4,6 +4,9 @@ Both models are timed in one loop, alternating which goes first each iteration, 
 burst of load from another process hits both alike; the per-iteration ratio
 (``paired_ratio``) is therefore the number to trust on a shared machine, more than
 either absolute latency.
+
+Longer than ~350 lines on purpose: the table of backends (framework x device x
+precision) and their factories read best together; timing is in ``timing``.
 """
 
 from __future__ import annotations

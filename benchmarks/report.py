@@ -2,6 +2,9 @@
 
 Everything here reads the results dict, never re-measures, so a report can be rebuilt
 from a saved JSON (``report_charts.write_charts`` + ``markdown``).
+
+Longer than ~350 lines on purpose: one markdown writer per section, in report order;
+the charts are in ``report_charts``.
 """
 
 from __future__ import annotations

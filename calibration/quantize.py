@@ -22,6 +22,10 @@ ReduceMax), and the last Conv/ConvTranspose feeding it, whose logits the saturat
 softmax/sigmoid amplifies near 0. Sigmoid/Softmax elsewhere (POUTA's HSG gates) are not quantized either: their
 [0, 1] outputs multiply feature maps, and a symmetric int8 grid spends half its codes on
 negative values they never take.
+
+Longer than ~350 lines on purpose: one flow (prepare, head exclusions, two
+``quantize_static`` targets, check) with the ONNX Runtime options it depends on; the
+Q/DQ rules are in ``qdq_check``.
 """
 
 from __future__ import annotations

@@ -25,6 +25,10 @@ Acquisition rules (SFNC names):
   the camera is lost.
 - Any fetch error other than a timeout, or an invalid acquirer, means the camera is lost:
   it is destroyed and re-created with backoff (``reconnects`` counts successes).
+
+Longer than ~350 lines on purpose: mostly one class, the acquisition state machine
+(open, trigger, fetch, lose, reconnect), whose steps share two locks; node-map helpers
+are in ``genicam_nodes``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,9 @@ Updates go out as server-sent events through a bounded queue per client (a slow 
 loses intermediate states, never the newest); the picture is fetched by the page when an
 event says a new one exists, one fetch at a time. Read-only by default: requests that
 change state (``POST /api/reload``) need ``http.token`` as ``Authorization: Bearer``.
+
+Longer than ~350 lines on purpose: one aiohttp application whose routes, event
+fan-out and token check share its loop and bounded queues.
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@ Every part the camera saw gets exactly one record, in sequence order: a judged p
 ``OK``/``NG``; a dropped frame, a corrupt frame, a failed inference or a timeout after a
 trigger is ``NOT_INSPECTED`` (rejected by default: fail-safe). Sequence numbers come
 from a persistent counter and are assigned at acquisition.
+
+Longer than ~350 lines on purpose: one class whose threads (acquire, infer, fan-out,
+heartbeat) share the ordering rules (sequence numbers, records of dropped parts) and the
+shutdown order, which are easiest to check in one file; counters are in ``stats``, the
+queue in ``frame_queue``.
 """
 
 from __future__ import annotations

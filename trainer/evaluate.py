@@ -7,6 +7,9 @@ edge runtime are measured by the same code. Only ``torch_scorer`` imports torch,
 With ``out_dir`` it writes ``report.json``, ``score_histogram.png`` (good vs defective)
 and overlays (input | heatmap | heatmap on input | ground truth) of the worst false
 positives (highest-scoring good images) and false negatives (lowest-scoring defective).
+
+Longer than ~350 lines on purpose: the evaluation, its overlays and the ``pouta-eval``
+command are one tool and change together.
 """
 
 from __future__ import annotations
