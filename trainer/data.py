@@ -175,26 +175,33 @@ def _mvtec_mask(gt_dir: Path, defect: str, image: Path) -> Path | None:
     return None
 
 
-def _read_mvtec(root: Path, split: str, name: str) -> InspectionDataset:
-    skipped: list[tuple[Path, str]] = []
-    missing: list[Path] = []
+def _defect_folders(
+    subs: list[Path], gt: Path, has_masks: bool, skipped: list[tuple[Path, str]], missing: list[Path]
+) -> list[ImageRecord]:
+    """Images of ``good/`` (label 0) and of one folder per defect type (label 1), with
+    MVTec-style masks ``gt/<defect>/<stem>_mask.png`` when ``has_masks``."""
     records: list[ImageRecord] = []
-    gt = root / "ground_truth"
-    has_masks = split == "test" and gt.is_dir()
-    if not has_masks and split == "test":
-        log.info("%s: no ground_truth/: pixel metrics skipped", root)
-    for sub in _subdirs(root / split):
-        defect = sub.name
-        label = 0 if defect == "good" else 1
+    for sub in subs:
+        label = 0 if sub.name == "good" else 1
         for p in _list_images(sub):
             if not _usable(p, skipped):
                 continue
             mask = None
             if label == 1 and has_masks:
-                mask = _check_mask(
-                    p, _mvtec_mask(gt, defect, p), f"{gt / defect / (p.stem + '_mask.png')}", missing, skipped
-                )
-            records.append(ImageRecord(p, label, defect, mask))
+                expected = gt / sub.name / f"{p.stem}_mask.png"
+                mask = _check_mask(p, _mvtec_mask(gt, sub.name, p), str(expected), missing, skipped)
+            records.append(ImageRecord(p, label, sub.name, mask))
+    return records
+
+
+def _read_mvtec(root: Path, split: str, name: str) -> InspectionDataset:
+    skipped: list[tuple[Path, str]] = []
+    missing: list[Path] = []
+    gt = root / "ground_truth"
+    has_masks = split == "test" and gt.is_dir()
+    if not has_masks and split == "test":
+        log.info("%s: no ground_truth/: pixel metrics skipped", root)
+    records = _defect_folders(_subdirs(root / split), gt, has_masks, skipped, missing)
     return InspectionDataset(name, split, records, has_masks, skipped, "mvtec", root, missing)
 
 
@@ -292,23 +299,8 @@ def _read_folder(root: Path, split: str, name: str) -> InspectionDataset:
         return InspectionDataset(name, split, records, False, skipped, "folder", root, missing)
     gt = root / "ground_truth"
     has_masks = gt.is_dir()
-    for sub in _subdirs(root):
-        if sub.name == "ground_truth":
-            continue
-        label = 0 if sub.name == "good" else 1
-        for p in _list_images(sub):
-            if not _usable(p, skipped):
-                continue
-            mask = None
-            if label == 1 and has_masks:
-                mask = _check_mask(
-                    p,
-                    _mvtec_mask(gt, sub.name, p),
-                    f"ground_truth/{sub.name}/{p.stem}_mask.png",
-                    missing,
-                    skipped,
-                )
-            records.append(ImageRecord(p, label, sub.name, mask))
+    subs = [sub for sub in _subdirs(root) if sub.name != "ground_truth"]
+    records = _defect_folders(subs, gt, has_masks, skipped, missing)
     return InspectionDataset(name, split, records, has_masks, skipped, "folder", root, missing)
 
 
