@@ -224,6 +224,18 @@ def resolve_namespace(
     return cfg
 
 
+def settings_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``resolve_namespace`` for a command without its own error handling: a bad setting
+    exits with the one-line error, ``--print-config`` prints the settings and exits 0."""
+    try:
+        cfg = resolve_namespace(parser, args)
+    except ConfigError as exc:
+        parser.exit(2, f"{parser.prog}: {exc}\n")
+    if args.print_config:
+        print(dump(cfg), end="")
+        parser.exit(0)
+
+
 def parse_hw(text: str, what: str = "--size") -> tuple[int, int]:
     """``"128x96"`` -> (128, 96): height x width, the one spelling every command takes."""
     parts = str(text).lower().replace(",", "x").split("x")

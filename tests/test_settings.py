@@ -140,3 +140,43 @@ def test_bench_set_and_print_config(capsys: pytest.CaptureFixture[str]) -> None:
     assert "sections: unknown ['speed']" in capsys.readouterr().err
     assert main(["--set", "iters=lots"]) == 2
     assert "iters: expected an integer, got 'lots'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "key", "value", "bad", "error"),
+    [
+        (
+            "pouta.trainer.evaluate",
+            ["--onnx", "m.onnx", "--data", "d"],
+            "batch_size",
+            2,
+            "batch_size=x",
+            "expected an integer",
+        ),
+        ("pouta.trainer.export", ["m.pt", "-o", "m.onnx"], "opset", 18, "opsett=18", "unknown key"),
+        ("pouta.trainer.models.cost", [], "size", "64x64", "json=maybe", "expected true/false"),
+        ("pouta.trainer.demo", [], "train_minutes", 1.5, "steps=many", "expected an integer"),
+        ("pouta.trainer.demo_data", [], "n_train", 12, "n_trian=12", "unknown key"),
+    ],
+)
+def test_small_commands_set_and_print_config(
+    capsys: pytest.CaptureFixture[str],
+    module: str,
+    argv: list[str],
+    key: str,
+    value: object,
+    bad: str,
+    error: str,
+) -> None:
+    import importlib
+
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--set", f"{key}={value}", "--print-config"])
+    assert done.value.code == 0
+    assert yaml.safe_load(capsys.readouterr().out)[key] == value
+    with pytest.raises(SystemExit) as failed:
+        main([*argv, "--set", bad])
+    err = capsys.readouterr().err.strip()
+    assert failed.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("pouta-") and error in err and bad.split("=")[0] in err

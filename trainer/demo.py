@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from pouta.edge.settings import add_config_args, settings_or_exit
+
 
 def _script(name: str) -> str:
     exe = Path(sys.executable).with_name(name)
@@ -43,7 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--data", default=None, help="use this MVTec-layout category instead of generated demo data"
     )
+    add_config_args(ap, config_file=True)
     args = ap.parse_args(argv)
+    settings_or_exit(ap, args)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from pouta.edge.settings import add_config_args, settings_or_exit
 
 DEFECT_TYPES: tuple[str, ...] = ("scratch", "spot", "crack")
 TEXTURES: tuple[str, ...] = ("brick", "gravel", "grass")
@@ -213,7 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--texture", choices=TEXTURES, default="brick")
     ap.add_argument("--grayscale", action="store_true", help="single-channel images (mono camera)")
     ap.add_argument("--category", default="surface")
+    add_config_args(ap, config_file=True)
     args = ap.parse_args(argv)
+    settings_or_exit(ap, args)
     try:
         root = make_demo_dataset(
             args.out,

@@ -33,7 +33,7 @@ from pouta.edge.errors import PoutaError
 from pouta.edge.geometry import FrameGeometry, score_frames
 from pouta.edge.overlay import draw_overlay, to_bgr8
 from pouta.edge.preprocess import Preprocessor
-from pouta.edge.settings import hw_arg
+from pouta.edge.settings import add_config_args, hw_arg, settings_or_exit
 
 from .data import InspectionDataset, open_dataset
 from .metrics import aupro, average_precision, pixel_metrics, roc_auc
@@ -329,7 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cpu", help="torch device for --checkpoint")
     ap.add_argument("--no-progress", action="store_true")
+    add_config_args(ap, config_file=True)
     args = ap.parse_args(argv)
+    settings_or_exit(ap, args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         if args.checkpoint:

@@ -31,7 +31,7 @@ from pouta.edge.metadata import (
     ModelMetadata,
     metadata_path,
 )
-from pouta.edge.settings import parse_hw
+from pouta.edge.settings import add_config_args, parse_hw, settings_or_exit
 from torch import nn
 
 from .checkpoint import load_model
@@ -209,7 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (>= 17, default {DEFAULT_OPSET})"
     )
+    add_config_args(ap, config_file=True)
     args = ap.parse_args(argv)
+    settings_or_exit(ap, args)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     try:
         size = parse_hw(args.size) if args.size else None

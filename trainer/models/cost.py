@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from pouta.edge.errors import ConfigError
-from pouta.edge.settings import parse_hw
+from pouta.edge.settings import add_config_args, parse_hw, settings_or_exit
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import build_model, count_params
@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", default="224x224", help="input HxW (default 224x224)")
     ap.add_argument("--preset", action="append", choices=["paper", "tiny"], help="preset(s), default both")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_config_args(ap, config_file=True)
     args = ap.parse_args(argv)
+    settings_or_exit(ap, args)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     try:
         h, w = parse_hw(args.size)
