@@ -67,6 +67,20 @@ def _scores(path: Path, fp32: Path, folders: list[Path]) -> np.ndarray:
     return np.concatenate(out).astype(np.float64)
 
 
+def _conv_weights(m: onnx.ModelProto) -> dict[str, str]:
+    """'head' (the conv whose output goes to the Sigmoid) and 'feature' (the other conv) ->
+    what produces their weights: 'DequantizeLinear' (INT8) or 'float' (an initializer)."""
+    producers = {o: n for n in m.graph.node for o in n.output}
+    consumers = {i: n.op_type for n in m.graph.node for i in n.input}
+    out = {}
+    for n in m.graph.node:
+        if n.op_type == "Conv":
+            role = "head" if consumers.get(n.output[0]) == "Sigmoid" else "feature"
+            src = producers.get(n.input[1])
+            out[role] = src.op_type if src is not None else "float"
+    return out
+
+
 def test_artifacts_are_valid_onnx(built: dict[str, Path]) -> None:
     for key in ("trt", "cpu", "fp16"):
         onnx.checker.check_model(onnx.load(str(built[key])))
@@ -89,7 +103,8 @@ def test_tensorrt_file_is_symmetric_per_channel_qdq(built: dict[str, Path]) -> N
             n_weight_dq += 1
     assert n_weight_dq >= 1
     # The head stays float: the logit conv reads float weights, sigmoid/pool/reduce untouched.
-    assert quantized_weight_layers(m) == ["Conv_0"]
+    assert _conv_weights(m) == {"feature": "DequantizeLinear", "head": "float"}
+    assert len(quantized_weight_layers(m)) == 1
 
 
 def test_cpu_file_is_u8s8(built: dict[str, Path]) -> None:
@@ -102,7 +117,8 @@ def test_cpu_file_is_u8s8(built: dict[str, Path]) -> None:
     assert weights and all(w.dtype == np.int8 for w in weights)
     conv_dq = next(n for n in weight_dq if inits[n.input[0]].ndim == 4)
     assert inits[conv_dq.input[1]].size == inits[conv_dq.input[0]].shape[0]
-    assert quantized_weight_layers(m) == ["Conv_0"]
+    assert _conv_weights(m) == {"feature": "DequantizeLinear", "head": "float"}
+    assert len(quantized_weight_layers(m)) == 1
 
 
 def test_cpu_qoperator_variant(built: dict[str, Path], tmp_path: Path) -> None:
