@@ -54,7 +54,7 @@ def run_one(category: Path, kind: str, minutes: float, out: Path) -> Result:
     if done.is_file():
         row = json.loads(done.read_text(encoding="utf-8"))
         # The interpreter path is not part of the run (another checkout's venv runs the same).
-        if str(row.get("train_command", "")).split(" ", 1)[1:] == shlex.join(train_cmd).split(" ", 1)[1:]:
+        if shlex.split(str(row.get("train_command", "")))[1:] == train_cmd[1:]:
             log(f"quality: {category.name}/{kind}: reusing {done}")
             return row
     out.mkdir(parents=True, exist_ok=True)

@@ -292,7 +292,6 @@ def _read_dagm(root: Path, split: str, name: str) -> InspectionDataset:
 def _read_folder(root: Path, split: str, name: str) -> InspectionDataset:
     skipped: list[tuple[Path, str]] = []
     missing: list[Path] = []
-    records: list[ImageRecord] = []
     if split == "train":
         files = _list_images(root) or _list_images(root / "good")
         records = [ImageRecord(p, 0, "good", None) for p in files if _usable(p, skipped)]
