@@ -29,18 +29,13 @@ import numpy as np
 
 
 def default_model(work: Path, size: int = 128) -> Path:
-    import torch
     from pouta.calibration.cli import calibrate_main
-    from pouta.trainer.export import export_onnx
-    from pouta.trainer.models import build_model
-    from pouta.trainer.models.config import preset_config
 
+    from . import models
     from .synthetic import make_image_folder
 
-    torch.manual_seed(0)
-    cfg = preset_config("tiny", height=size, width=size)
-    path = work / "tiny.onnx"
-    export_onnx(build_model(cfg), cfg, path, size, size)
+    model, cfg = models.random_model("tiny", size, size)
+    path = models.export(model, cfg, work / "tiny.onnx", size, size)
     calib = make_image_folder(work / "calib", n=16, size=size)
     if calibrate_main([str(path), "--calib", str(calib)]) != 0:
         raise SystemExit("calibration of the benchmark model failed")

@@ -60,13 +60,23 @@ def model_cost(cfg: Any, height: int, width: int) -> dict[str, Any]:
     }
 
 
-def export(model: Any, cfg: Any, path: Path, height: int, width: int) -> Path:
+def random_model(preset: str, height: int, width: int) -> tuple[Any, Any]:
+    """(model, config) of a POUTA with seed-0 random weights: speed does not depend on them."""
+    import torch
+
+    torch.manual_seed(0)
+    cfg = make_config(preset, "pouta", height=height, width=width)
+    return build(cfg), cfg
+
+
+def export(model: Any, cfg: Any, path: Path, height: int, width: int, tiling: Any = None) -> Path:
+    """ONNX + sidecar; ``tiling`` (``pouta.edge.geometry.Tiling``) makes it a tiled model."""
     from pouta.trainer.export import export_onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
     # One parity batch is enough to catch a broken export; the second one doubles the
     # export time of the paper-size models on a CPU.
-    export_onnx(model, cfg, path, height, width, parity_batches=(1,))
+    export_onnx(model, cfg, path, height, width, parity_batches=(1,), tiling=tiling)
     return path
 
 

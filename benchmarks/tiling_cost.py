@@ -20,24 +20,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import models
+
 
 def export_pair(work: Path, source_hw: tuple[int, int], size: int = 128) -> dict[str, Path]:
-    import torch
-    from pouta.trainer.export import export_onnx
     from pouta.trainer.geometry import DataStats, choose_geometry
-    from pouta.trainer.models import build_model
-    from pouta.trainer.models.config import preset_config
 
-    torch.manual_seed(0)
-    cfg = preset_config("tiny", height=size, width=size)
-    model = build_model(cfg)
+    model, cfg = models.random_model("tiny", size, size)
     stats = DataStats(1, 1, source_hw, source_hw, source_hw, (3,), ("uint8",))
     geo = choose_geometry(stats, (size, size), "auto")
     if geo.tiling is None:
         raise SystemExit(f"--source-size {source_hw}: auto keeps this size whole; nothing to compare")
     paths = {"whole": work / "whole.onnx", "tiled": work / "tiled.onnx"}
-    export_onnx(model, cfg, paths["whole"], size, size)
-    export_onnx(model, cfg, paths["tiled"], size, size, tiling=geo.tiling)
+    models.export(model, cfg, paths["whole"], size, size)
+    models.export(model, cfg, paths["tiled"], size, size, tiling=geo.tiling)
     return paths
 
 

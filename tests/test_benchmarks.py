@@ -223,3 +223,16 @@ def test_quality_section_trains_and_tabulates_every_category(tmp_path: Path) -> 
     assert time.perf_counter() - t0 < 20
     assert [r["image_auroc"] for r in again["rows"]] == [r["image_auroc"] for r in sec["rows"]]
     assert all(r["train_command"].startswith("/other/venv/") for r in again["rows"])
+
+
+def test_tiling_cost_compares_the_auto_tiling_with_the_whole_image(tmp_path: Path) -> None:
+    from pouta.benchmarks import tiling_cost
+
+    source = (460, 1130)  # bsd_type2's frames: auto tiling keeps the short side two tiles long
+    res = tiling_cost.compare(tiling_cost.export_pair(tmp_path, source), source, frames=2, rounds=1)
+    assert res["whole"]["tiles_per_frame"] == 1 and res["whole"]["tile_scale"] is None
+    assert res["tiled"]["tiles_per_frame"] == 21
+    assert res["tiled"]["tile_scale"] == pytest.approx(256 / 460)
+    # 21 backend inputs per frame cost more than one; cutting and stitching are part of it.
+    assert res["tiled"]["backend_ms_per_frame"] > res["whole"]["backend_ms_per_frame"]
+    assert res["added_ms_per_tile"] > 0 and res["pre_post_ms_per_tile"] > 0
