@@ -9,12 +9,15 @@ the commands README gives for a new category, with default settings:
 
 then tabulates image AUROC, pixel AUROC, pixel AP, AUPRO, training steps and seconds
 (``quality.md``, ``quality.json``, ``quality.png``). A category whose report already exists
-for the same command is not run again, so an interrupted run continues where it stopped.
+for the same command and the same trainer and runtime code (``code_fingerprint``) is not
+run again, so an interrupted run continues where it stopped, and a change of code or
+defaults trains again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shlex
 import subprocess
@@ -47,16 +50,40 @@ def commands(category: Path, kind: str, minutes: float, out: Path) -> tuple[list
     return train, evaluate
 
 
+def code_fingerprint() -> str:
+    """Hash of the code and packaged defaults a quality row depends on (trainer and runtime).
+
+    By content, not path or commit: another checkout of the same code gives the same hash,
+    an edited default (a config, a geometry rule) a different one.
+    """
+    import pouta.edge
+    import pouta.trainer
+
+    digest = hashlib.sha256()
+    for package in (pouta.trainer, pouta.edge):
+        root = Path(package.__file__).parent
+        for f in sorted(p for p in root.rglob("*") if p.suffix in (".py", ".yaml")):
+            digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def reusable(row: Result, train_cmd: list[str], fingerprint: str) -> bool:
+    """A finished row answers for this run: same command (any interpreter), same code."""
+    same_command = shlex.split(str(row.get("train_command", "")))[1:] == train_cmd[1:]
+    return same_command and row.get("code") == fingerprint
+
+
 def run_one(category: Path, kind: str, minutes: float, out: Path) -> Result:
-    """Train and evaluate one (category, kind); reuse a finished run of the same command."""
+    """Train and evaluate one (category, kind); reuse a finished run of the same command and code."""
     train_cmd, eval_cmd = commands(category, kind, minutes, out)
+    fingerprint = code_fingerprint()
     done = out / "quality_row.json"
     if done.is_file():
         row = json.loads(done.read_text(encoding="utf-8"))
-        # The interpreter path is not part of the run (another checkout's venv runs the same).
-        if shlex.split(str(row.get("train_command", "")))[1:] == train_cmd[1:]:
+        if reusable(row, train_cmd, fingerprint):
             log(f"quality: {category.name}/{kind}: reusing {done}")
             return row
+        log(f"quality: {category.name}/{kind}: {done} is from another command or code: training again")
     out.mkdir(parents=True, exist_ok=True)
     log(f"quality: {category.name}/{kind}: {shlex.join(train_cmd)}")
     train_s = run_training(train_cmd, out, f"quality: training {category.name}/{kind}")
@@ -81,6 +108,7 @@ def run_one(category: Path, kind: str, minutes: float, out: Path) -> Result:
         "counts": report.get("counts"),
         "train_command": shlex.join(train_cmd),
         "eval_command": shlex.join(eval_cmd),
+        "code": fingerprint,
     }
     done.write_text(json.dumps(row, indent=2) + "\n", encoding="utf-8")
     log(f"quality: {category.name}/{kind}: " + ", ".join(f"{m} {_fmt(row[m])}" for m in METRICS))

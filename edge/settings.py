@@ -30,10 +30,6 @@ import yaml
 
 from .errors import ConfigError
 
-# Words YAML 1.1 reads as booleans: a string default that is one of them (trigger: "off")
-# takes the boolean a user writes unquoted.
-_YAML_BOOL_WORDS = {"off": False, "on": True, "no": False, "yes": True}
-
 
 @dataclass(frozen=True)
 class Schema:
@@ -77,19 +73,11 @@ def check_value(path: str, value: Any, default: Any, schema: Schema) -> Any:
             return float(value)
         except ValueError:
             pass
-    if (
-        isinstance(default, str)
-        and isinstance(value, bool)
-        and _YAML_BOOL_WORDS.get(default.lower()) is not None
-    ):
-        return next(w for w, b in _YAML_BOOL_WORDS.items() if b == value and w in ("off", "on"))
+    if isinstance(value, bool) and str in allowed:
+        # A word key given unquoted off/on (or no/yes): YAML made it a boolean.
+        return "on" if value else "off"
     expected = " or ".join(_type_name(t) for t in allowed)
-    hint = (
-        " (quote it: YAML reads on/off/yes/no as booleans)"
-        if isinstance(value, bool) and str in allowed
-        else ""
-    )
-    raise ConfigError(f"{path}: expected {expected}, got {value!r}{hint}")
+    raise ConfigError(f"{path}: expected {expected}, got {value!r}")
 
 
 def merge(base: dict[str, Any], override: dict[str, Any], schema: Schema, where: str = "") -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -223,6 +224,14 @@ def test_quality_section_trains_and_tabulates_every_category(tmp_path: Path) -> 
     assert time.perf_counter() - t0 < 20
     assert [r["image_auroc"] for r in again["rows"]] == [r["image_auroc"] for r in sec["rows"]]
     assert all(r["train_command"].startswith("/other/venv/") for r in again["rows"])
+    # Another code version (an edited default) or another command is not reused.
+    from pouta.benchmarks.quality import code_fingerprint, reusable
+
+    row = again["rows"][0]
+    cmd = [sys.executable, *shlex.split(row["train_command"])[1:]]
+    assert row["code"] == code_fingerprint() and reusable(row, cmd, code_fingerprint())
+    assert not reusable({**row, "code": "0" * 16}, cmd, code_fingerprint())
+    assert not reusable(row, [*cmd, "--tile-scale", "off"], code_fingerprint())
 
 
 def test_tiling_cost_compares_the_auto_tiling_with_the_whole_image(tmp_path: Path) -> None:

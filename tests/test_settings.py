@@ -29,8 +29,9 @@ def test_types_follow_the_defaults() -> None:
     assert cfg["model"]["threads"] == 4 and cfg["source"]["timeout_s"] == 2  # a float default takes an int
     assert merge(SCHEMA.defaults, {"tile_scale": 0.5}, SCHEMA)["tile_scale"] == 0.5  # declared alternative
     assert merge(SCHEMA.defaults, {"out": "elsewhere"}, SCHEMA)["out"] == Path("elsewhere")
-    # YAML reads an unquoted off as false: a key whose default is the word "off" takes it.
+    # YAML reads an unquoted off as false: a word key takes it back as the word.
     assert merge(SCHEMA.defaults, {"source": {"trigger": False}}, SCHEMA)["source"]["trigger"] == "off"
+    assert merge(SCHEMA.defaults, {"tile_scale": False}, SCHEMA)["tile_scale"] == "off"
     # Free-form mappings are replaced whole, not merged key by key.
     assert merge(SCHEMA.defaults, {"source": {"nodes": {"ExposureTime": 900}}}, SCHEMA)["source"][
         "nodes"
@@ -97,8 +98,11 @@ def test_train_set_and_print_config(capsys: pytest.CaptureFixture[str]) -> None:
     )
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["train"]["lr"] == pytest.approx(2e-4) and cfg["model"]["kind"] == "vanilla"
-    assert cfg["synthesis"]["modes"] == {"spot": 1} and cfg["data"]["tile_scale"] == "off"
+    assert cfg["synthesis"]["modes"] == {"spot": 1} and cfg["data"]["tile_scale"] == "auto"
     assert cfg["train"]["stall_timeout_s"] == 300  # defaults are printed, from the packaged preset
+    main(["--data", "somewhere", "--tile-scale", "off", "--print-config"])
+    data = yaml.safe_load(capsys.readouterr().out)["data"]
+    assert data["tile_scale"] == "off"  # YAML reads the flag's off as false: back to the word
     for bad, message in (
         ("train.lr=fast", "pouta-train: train.lr: expected a number, got 'fast'"),
         ("train.stall_timeout=5", "pouta-train: train.stall_timeout: unknown key"),

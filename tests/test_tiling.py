@@ -64,18 +64,32 @@ def test_automatic_geometry_rules() -> None:
     assert g.tiling is None and (g.height, g.width) == (128, 128)
     g = choose_geometry(_stats(256, 256), (128, 128), "auto")
     assert g.tiling is None and g.downscale == 2.0
-    g = choose_geometry(_stats(300, 300), (128, 128), "auto")  # 2.3x: tiled at scale 256/300
+    # Near-square images stay whole however large; the warning names the scale tiles would use.
+    g = choose_geometry(_stats(900, 900), (128, 128), "auto")
+    assert g.tiling is None and g.downscale == pytest.approx(900 / 128)
+    assert "--tile-scale 0.284" in (g.small_defect_warning() or "")
+    g = choose_geometry(_stats(300, 560), (128, 128), "auto")  # aspect 1.87: still whole
+    assert g.tiling is None
+    g = choose_geometry(_stats(300, 600), (128, 128), "auto")  # aspect 2, 4.7x: tiled at 256/300
     assert g.tiling is not None and round(300 * g.tiling.scale) == 256
-    # A fabric web 256 x 4096: native scale, tiles.
+    g = choose_geometry(_stats(128, 256), (128, 128), "auto")  # elongated but only 2x: whole
+    assert g.tiling is None
+    # A fabric web 256 x 4096 would need 129 tiles at native scale: whole, with the hint.
     g = choose_geometry(_stats(256, 4096), (128, 128), "auto")
+    assert g.tiling is None and "--tile-scale 1 " in (g.small_defect_warning() or "")
+    g = choose_geometry(_stats(256, 4096), (128, 128), 1.0)  # asked for: tiles at native scale
     assert g.tiling is not None and g.tiling.scale == 1.0 and g.downscale == 1.0
     # 460 x 1130: shrunk until the short side is two tiles.
     g = choose_geometry(_stats(460, 1130), (128, 128), "auto")
     assert g.tiling is not None and round(460 * g.tiling.scale) == 256
     assert g.small_defect_warning() is None  # 1.8x: a 2 px defect keeps about a pixel
-    # Explicitly off: the old whole-image squash, with the small-defect warning.
+    # A tall commutator 500 x 1250: tiles; explicitly off: the whole-image squash, with the
+    # small-defect warning naming the scale tiles would use.
+    g = choose_geometry(_stats(1250, 500), (128, 128), "auto")
+    assert g.tiling is not None and g.tiling.scale == pytest.approx(256 / 500)
     g = choose_geometry(_stats(1250, 500), (128, 128), "off")
     assert g.tiling is None and "narrower than" in (g.small_defect_warning() or "")
+    assert "--tile-scale 0.512" in (g.small_defect_warning() or "")
     # --size auto: whole image with the data's aspect ratio, multiples of 16.
     g = choose_geometry(_stats(1250, 500), (128, 128), "auto", whole_auto=True)
     assert g.tiling is None and g.height % 16 == 0 and g.width % 16 == 0

@@ -1,18 +1,27 @@
 """Choose the input geometry of a model from its training images.
 
-Default (``data.tile_scale: off``): the whole image resized to the preset's H x W
-(``tiny`` 128 x 128). Measured on the five real categories at equal CPU budgets, the
-whole-image model ranked images better than tiles on every one of them (README, quality),
-so tiling is chosen, not automatic. Rules of ``--tile-scale auto``:
+Default (``data.tile_scale: auto``) picks between two geometries by the images' median
+shape, against the model input (the preset's H x W, ``tiny`` 128 x 128, or ``--size``):
 
-- The model input (tile) is the preset's H x W unless ``--size`` says.
-- Images that a whole-image input shrinks by at most 2x (e.g. up to 256 x 256 for
-  ``tiny``) stay whole: the model keeps the global view, which large defects (a missing
-  piece of a bottle) need.
-- Larger ones are tiled. Work scale ``s = min(1, 2 * tile_short_side / median_short_side)``:
-  never upscaled, and shrunk only until the short side is two tiles long, so thin cracks
-  and small pits keep most of their pixels; random tile-size crops of the work image in
-  training, overlapping tiles (``Tiling.overlap``) batched into one call at inference.
+- **Whole image**, resized to H x W, for images about as wide as tall (long / short side
+  under ``ELONGATED_ASPECT``) and for any image a whole-image input shrinks by at most 2x.
+  The model keeps the global view, which large defects (a missing piece of a bottle)
+  need; measured at equal CPU budgets it ranked near-square parts (castings, solar
+  cells) better than tiles did (README, quality).
+- **Tiles** for elongated images that a square input would shrink more than 2x: squashing
+  them into a square shrinks the long axis ``aspect`` times more than the short one, so
+  thin cracks and small pits across it vanish first (a 4096 x 256 fabric web loses 32x
+  along its length). Work scale ``s = min(1, 2 * tile_short_side / median_short_side)``:
+  never upscaled, shrunk only until the short side is two tiles long; random tile-size
+  crops of the work image in training, overlapping tiles (``Tiling.overlap``) batched
+  into one call at inference. Measured on ball-screw pitting (1130 x 460, 21 tiles) the
+  tiles ranked images as well as the whole image and localised the pits far better.
+- ...unless that takes more than ``MAX_AUTO_TILES`` tiles per frame: then the whole image.
+  Run time grows with the tiles (every tile is a model input), and the frame's score, a
+  maximum over all tiles, picks up more normal texture with every tile: on the 4096 x 256
+  fabric web (129 tiles at native scale) tiles ranked images worse than the whole image.
+- ``--tile-scale off`` forces the whole image, ``--tile-scale 0.5`` (a number) forces
+  tiles at that work scale (e.g. small defects on large near-square parts).
 - ``--size auto`` instead keeps one whole-image input with the training images' median
   aspect ratio and the preset's pixel count, each side a multiple of 16 (long side at most
   4x the preset side).
@@ -33,6 +42,8 @@ from pouta.edge.preprocess import Preprocessor, read_image
 
 WORK_SHORT_SIDE_IN_TILES = 2.0
 WHOLE_IMAGE_MAX_DOWNSCALE = 2.0
+ELONGATED_ASPECT = 2.0  # median long / short side from which ``auto`` tiles
+MAX_AUTO_TILES = 32  # ``auto`` never picks more tiles per frame than this
 DEFAULT_OVERLAP = 0.25
 MIN_DEFECT_PX = 2.0  # a defect narrower than this at model scale is hard to see
 WARN_DOWNSCALE = 2.0  # past this, a 4 px defect at source shrinks below MIN_DEFECT_PX
@@ -98,6 +109,7 @@ class Geometry:
     width: int
     tiling: Tiling | None
     downscale: float  # source pixels per model pixel (the larger of both axes)
+    tile_scale_hint: float | None = None  # the work scale tiles would use (whole-image choices)
 
     def describe(self) -> str:
         smallest = (
@@ -116,12 +128,18 @@ class Geometry:
         return (
             f"defects narrower than {self.downscale * MIN_DEFECT_PX:.0f} source px will be under "
             f"{MIN_DEFECT_PX:g} px at the model's scale ({self.downscale:.1f}x downscale); "
-            "if the line has such defects, try --tile-scale auto (tiles at a higher resolution)"
+            f"if the line has such defects, try --tile-scale {self.tile_scale_hint or 0.5:.3g} "
+            "(tiles at a higher resolution)"
         )
 
 
 def _round16(v: float) -> int:
     return max(32, round(v / 16.0) * 16)
+
+
+def _work_scale(image_hw: tuple[int, int], tile_hw: tuple[int, int]) -> float:
+    """Tiles' work scale: shrink until the short side is two tiles long, never enlarge."""
+    return min(1.0, WORK_SHORT_SIDE_IN_TILES * min(tile_hw) / min(image_hw))
 
 
 def choose_geometry(
@@ -135,14 +153,18 @@ def choose_geometry(
         h = _round16(math.sqrt(area * mh / mw))
         w = _round16(area / h)
         h, w = min(h, 4 * max(th, tw)), min(w, 4 * max(th, tw))
-        return Geometry(h, w, None, max(mh / h, mw / w))
+        return Geometry(h, w, None, max(mh / h, mw / w), _work_scale(stats.median_hw, tile_hw))
     if tile_scale in (None, 0, "off", False):
-        return Geometry(th, tw, None, max(mh / th, mw / tw))
+        return Geometry(th, tw, None, max(mh / th, mw / tw), _work_scale(stats.median_hw, tile_hw))
     if tile_scale == "auto":
         whole_downscale = max(mh / th, mw / tw)
-        scale = min(1.0, WORK_SHORT_SIDE_IN_TILES * min(th, tw) / min(mh, mw))
-        if whole_downscale <= WHOLE_IMAGE_MAX_DOWNSCALE or (mh * scale <= th and mw * scale <= tw):
-            return Geometry(th, tw, None, whole_downscale)
+        scale = _work_scale(stats.median_hw, tile_hw)
+        near_square = max(mh, mw) / min(mh, mw) < ELONGATED_ASPECT
+        fits = mh * scale <= th and mw * scale <= tw
+        tiling = Tiling(scale, DEFAULT_OVERLAP)
+        too_many = len(tiling.origins(tiling.work_size(mh, mw), tile_hw)) > MAX_AUTO_TILES
+        if near_square or whole_downscale <= WHOLE_IMAGE_MAX_DOWNSCALE or fits or too_many:
+            return Geometry(th, tw, None, whole_downscale, None if fits else round(scale, 4))
     else:
         try:
             scale = float(tile_scale)

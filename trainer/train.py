@@ -304,7 +304,8 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--tile-scale",
-        help="auto (default: tiles when images are large) | off (whole image) | work scale, e.g. 0.5",
+        help="auto (default: whole image, tiles for elongated images shrunk over 2x) | off (whole "
+        "image) | a work scale for tiles, e.g. 0.5",
     )
     ap.add_argument("--out", help="output folder")
     ap.add_argument("--seed", type=int)
