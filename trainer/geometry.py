@@ -142,29 +142,36 @@ def _work_scale(image_hw: tuple[int, int], tile_hw: tuple[int, int]) -> float:
     return min(1.0, WORK_SHORT_SIDE_IN_TILES * min(tile_hw) / min(image_hw))
 
 
+def _auto_keeps_whole(image_hw: tuple[int, int], tile_hw: tuple[int, int], scale: float) -> bool:
+    """``auto``'s choice: near-square, shrunk at most 2x, or too many tiles at ``scale``."""
+    (mh, mw), (th, tw) = image_hw, tile_hw
+    if max(mh, mw) / min(mh, mw) < ELONGATED_ASPECT:
+        return True
+    if max(mh / th, mw / tw) <= WHOLE_IMAGE_MAX_DOWNSCALE:
+        return True
+    tiling = Tiling(scale, DEFAULT_OVERLAP)
+    return len(tiling.origins(tiling.work_size(mh, mw), tile_hw)) > MAX_AUTO_TILES
+
+
 def choose_geometry(
     stats: DataStats, tile_hw: tuple[int, int], tile_scale: float | str | None, whole_auto: bool = False
 ) -> Geometry:
     """Apply the rules of this module's docstring."""
     mh, mw = stats.median_hw
     th, tw = tile_hw
+    work_scale = _work_scale(stats.median_hw, tile_hw)  # what tiles would use: also the hint
     if whole_auto:
         area = float(th * tw)
         h = _round16(math.sqrt(area * mh / mw))
         w = _round16(area / h)
         h, w = min(h, 4 * max(th, tw)), min(w, 4 * max(th, tw))
-        return Geometry(h, w, None, max(mh / h, mw / w), _work_scale(stats.median_hw, tile_hw))
-    if tile_scale in (None, 0, "off", False):
-        return Geometry(th, tw, None, max(mh / th, mw / tw), _work_scale(stats.median_hw, tile_hw))
+        return Geometry(h, w, None, max(mh / h, mw / w), work_scale)
+    if tile_scale in (None, 0, "off", False) or (
+        tile_scale == "auto" and _auto_keeps_whole(stats.median_hw, tile_hw, work_scale)
+    ):
+        return Geometry(th, tw, None, max(mh / th, mw / tw), work_scale)
     if tile_scale == "auto":
-        whole_downscale = max(mh / th, mw / tw)
-        scale = _work_scale(stats.median_hw, tile_hw)
-        near_square = max(mh, mw) / min(mh, mw) < ELONGATED_ASPECT
-        fits = mh * scale <= th and mw * scale <= tw
-        tiling = Tiling(scale, DEFAULT_OVERLAP)
-        too_many = len(tiling.origins(tiling.work_size(mh, mw), tile_hw)) > MAX_AUTO_TILES
-        if near_square or whole_downscale <= WHOLE_IMAGE_MAX_DOWNSCALE or fits or too_many:
-            return Geometry(th, tw, None, whole_downscale, None if fits else round(scale, 4))
+        scale = work_scale
     else:
         try:
             scale = float(tile_scale)
@@ -172,8 +179,7 @@ def choose_geometry(
             raise ConfigError(
                 f"data.tile_scale: expected auto, off or a number, got {tile_scale!r}"
             ) from None
-    tiling = Tiling(scale, DEFAULT_OVERLAP)
-    return Geometry(th, tw, tiling, 1.0 / scale)
+    return Geometry(th, tw, Tiling(scale, DEFAULT_OVERLAP), 1.0 / scale)
 
 
 def tiling_of(train_config: dict[str, Any]) -> Tiling | None:
