@@ -14,7 +14,7 @@ from pouta.edge.metadata import ModelMetadata, check_io, metadata_path
 from pouta.trainer.checkpoint import save_checkpoint
 from pouta.trainer.export import export_onnx
 from pouta.trainer.export import main as export_main
-from pouta.trainer.models import build_model, preset_config
+from pouta.trainer.models import build_model, fit_cue_scales, preset_config
 
 torch.set_num_threads(2)
 H, W = 32, 48
@@ -32,9 +32,13 @@ def _trained_like(kind: str, variant: str = "full") -> tuple[torch.nn.Module, ob
     return model.eval(), cfg
 
 
+@pytest.mark.parametrize("fitted", [False, True], ids=["disc-map", "with-reconstruction-cue"])
 @pytest.mark.parametrize(("kind", "variant"), [("pouta", "full"), ("vanilla", "full")])
-def test_export_contract_and_parity(tmp_path: Path, kind: str, variant: str) -> None:
+def test_export_contract_and_parity(tmp_path: Path, kind: str, variant: str, fitted: bool) -> None:
     model, cfg = _trained_like(kind, variant)
+    if fitted:  # what pouta-train hands over: cue scales measured on normal inputs
+        fit_cue_scales(model, [torch.rand(4, 3, H, W) * 0.5 + 0.3])
+        cfg = model.cfg
     path = tmp_path / "model.onnx"
     rep = export_onnx(model, cfg, path, H, W, checkpoint_sha256="abc", training_info={"steps": 3})
     assert rep["max_abs_diff_map"] <= 1e-4 and rep["max_abs_diff_score"] <= 1e-4
@@ -47,13 +51,21 @@ def test_export_contract_and_parity(tmp_path: Path, kind: str, variant: str) -> 
     batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch_dim.dim_param and not batch_dim.dim_value  # dynamic batch
     # Only the inference path is in the graph: every Conv2d except MSS heads / POUTA image head.
-    skipped = ("mss_heads", "ae.image_head") if kind == "pouta" else ()
+    # With the reconstruction cue POUTA's graph needs the image head too.
+    skipped = (
+        ("mss_heads",)
+        if kind == "pouta" and fitted
+        else ("mss_heads", "ae.image_head")
+        if kind == "pouta"
+        else ()
+    )
     n_conv = sum(
         isinstance(m, torch.nn.Conv2d) and not any(s in name for s in skipped)
         for name, m in model.named_modules()
     )
     # MapSmoothing adds 4 functional convs: a separable blur of the map and of the ones-image.
-    n_conv += 4 if cfg.map_sigma > 0 else 0
+    # The reconstruction cue is smoothed the same way (4 more).
+    n_conv += (4 if cfg.map_sigma > 0 else 0) * (2 if fitted else 1)
     assert sum(n.op_type == "Conv" for n in proto.graph.node) == n_conv
 
     meta = ModelMetadata.load(metadata_path(path))
@@ -61,6 +73,7 @@ def test_export_contract_and_parity(tmp_path: Path, kind: str, variant: str) -> 
     assert meta.precision == "fp32" and meta.thresholds is None
     assert meta.artifact_sha256 == sha256_file(path) and meta.source_checkpoint_sha256 == "abc"
     assert meta.training == {"steps": 3} and meta.model_config["ae_widths"] == list(cfg.ae_widths)
+    assert meta.model_config["cue_scales"] == (list(cfg.cue_scales) if fitted else None)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     check_io(meta, tuple(sess.get_inputs()[0].shape), [o.name for o in sess.get_outputs()], str(path))
 

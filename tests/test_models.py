@@ -130,3 +130,58 @@ def test_map_sigma_zero_gives_the_raw_softmax() -> None:
     with torch.no_grad():
         out = model(torch.rand(1, 3, 32, 32))
     assert torch.allclose(out.anomaly_map, torch.softmax(out.logits, 1)[:, 1:2])
+
+
+@pytest.mark.parametrize("kind", ["pouta", "vanilla"])
+def test_reconstruction_cue_joins_the_map_once_fitted(kind: str) -> None:
+    from pouta.trainer.models import fit_cue_scales, image_score
+
+    torch.manual_seed(3)
+    cfg = preset_config("tiny", kind, "full", height=48, width=64)
+    assert cfg.reconstruction_cue and cfg.cue_scales is None
+    model = build_model(cfg).eval()
+    normal = 0.45 + 0.1 * torch.rand(6, 3, 48, 64)
+    with torch.no_grad():
+        plain = model(normal)  # not fitted yet: the discriminator's map alone
+    assert torch.allclose(
+        plain.anomaly_map, model.smoothing(torch.softmax(plain.logits, 1)[:, 1:2]), atol=1e-6
+    )
+    expected_rec = image_score(model.cues.reconstruction_error(normal, plain.reconstruction)).mean()
+    scales = fit_cue_scales(model, [normal[:4], normal[4:]])
+    assert scales == pytest.approx((float(plain.score.mean()), float(expected_rec)), rel=1e-5)
+    assert model.cfg.cue_scales == scales and not model.training
+    with torch.no_grad():
+        fused = model(normal, aux=False)  # the export path computes the reconstruction too
+        k_a, k_r = scales
+        a = model.smoothing(torch.softmax(fused.logits, 1)[:, 1:2])
+        r = model.cues.reconstruction_error(normal, plain.reconstruction)
+        assert torch.allclose(fused.anomaly_map, 0.5 * (a / (a + k_a) + r / (r + k_r)), atol=1e-6)
+        assert torch.allclose(fused.score, image_score(fused.anomaly_map))
+        assert float(fused.anomaly_map.min()) >= 0.0 and float(fused.anomaly_map.max()) < 1.0
+        # a patch the autoencoder does not reproduce raises the reconstruction cue there only
+        hit = normal.clone()
+        hit[:, :, 20:28, 30:38] = 1.0
+        r_hit = model.cues.reconstruction_error(hit, model(hit).reconstruction)
+    diff = (r_hit - r)[:, 0]
+    assert float(diff[:, 20:28, 30:38].mean()) > 10 * float(diff[:, :8, :8].abs().mean())
+
+
+def test_fitted_cue_scales_survive_a_checkpoint(tmp_path) -> None:
+    from pouta.trainer.checkpoint import load_model, save_checkpoint
+    from pouta.trainer.models import fit_cue_scales
+
+    torch.manual_seed(4)
+    model = build_model(preset_config("tiny", "pouta", "full", height=32, width=32))
+    x = torch.rand(3, 3, 32, 32)
+    fit_cue_scales(model, [x])
+    path = save_checkpoint(tmp_path / "m.pt", model, model.cfg, step=1, train_config={}, info={})
+    loaded, cfg, _ = load_model(path)
+    assert cfg.cue_scales == model.cfg.cue_scales
+    with torch.no_grad():
+        assert torch.allclose(loaded(x).anomaly_map, model(x).anomaly_map, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [[0.1], [0.1, 0.0], [0.1, float("nan")], ["a", 1.0]])
+def test_cue_scales_must_be_two_positive_numbers(bad: list) -> None:
+    with pytest.raises(ConfigError, match=r"^model\.cue_scales: expected null or two positive numbers"):
+        preset_config("tiny", "pouta", "full", cue_scales=bad)

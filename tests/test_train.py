@@ -151,9 +151,12 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
         [*exe, "--resume", str(run), "--no-progress"], capture_output=True, text=True, timeout=180
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    a, _, info_a = load_model(ref)
-    b, _, info_b = load_model(run / "model.pt")
+    a, cfg_a, info_a = load_model(ref)
+    b, cfg_b, info_b = load_model(run / "model.pt")
     assert info_a["step"] == info_b["step"] == steps
+    # the reconstruction cue's scales are fitted at the end of either run, identically
+    assert cfg_a.cue_scales is not None and min(cfg_a.cue_scales) > 0
+    assert cfg_b.cue_scales == pytest.approx(cfg_a.cue_scales, rel=1e-5)
     for k, v in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=1e-6, msg=f"{k} differs after resume")
 

@@ -30,7 +30,7 @@ from .checkpoint import read_checkpoint, save_checkpoint
 from .evaluate import progress_bar
 from .geometry import preprocessor_for_training
 from .losses import total_loss
-from .models import ModelConfig, build_model
+from .models import ModelConfig, build_model, fit_cue_scales
 from .train_config import build_config, model_config_from, resume_config
 from .train_log import plot_losses, truncate_log
 from .training_set import (
@@ -45,6 +45,8 @@ from .watchdog import StallWatchdog
 LAST = "last.pt"
 FINAL = "model.pt"
 LOG = "train_log.jsonl"
+CUE_FIT_INPUTS = 64  # normal inputs that fix the cue scales (seconds on a CPU)
+CUE_FIT_BATCH = 8
 
 
 class TrainingError(PoutaError):
@@ -222,6 +224,9 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
         pbar.close()
     seconds = time.monotonic() - t0
     save(out / LAST, status, seconds)
+    if mcfg.reconstruction_cue:
+        mcfg = _fit_cues(model, dataset, device, memory_format)
+        cfg["model"] = mcfg.to_dict()
     final = save_final(out / FINAL, model, mcfg, cfg, {**data_info, "status": status, "steps": step}, seconds)
     plot_losses(out / LOG, out / "loss_curve.png")
     summary = {
@@ -249,6 +254,24 @@ def save_final(
         train_config=cfg,
         info={**info, "seconds_last_run": round(seconds, 1)},
     )
+
+
+def _fit_cues(
+    model: torch.nn.Module, dataset: Any, device: torch.device, memory_format: torch.memory_format
+) -> ModelConfig:
+    """Measure both cues on normal training inputs; the model's config then carries them."""
+    x = torch.from_numpy(dataset.normal_inputs(CUE_FIT_INPUTS))
+    batches = (
+        x[i : i + CUE_FIT_BATCH].to(device).contiguous(memory_format=memory_format)
+        for i in range(0, len(x), CUE_FIT_BATCH)
+    )
+    k_disc, k_rec = fit_cue_scales(model, batches)
+    print(
+        f"pouta-train: cue scales on {len(x)} normal inputs: discriminator {k_disc:.4g}, "
+        f"reconstruction error {k_rec:.4g}",
+        flush=True,
+    )
+    return model.cfg  # type: ignore[return-value]
 
 
 def _fit_to_budget(

@@ -88,6 +88,14 @@ class TrainingSet(Dataset):
         x = int(rng.integers(0, work.shape[1] - w + 1))
         return self.pre.to_float(work[y : y + h, x : x + w]).transpose(1, 2, 0)
 
+    def normal_inputs(self, n: int) -> np.ndarray:
+        """Normal model inputs [k,3,H,W] float32, no synthesis: k = min(n, images) distinct
+        images for a whole-image model, n random crops for a tiled one."""
+        rng = np.random.default_rng([self.seed, 0xC0E5])
+        order = rng.permutation(len(self.originals))
+        k = n if self.pre.tiling is not None else min(n, len(order))
+        return np.stack([self.original(int(order[i % len(order)]), rng).transpose(2, 0, 1) for i in range(k)])
+
     def save_grids(self, out_dir: Path, n: int = 12) -> list[Path]:
         """``synthesis_<mode>.png`` for every mode with a weight: what training is taught."""
         rng = np.random.default_rng([self.seed, 0xC0FFEE])

@@ -22,7 +22,7 @@ from .config import (
     check_input_size,
     preset_config,
 )
-from .layers import ModelOutput, head_output, image_score
+from .layers import CueFusion, ModelOutput, fit_cue_scales, head_output, image_score
 from .pouta import FCM, HSG, POUTA
 from .vanilla import UNetDiscriminator, VanillaDRAEM
 
@@ -36,6 +36,7 @@ __all__ = [
     "SIZE_MULTIPLE",
     "VARIANTS",
     "AEFeatures",
+    "CueFusion",
     "ModelConfig",
     "ModelOutput",
     "Preset",
@@ -45,6 +46,7 @@ __all__ = [
     "build_model",
     "check_input_size",
     "count_params",
+    "fit_cue_scales",
     "head_output",
     "image_score",
     "preset_config",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -71,14 +72,79 @@ class MapSmoothing(nn.Module):
         return self._blur(amap) / self._blur(torch.ones_like(amap))
 
 
-def head_output(
-    logits: torch.Tensor, smoothing: nn.Module | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """2-class logits [N,2,H,W] -> (anomaly probability [N,1,H,W], image score [N])."""
+def discriminator_map(logits: torch.Tensor, smoothing: nn.Module | None = None) -> torch.Tensor:
+    """2-class logits [N,2,H,W] -> anomaly probability [N,1,H,W] (smoothed when asked)."""
     amap = torch.softmax(logits, dim=1)[:, 1:2]
-    if smoothing is not None:
-        amap = smoothing(amap)
+    return amap if smoothing is None else smoothing(amap)
+
+
+def head_output(
+    logits: torch.Tensor,
+    smoothing: nn.Module | None,
+    cues: CueFusion,
+    x: torch.Tensor,
+    rec: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """2-class logits [N,2,H,W] (+ input and reconstruction for the second cue) ->
+    (anomaly map [N,1,H,W] in [0,1], image score [N])."""
+    amap = cues(discriminator_map(logits, smoothing), x, rec)
     return amap, image_score(amap)
+
+
+class CueFusion(nn.Module):
+    """One anomaly map from two cues: the discriminator's map and the reconstruction error.
+
+    a [N,1,H,W] (discriminator probability, smoothed) and x, x_r [N,3,H,W] (input and
+    reconstruction) -> [N,1,H,W] in [0,1]: 0.5 * (a / (a + k_a) + r / (r + k_r)), with
+    r = channel mean of (x - x_r)^2, smoothed like the map. k_a, k_r (``cue_scales``) are
+    each cue's mean image score on normal training inputs, so both count in units of what a
+    good part shows, and the sum stays in [0,1] for pixel thresholds. Without scales (a
+    model being trained) the map is ``a`` unchanged.
+    """
+
+    def __init__(self, scales: tuple[float, float] | None, smoothing: nn.Module | None) -> None:
+        super().__init__()
+        self.scales = scales
+        self.smoothing = smoothing
+
+    def reconstruction_error(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+        """[N,3,H,W] x2 -> [N,1,H,W]: squared error, channel mean, smoothed like the map."""
+        err = (x - rec).square().mean(dim=1, keepdim=True)
+        return err if self.smoothing is None else self.smoothing(err)
+
+    def forward(self, amap: torch.Tensor, x: torch.Tensor, rec: torch.Tensor | None) -> torch.Tensor:
+        if self.scales is None or rec is None:
+            return amap
+        k_a, k_r = self.scales
+        r = self.reconstruction_error(x, rec.to(x.dtype))
+        return 0.5 * (amap / (amap + k_a) + r / (r + k_r))
+
+
+@torch.no_grad()
+def fit_cue_scales(model: nn.Module, batches: Iterable[torch.Tensor]) -> tuple[float, float]:
+    """Each cue's mean image score over normal inputs (batches [N,3,H,W]): ``cue_scales``.
+
+    Sets them on ``model`` (its ``cues`` and ``cfg``) and returns them. The model is put in
+    eval mode; both cues are measured before any fusion.
+    """
+    cues: CueFusion = model.cues  # type: ignore[assignment]
+    cues.scales = None
+    model.eval()
+    disc, rec = [], []
+    for x in batches:
+        out = model(x, aux=True)
+        disc.append(out.score.float())
+        rec.append(image_score(cues.reconstruction_error(x, out.reconstruction).float()))
+    if not disc:
+        raise ValueError("fit_cue_scales: no normal inputs")
+    floor = 1e-6  # a cue that is flat on every good input must not divide by zero
+    scales = (
+        max(float(torch.cat(disc).mean()), floor),
+        max(float(torch.cat(rec).mean()), floor),
+    )
+    cues.scales = scales
+    model.cfg = model.cfg.with_(cue_scales=scales)  # type: ignore[operator]
+    return scales
 
 
 def resize_to(x: torch.Tensor, like: torch.Tensor | tuple[int, int]) -> torch.Tensor:

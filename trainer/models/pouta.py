@@ -7,7 +7,7 @@ from torch import nn
 
 from .autoencoder import ReconstructiveAE
 from .config import ModelConfig, check_input_size
-from .layers import ConvBNReLU, MapSmoothing, ModelOutput, head_output, resize_to
+from .layers import ConvBNReLU, CueFusion, MapSmoothing, ModelOutput, head_output, resize_to
 
 
 class FCM(nn.Module):
@@ -47,7 +47,7 @@ class HSG(nn.Module):
 class POUTA(nn.Module):
     """POUTA (variants: base = FCM + fusion, hsg, mss, full = both).
 
-    x [N,3,H,W] in [0,1] -> ``ModelOutput`` (anomaly_map [N,1,H,W], score [N], logits
+    x [N,3,H,W] in [0,1] -> ``ModelOutput`` (anomaly_map [N,1,H,W] (``CueFusion``), score [N], logits
     [N,2,H,W], reconstruction [N,3,H,W], side_logits 4 x [N,2,H,W] when MSS is on).
     """
 
@@ -55,6 +55,7 @@ class POUTA(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.smoothing = MapSmoothing(cfg.map_sigma) if cfg.map_sigma > 0 else None
+        self.cues = CueFusion(cfg.cue_scales if cfg.reconstruction_cue else None, self.smoothing)
         ae_w, d_w = cfg.ae_widths, cfg.disc_widths
         self.ae = ReconstructiveAE(ae_w)
         self.fcm = nn.ModuleList([FCM(a, d) for a, d in zip(ae_w, d_w, strict=True)])
@@ -74,7 +75,7 @@ class POUTA(nn.Module):
     def forward(self, x: torch.Tensor, aux: bool = True) -> ModelOutput:
         """``aux=False`` skips the training-only outputs (image head, MSS heads): the export path."""
         check_input_size(int(x.shape[-2]), int(x.shape[-1]), "POUTA input")
-        feats = self.ae(x, with_image=aux)
+        feats = self.ae(x, with_image=aux or self.cues.scales is not None)
         f_c = [m(e, d) for m, e, d in zip(self.fcm, feats.encoder, feats.decoder, strict=True)]
         if self.hsg is not None:
             for i in (2, 1, 0):
@@ -85,5 +86,5 @@ class POUTA(nn.Module):
         common = f_c[self.cfg.fusion_scale - 1]
         fused = torch.cat([resize_to(f, common) for f in f_c], dim=1)
         logits = resize_to(self.fusion(fused), x)
-        amap, score = head_output(logits, self.smoothing)
+        amap, score = head_output(logits, self.smoothing, self.cues, x, feats.reconstruction)
         return ModelOutput(amap, score, logits, feats.reconstruction, side)
