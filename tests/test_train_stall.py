@@ -47,6 +47,12 @@ def test_large_tall_grayscale_trains_with_a_worker(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "done after 3 steps" in proc.stdout
     assert (tmp_path / "run" / "model.pt").is_file()
+    # 500x1250 is elongated: tiled by default, and tiles keep the discriminator's map alone
+    from pouta.trainer.checkpoint import read_checkpoint
+
+    model_config = read_checkpoint(tmp_path / "run" / "model.pt")["model_config"]
+    assert model_config["reconstruction_cue"] is False and model_config["cue_scales"] is None
+    assert "reconstruction cue: off for tiled input" in proc.stdout
 
 
 @pytest.mark.parametrize(

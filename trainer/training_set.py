@@ -207,6 +207,12 @@ def resolve_geometry(cfg: dict[str, Any], paths: list[Path]) -> None:
     d["aspect_size"] = False
     print(f"pouta-train: data: {stats.describe()}", flush=True)
     print(f"pouta-train: input: {geo.describe()}", flush=True)
+    if geo.tiling is not None and m.get("reconstruction_cue"):
+        # Near native scale the small autoencoder cannot reproduce fine surface texture,
+        # and its error drowned small pits (README, model choices): tiles keep the
+        # discriminator's map alone.
+        m["reconstruction_cue"] = False
+        print("pouta-train: reconstruction cue: off for tiled input", flush=True)
     warning = geo.small_defect_warning()
     if warning:
         print(f"pouta-train: warning: {warning}", flush=True)
