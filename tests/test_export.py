@@ -106,3 +106,20 @@ def test_export_cli_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="50x64"):
         export_main([str(ck), "-o", str(tmp_path / "m.onnx"), "--size", "50x64"])
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("kind", ["pouta", "vanilla"])
+def test_fp16_conversion_runs_a_model_with_the_reconstruction_cue(tmp_path: Path, kind: str) -> None:
+    from pouta.calibration.fp16 import convert_to_fp16
+
+    model, _ = _trained_like(kind)
+    fit_cue_scales(model, [torch.rand(4, 3, H, W) * 0.5 + 0.3])
+    path = tmp_path / "model.onnx"
+    export_onnx(model, model.cfg, path, H, W)
+    fp16 = convert_to_fp16(path, tmp_path / "model.fp16.onnx")
+    x = np.random.default_rng(1).random((2, 3, H, W), dtype=np.float32)
+    full = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    half = ort.InferenceSession(str(fp16), providers=["CPUExecutionProvider"]).run(None, {"image": x})
+    assert half[0].dtype == np.float32 and half[1].shape == (2,)
+    np.testing.assert_allclose(half[0], full[0], atol=2e-2)
+    np.testing.assert_allclose(half[1], full[1], atol=2e-2)

@@ -116,7 +116,7 @@ class CueFusion(nn.Module):
         if self.scales is None or rec is None:
             return amap
         k_a, k_r = self.scales
-        r = self.reconstruction_error(x, rec.to(x.dtype))
+        r = self.reconstruction_error(x, rec)
         return 0.5 * (amap / (amap + k_a) + r / (r + k_r))
 
 
