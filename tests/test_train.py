@@ -70,6 +70,39 @@ def test_config_overrides_and_errors() -> None:
         build_config(_args(set=["model=3"]))
 
 
+@pytest.mark.parametrize(
+    ("hw", "cue_set", "expected", "said"),
+    [
+        ((96, 96), None, True, None),  # whole image, auto: on
+        ((100, 300), None, False, "off for tiled input"),  # elongated: tiled, auto: off
+        ((100, 300), "true", True, "on for tiled input, as set"),  # an explicit true is kept
+        ((96, 96), "false", False, None),
+    ],
+)
+def test_reconstruction_cue_follows_the_geometry_unless_set(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    hw: tuple[int, int],
+    cue_set: str | None,
+    expected: bool,
+    said: str | None,
+) -> None:
+    from pouta.trainer.training_set import resolve_geometry
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        cv2.imwrite(str(paths[-1]), np.full(hw, 60 + 40 * i, np.uint8))
+    sets = [] if cue_set is None else [f"model.reconstruction_cue={cue_set}"]
+    cfg = build_config(_args(size="32x32", set=sets))
+    resolve_geometry(cfg, paths)
+    assert cfg["model"]["reconstruction_cue"] is expected
+    out = capsys.readouterr().out
+    assert (said is None and "reconstruction cue" not in out) or (said is not None and said in out)
+    with pytest.raises(ConfigError, match=r"^model\.reconstruction_cue: expected auto, true or false"):
+        build_config(_args(set=["model.reconstruction_cue=maybe"]))
+
+
 def test_data_order_is_a_function_of_seed_and_epoch() -> None:
     a = epoch_batches(10, 3, seed=1, epoch=2)
     assert a == epoch_batches(10, 3, seed=1, epoch=2)

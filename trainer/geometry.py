@@ -22,6 +22,10 @@ shape, against the model input (the preset's H x W, ``tiny`` 128 x 128, or ``--s
   fabric web (129 tiles at native scale) tiles ranked images worse than the whole image.
 - ``--tile-scale off`` forces the whole image, ``--tile-scale 0.5`` (a number) forces
   tiles at that work scale (e.g. small defects on large near-square parts).
+- The reconstruction cue (``model.reconstruction_cue: auto`` in ``tiny``) follows the choice:
+  on for whole images, off for tiles, where the small autoencoder cannot reproduce fine
+  surface texture near native scale and its error drowned small pits (README, model
+  choices). ``true`` or ``false`` set explicitly are kept either way.
 - ``--size auto`` instead keeps one whole-image input with the training images' median
   aspect ratio and the preset's pixel count, each side a multiple of 16 (long side at most
   4x the preset side).
@@ -180,6 +184,15 @@ def choose_geometry(
                 f"data.tile_scale: expected auto, off or a number, got {tile_scale!r}"
             ) from None
     return Geometry(th, tw, Tiling(scale, DEFAULT_OVERLAP), 1.0 / scale)
+
+
+def cue_setting(value: bool | str, tiled: bool) -> bool:
+    """``model.reconstruction_cue`` for an input geometry: ``auto`` = on unless tiled."""
+    if isinstance(value, bool):
+        return value
+    if value == "auto":
+        return not tiled
+    raise ConfigError(f"model.reconstruction_cue: expected auto, true or false, got {value!r}")
 
 
 def tiling_of(train_config: dict[str, Any]) -> Tiling | None:

@@ -17,6 +17,7 @@ import yaml
 from pouta.edge.errors import ConfigError
 from pouta.edge.settings import Schema, merge, parse_hw, parse_sets, read_yaml, resolve
 
+from .geometry import cue_setting
 from .models import ModelConfig, preset_config
 from .synthesis import SynthesisConfig
 
@@ -55,6 +56,7 @@ def train_schema(preset: str = "tiny", kind: str = "pouta", variant: str = "full
         defaults,
         alternatives={
             "data.tile_scale": (str, float),  # auto | off | a scale
+            "model.reconstruction_cue": (bool, str),  # auto | true | false
             "train.time_limit_min": (float,),
             "synthesis.texture_dir": (str,),
         },
@@ -63,7 +65,10 @@ def train_schema(preset: str = "tiny", kind: str = "pouta", variant: str = "full
 
 
 def model_config_from(cfg: dict[str, Any]) -> ModelConfig:
+    """The ``ModelConfig`` a training config describes (``reconstruction_cue: auto`` reads as
+    on until ``resolve_geometry`` has fixed it from the data)."""
     m = dict(cfg["model"])
+    m["reconstruction_cue"] = cue_setting(m.get("reconstruction_cue", False), tiled=False)
     return preset_config(m.pop("preset"), m.pop("kind"), m.pop("variant"), **m)
 
 

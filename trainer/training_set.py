@@ -22,7 +22,7 @@ from pouta.edge.preprocess import Preprocessor, read_image
 from torch.utils.data import Dataset
 
 from .augment import rotate_image
-from .geometry import choose_geometry, preprocessor_for_training, scan_images
+from .geometry import choose_geometry, cue_setting, preprocessor_for_training, scan_images
 from .models import ModelConfig
 from .synthesis import AnomalySynthesizer, SynthesisConfig
 
@@ -207,12 +207,16 @@ def resolve_geometry(cfg: dict[str, Any], paths: list[Path]) -> None:
     d["aspect_size"] = False
     print(f"pouta-train: data: {stats.describe()}", flush=True)
     print(f"pouta-train: input: {geo.describe()}", flush=True)
-    if geo.tiling is not None and m.get("reconstruction_cue"):
-        # Near native scale the small autoencoder cannot reproduce fine surface texture,
-        # and its error drowned small pits (README, model choices): tiles keep the
-        # discriminator's map alone.
-        m["reconstruction_cue"] = False
-        print("pouta-train: reconstruction cue: off for tiled input", flush=True)
+    cue = m.get("reconstruction_cue", False)
+    m["reconstruction_cue"] = cue_setting(cue, tiled=geo.tiling is not None)
+    if geo.tiling is not None and cue == "auto":
+        print(
+            "pouta-train: reconstruction cue: off for tiled input "
+            "(--set model.reconstruction_cue=true keeps it)",
+            flush=True,
+        )
+    elif geo.tiling is not None and m["reconstruction_cue"]:
+        print("pouta-train: reconstruction cue: on for tiled input, as set", flush=True)
     warning = geo.small_defect_warning()
     if warning:
         print(f"pouta-train: warning: {warning}", flush=True)
