@@ -19,7 +19,7 @@ from pouta.edge.errors import ConfigError
 from pouta.trainer.checkpoint import load_model, read_checkpoint, save_checkpoint
 from pouta.trainer.models import build_model, preset_config
 from pouta.trainer.train import lr_at, parser, train
-from pouta.trainer.train_config import build_config
+from pouta.trainer.train_config import build_config, model_config_from
 from pouta.trainer.training_set import epoch_batches
 
 torch.set_num_threads(2)
@@ -70,6 +70,8 @@ def test_config_overrides_and_errors() -> None:
         build_config(_args(set=["model=3"]))
     with pytest.raises(ConfigError, match=r"^model\.reconstruction_cue: expected auto, true or false"):
         build_config(_args(set=["model.reconstruction_cue=maybe"]))
+    with pytest.raises(ConfigError, match=r"^model\.disc_widths: expected auto or positive integers"):
+        build_config(_args(set=["model.disc_widths=wide"]))
 
 
 @pytest.mark.parametrize(
@@ -91,16 +93,46 @@ def test_reconstruction_cue_follows_the_geometry_unless_set(
 ) -> None:
     from pouta.trainer.training_set import resolve_geometry
 
-    paths = []
-    for i in range(3):
-        paths.append(tmp_path / f"{i}.png")
-        cv2.imwrite(str(paths[-1]), np.full(hw, 60 + 40 * i, np.uint8))
     sets = [] if cue_set is None else [f"model.reconstruction_cue={cue_set}"]
     cfg = build_config(_args(size="32x32", set=sets))
-    resolve_geometry(cfg, paths)
+    resolve_geometry(cfg, _flat_images(tmp_path, hw))
     assert cfg["model"]["reconstruction_cue"] is expected
     out = capsys.readouterr().out
     assert (said is None and "reconstruction cue" not in out) or (said is not None and said in out)
+
+
+@pytest.mark.parametrize(
+    ("hw", "sets", "widths", "fusion"),
+    [
+        ((96, 96), [], [16, 16, 32, 32], 16),  # whole image, auto: the tiny preset's
+        ((100, 300), [], [32, 32, 64, 64], 32),  # tiled, auto: twice them
+        ((100, 300), ["model.disc_widths=[8,8,16,16]", "model.fusion_width=8"], [8, 8, 16, 16], 8),
+    ],
+)
+def test_discriminator_widths_follow_the_geometry_unless_set(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    hw: tuple[int, int],
+    sets: list[str],
+    widths: list[int],
+    fusion: int,
+) -> None:
+    from pouta.trainer.training_set import resolve_geometry
+
+    cfg = build_config(_args(size="32x32", set=sets))
+    resolve_geometry(cfg, _flat_images(tmp_path, hw))
+    mcfg = model_config_from(cfg)
+    assert list(mcfg.disc_widths) == widths and mcfg.fusion_width == fusion
+    said = "discriminator: disc_widths [32, 32, 64, 64], fusion_width 32 for tiled input"
+    assert (said in capsys.readouterr().out) == (widths == [32, 32, 64, 64])
+
+
+def _flat_images(folder: Path, hw: tuple[int, int]) -> list[Path]:
+    paths = []
+    for i in range(3):
+        paths.append(folder / f"{i}.png")
+        cv2.imwrite(str(paths[-1]), np.full(hw, 60 + 40 * i, np.uint8))
+    return paths
 
 
 def test_data_order_is_a_function_of_seed_and_epoch() -> None:

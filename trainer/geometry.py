@@ -26,6 +26,12 @@ shape, against the model input (the preset's H x W, ``tiny`` 128 x 128, or ``--s
   on for whole images, off for tiles, where the small autoencoder cannot reproduce fine
   surface texture near native scale and its error drowned small pits (README, model
   choices). ``true`` or ``false`` set explicitly are kept either way.
+- The discriminator follows it too (``model.disc_widths`` and ``model.fusion_width``:
+  ``auto`` in ``tiny``): the preset's widths for whole images, ``TILED_DISC_WIDEN`` times
+  them for tiles. Near native scale the discriminator must tell fine surface structure
+  from small defects; on ball-screw tiles the wider one ranked images better in every
+  run, on whole images it ranked no better and costs more per step (README, model
+  choices). Widths set explicitly are kept either way.
 - ``--size auto`` instead keeps one whole-image input with the training images' median
   aspect ratio and the preset's pixel count, each side a multiple of 16 (long side at most
   4x the preset side).
@@ -52,6 +58,7 @@ DEFAULT_OVERLAP = 0.25
 MIN_DEFECT_PX = 2.0  # a defect narrower than this at model scale is hard to see
 WARN_DOWNSCALE = 2.0  # past this, a 4 px defect at source shrinks below MIN_DEFECT_PX
 PROBE_IMAGES = 32
+TILED_DISC_WIDEN = 2  # ``auto`` discriminator widths on tiles: the preset's times this
 
 
 @dataclass(frozen=True)
@@ -193,6 +200,21 @@ def cue_setting(value: bool | str, tiled: bool) -> bool:
     if value == "auto":
         return not tiled
     raise ConfigError(f"model.reconstruction_cue: expected auto, true or false, got {value!r}")
+
+
+def width_setting(
+    key: str, value: int | Sequence[int] | str, preset_value: int | Sequence[int], tiled: bool
+) -> int | list[int]:
+    """``model.disc_widths`` / ``model.fusion_width`` for an input geometry: ``auto`` = the
+    preset's value, times ``TILED_DISC_WIDEN`` when tiled; anything else is kept as set."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise ConfigError(f"model.{key}: expected auto or positive integers, got {value!r}")
+        factor = TILED_DISC_WIDEN if tiled else 1
+        if isinstance(preset_value, int):
+            return preset_value * factor
+        return [int(v) * factor for v in preset_value]
+    return value if isinstance(value, int) else list(value)
 
 
 def tiling_of(train_config: dict[str, Any]) -> Tiling | None:

@@ -17,7 +17,7 @@ import yaml
 from pouta.edge.errors import ConfigError
 from pouta.edge.settings import Schema, merge, parse_hw, parse_sets, read_yaml, resolve
 
-from .geometry import cue_setting
+from .geometry import cue_setting, width_setting
 from .models import ModelConfig, preset_config
 from .synthesis import SynthesisConfig
 
@@ -57,6 +57,8 @@ def train_schema(preset: str = "tiny", kind: str = "pouta", variant: str = "full
         alternatives={
             "data.tile_scale": (str, float),  # auto | off | a scale
             "model.reconstruction_cue": (bool, str),  # auto | true | false
+            "model.disc_widths": (list, str),  # auto | 4 integers
+            "model.fusion_width": (int, str),  # auto | an integer
             "train.time_limit_min": (float,),
             "synthesis.texture_dir": (str,),
         },
@@ -64,11 +66,23 @@ def train_schema(preset: str = "tiny", kind: str = "pouta", variant: str = "full
     )
 
 
+AUTO_WIDTHS = ("disc_widths", "fusion_width")
+
+
+def resolve_auto_model(m: dict[str, Any], tiled: bool) -> None:
+    """Fix the model fields ``auto`` leaves to the input geometry (``geometry`` rules), in place."""
+    m["reconstruction_cue"] = cue_setting(m.get("reconstruction_cue", False), tiled)
+    preset = preset_config(m["preset"], m["kind"], m["variant"])
+    for key in AUTO_WIDTHS:
+        if key in m:
+            m[key] = width_setting(key, m[key], getattr(preset, key), tiled)
+
+
 def model_config_from(cfg: dict[str, Any]) -> ModelConfig:
-    """The ``ModelConfig`` a training config describes (``reconstruction_cue: auto`` reads as
-    on until ``resolve_geometry`` has fixed it from the data)."""
+    """The ``ModelConfig`` a training config describes (``auto`` fields read as for a whole
+    image until ``resolve_geometry`` has fixed them from the data)."""
     m = dict(cfg["model"])
-    m["reconstruction_cue"] = cue_setting(m.get("reconstruction_cue", False), tiled=False)
+    resolve_auto_model(m, tiled=False)
     return preset_config(m.pop("preset"), m.pop("kind"), m.pop("variant"), **m)
 
 

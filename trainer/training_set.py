@@ -22,9 +22,10 @@ from pouta.edge.preprocess import Preprocessor, read_image
 from torch.utils.data import Dataset
 
 from .augment import rotate_image
-from .geometry import choose_geometry, cue_setting, preprocessor_for_training, scan_images
+from .geometry import TILED_DISC_WIDEN, choose_geometry, preprocessor_for_training, scan_images
 from .models import ModelConfig
 from .synthesis import AnomalySynthesizer, SynthesisConfig
+from .train_config import AUTO_WIDTHS, resolve_auto_model
 
 MIN_SAMPLES_PER_EPOCH = 128  # small sets: fewer worker restarts (one per epoch)
 
@@ -207,16 +208,23 @@ def resolve_geometry(cfg: dict[str, Any], paths: list[Path]) -> None:
     d["aspect_size"] = False
     print(f"pouta-train: data: {stats.describe()}", flush=True)
     print(f"pouta-train: input: {geo.describe()}", flush=True)
-    cue = m.get("reconstruction_cue", False)
-    m["reconstruction_cue"] = cue_setting(cue, tiled=geo.tiling is not None)
-    if geo.tiling is not None and cue == "auto":
+    tiled = geo.tiling is not None
+    asked = {key: m.get(key) for key in ("reconstruction_cue", *AUTO_WIDTHS)}
+    resolve_auto_model(m, tiled)
+    if tiled and asked["reconstruction_cue"] == "auto":
         print(
             "pouta-train: reconstruction cue: off for tiled input "
-            "(--set model.reconstruction_cue=true keeps it)",
+            "(--set model.reconstruction_cue=true turns it on)",
             flush=True,
         )
-    elif geo.tiling is not None and m["reconstruction_cue"]:
+    elif tiled and m["reconstruction_cue"]:
         print("pouta-train: reconstruction cue: on for tiled input, as set", flush=True)
+    if tiled and m["kind"] == "pouta" and "auto" in (asked["disc_widths"], asked["fusion_width"]):
+        print(
+            f"pouta-train: discriminator: disc_widths {m['disc_widths']}, fusion_width "
+            f"{m['fusion_width']} for tiled input (auto: {TILED_DISC_WIDEN}x the {m['preset']} preset's)",
+            flush=True,
+        )
     warning = geo.small_defect_warning()
     if warning:
         print(f"pouta-train: warning: {warning}", flush=True)
