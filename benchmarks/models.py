@@ -12,13 +12,23 @@ from typing import Any
 
 
 def make_config(
-    preset: str, kind: str, variant: str = "full", height: int | None = None, width: int | None = None
+    preset: str,
+    kind: str,
+    variant: str = "full",
+    height: int | None = None,
+    width: int | None = None,
+    **overrides: Any,
 ) -> Any:
     from pouta.trainer.models import preset_config
 
     # The vanilla baseline has no ablation switches; the config still wants a valid name.
     return preset_config(
-        preset, kind=kind, variant=variant if kind == "pouta" else "full", height=height, width=width
+        preset,
+        kind=kind,
+        variant=variant if kind == "pouta" else "full",
+        height=height,
+        width=width,
+        **overrides,
     )
 
 
@@ -60,12 +70,12 @@ def model_cost(cfg: Any, height: int, width: int) -> dict[str, Any]:
     }
 
 
-def random_model(preset: str, height: int, width: int) -> tuple[Any, Any]:
+def random_model(preset: str, height: int, width: int, **overrides: Any) -> tuple[Any, Any]:
     """(model, config) of a POUTA with seed-0 random weights: speed does not depend on them."""
     import torch
 
     torch.manual_seed(0)
-    cfg = make_config(preset, "pouta", height=height, width=width)
+    cfg = make_config(preset, "pouta", height=height, width=width, **overrides)
     return build(cfg), cfg
 
 

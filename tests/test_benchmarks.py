@@ -238,10 +238,17 @@ def test_tiling_cost_compares_the_auto_tiling_with_the_whole_image(tmp_path: Pat
     from pouta.benchmarks import tiling_cost
 
     source = (460, 1130)  # bsd_type2's frames: auto tiling keeps the short side two tiles long
-    res = tiling_cost.compare(tiling_cost.export_pair(tmp_path, source), source, frames=2, rounds=1)
+    paths = tiling_cost.export_pair(tmp_path, source)
+    res = tiling_cost.compare(paths, source, frames=2, rounds=1)
     assert res["whole"]["tiles_per_frame"] == 1 and res["whole"]["tile_scale"] is None
     assert res["tiled"]["tiles_per_frame"] == 21
     assert res["tiled"]["tile_scale"] == pytest.approx(256 / 460)
     # 21 backend inputs per frame cost more than one; cutting and stitching are part of it.
     assert res["tiled"]["backend_ms_per_frame"] > res["whole"]["backend_ms_per_frame"]
     assert res["added_ms_per_tile"] > 0 and res["pre_post_ms_per_tile"] > 0
+    # the default tiled model is the one with the wider discriminator, cut into the same tiles
+    from pouta.edge.metadata import load_for_model
+
+    widths = {k: load_for_model(p).model_config["disc_widths"] for k, p in paths.items()}
+    assert widths == {"whole": [16, 16, 32, 32], "tiled": [16, 16, 32, 32], "tiled_auto": [32, 32, 64, 64]}
+    assert res["tiled_auto"]["tiles_per_frame"] == 21 and res["tiled_auto_over_tiled"] > 0
