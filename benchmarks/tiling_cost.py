@@ -28,15 +28,14 @@ from . import models
 
 def export_pair(work: Path, source_hw: tuple[int, int], size: int = 128) -> dict[str, Path]:
     from pouta.trainer.geometry import DataStats, choose_geometry, width_setting
+    from pouta.trainer.train_config import AUTO_WIDTHS
 
     model, cfg = models.random_model("tiny", size, size)
     stats = DataStats(1, 1, source_hw, source_hw, source_hw, (3,), ("uint8",))
     geo = choose_geometry(stats, (size, size), "auto")
     if geo.tiling is None:
         raise SystemExit(f"--source-size {source_hw}: auto keeps this size whole; nothing to compare")
-    widths = {
-        k: width_setting(k, "auto", getattr(cfg, k), tiled=True) for k in ("disc_widths", "fusion_width")
-    }
+    widths = {k: width_setting(k, "auto", getattr(cfg, k), tiled=True) for k in AUTO_WIDTHS}
     wide_model, wide_cfg = models.random_model("tiny", size, size, **widths)
     paths = {
         "whole": work / "whole.onnx",
@@ -85,8 +84,7 @@ def compare(paths: dict[str, Path], source_hw: tuple[int, int], frames: int, rou
     extra_tiles = max(1, t["tiles_per_frame"] - w["tiles_per_frame"])
     out["added_ms_per_frame"] = round(t["ms_per_frame"] - w["ms_per_frame"], 2)
     out["added_ms_per_tile"] = round(out["added_ms_per_frame"] / extra_tiles, 2)
-    if "tiled_auto" in out:
-        out["tiled_auto_over_tiled"] = round(out["tiled_auto"]["ms_per_frame"] / t["ms_per_frame"], 3)
+    out["tiled_auto_over_tiled"] = round(out["tiled_auto"]["ms_per_frame"] / t["ms_per_frame"], 3)
     out["pre_post_ms_per_tile"] = round(
         (t["pre_post_ms_per_frame"] - w["pre_post_ms_per_frame"]) / extra_tiles, 3
     )
