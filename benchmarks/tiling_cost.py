@@ -27,8 +27,7 @@ from . import models
 
 
 def export_pair(work: Path, source_hw: tuple[int, int], size: int = 128) -> dict[str, Path]:
-    from pouta.trainer.geometry import DataStats, choose_geometry, width_setting
-    from pouta.trainer.train_config import AUTO_WIDTHS
+    from pouta.trainer.geometry import AUTO_WIDTHS, DataStats, choose_geometry, width_setting
 
     model, cfg = models.random_model("tiny", size, size)
     stats = DataStats(1, 1, source_hw, source_hw, source_hw, (3,), ("uint8",))

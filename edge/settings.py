@@ -60,8 +60,10 @@ def _accepts(value: Any, t: type) -> bool:
 
 def check_value(path: str, value: Any, default: Any, schema: Schema) -> Any:
     """``value`` if its type fits the default (or the key's alternatives); else ConfigError."""
-    if default is None or (value is None and path in schema.alternatives):
+    if value is None and (default is None or path in schema.alternatives):
         return value
+    if default is None and path not in schema.alternatives:
+        return value  # a free key: its reader checks it
     if isinstance(default, os.PathLike) and isinstance(value, str | os.PathLike):
         return type(default)(value)
     allowed = schema.alternatives.get(path) or (list if isinstance(default, tuple) else type(default),)

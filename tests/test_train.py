@@ -72,6 +72,12 @@ def test_config_overrides_and_errors() -> None:
         build_config(_args(set=["model.reconstruction_cue=maybe"]))
     with pytest.raises(ConfigError, match=r"^model\.disc_widths: expected auto or positive integers"):
         build_config(_args(set=["model.disc_widths=wide"]))
+    with pytest.raises(
+        ConfigError, match=r"^model\.fusion_width: expected auto or a positive integer, got 'wide'"
+    ):
+        build_config(_args(set=["model.fusion_width=wide"]))
+    with pytest.raises(ConfigError, match=r"^train\.threads: expected an integer, got 'two'"):
+        build_config(_args(set=["train.threads=two"]))  # null by default, still checked
 
 
 @pytest.mark.parametrize(

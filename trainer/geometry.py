@@ -59,6 +59,7 @@ MIN_DEFECT_PX = 2.0  # a defect narrower than this at model scale is hard to see
 WARN_DOWNSCALE = 2.0  # past this, a 4 px defect at source shrinks below MIN_DEFECT_PX
 PROBE_IMAGES = 32
 TILED_DISC_WIDEN = 2  # ``auto`` discriminator widths on tiles: the preset's times this
+AUTO_WIDTHS = ("disc_widths", "fusion_width")  # the model fields ``width_setting`` resolves
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,8 @@ def width_setting(
     preset's value, times ``TILED_DISC_WIDEN`` when tiled; anything else is kept as set."""
     if isinstance(value, str):
         if value != "auto":
-            raise ConfigError(f"model.{key}: expected auto or positive integers, got {value!r}")
+            what = "a positive integer" if isinstance(preset_value, int) else "positive integers"
+            raise ConfigError(f"model.{key}: expected auto or {what}, got {value!r}")
         factor = TILED_DISC_WIDEN if tiled else 1
         if isinstance(preset_value, int):
             return preset_value * factor

@@ -17,7 +17,7 @@ import yaml
 from pouta.edge.errors import ConfigError
 from pouta.edge.settings import Schema, merge, parse_hw, parse_sets, read_yaml, resolve
 
-from .geometry import cue_setting, width_setting
+from .geometry import AUTO_WIDTHS, cue_setting, width_setting
 from .models import ModelConfig, preset_config
 from .synthesis import SynthesisConfig
 
@@ -60,13 +60,11 @@ def train_schema(preset: str = "tiny", kind: str = "pouta", variant: str = "full
             "model.disc_widths": (list, str),  # auto | 4 integers
             "model.fusion_width": (int, str),  # auto | an integer
             "train.time_limit_min": (float,),
+            "train.threads": (int,),  # null = torch's default
             "synthesis.texture_dir": (str,),
         },
         free_form=frozenset({"synthesis.modes"}),
     )
-
-
-AUTO_WIDTHS = ("disc_widths", "fusion_width")
 
 
 def resolve_auto_model(m: dict[str, Any], tiled: bool) -> None:

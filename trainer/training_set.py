@@ -22,10 +22,16 @@ from pouta.edge.preprocess import Preprocessor, read_image
 from torch.utils.data import Dataset
 
 from .augment import rotate_image
-from .geometry import TILED_DISC_WIDEN, choose_geometry, preprocessor_for_training, scan_images
+from .geometry import (
+    AUTO_WIDTHS,
+    TILED_DISC_WIDEN,
+    choose_geometry,
+    preprocessor_for_training,
+    scan_images,
+)
 from .models import ModelConfig
 from .synthesis import AnomalySynthesizer, SynthesisConfig
-from .train_config import AUTO_WIDTHS, resolve_auto_model
+from .train_config import resolve_auto_model
 
 MIN_SAMPLES_PER_EPOCH = 128  # small sets: fewer worker restarts (one per epoch)
 
