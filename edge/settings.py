@@ -60,10 +60,11 @@ def _accepts(value: Any, t: type) -> bool:
 
 def check_value(path: str, value: Any, default: Any, schema: Schema) -> Any:
     """``value`` if its type fits the default (or the key's alternatives); else ConfigError."""
-    if value is None and (default is None or path in schema.alternatives):
+    if path not in schema.alternatives:
+        if default is None:
+            return value  # a free key: its reader checks it
+    elif value is None:
         return value
-    if default is None and path not in schema.alternatives:
-        return value  # a free key: its reader checks it
     if isinstance(default, os.PathLike) and isinstance(value, str | os.PathLike):
         return type(default)(value)
     allowed = schema.alternatives.get(path) or (list if isinstance(default, tuple) else type(default),)

@@ -136,6 +136,10 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
     t = cfg["train"]
     if t["steps"] <= 0 or t["batch_size"] <= 0:
         raise ConfigError("train.steps / train.batch_size: expected positive integers")
+    if t["threads"] is not None and t["threads"] < 0:
+        raise ConfigError(
+            f"train.threads: expected a positive integer or null (torch's default), got {t['threads']}"
+        )
     model_config_from(cfg)  # size and width rules: fail now, not after the data are loaded
     return cfg
 
