@@ -243,9 +243,15 @@ def test_tiling_cost_compares_the_auto_tiling_with_the_whole_image(tmp_path: Pat
     assert res["whole"]["tiles_per_frame"] == 1 and res["whole"]["tile_scale"] is None
     assert res["tiled"]["tiles_per_frame"] == 21
     assert res["tiled"]["tile_scale"] == pytest.approx(256 / 460)
-    # 21 backend inputs per frame cost more than one; cutting and stitching are part of it.
+    # 21 backend inputs per frame cost more than one. Cutting and stitching are a fraction of
+    # a ms per tile against a sink that writes files, so on two frames their sign is noise:
+    # the test checks how they are reported, the README run (40 frames, 3 rounds) their size.
     assert res["tiled"]["backend_ms_per_frame"] > res["whole"]["backend_ms_per_frame"]
-    assert res["added_ms_per_tile"] > 0 and res["pre_post_ms_per_tile"] > 0
+    assert res["added_ms_per_tile"] > 0
+    w, t = res["whole"], res["tiled"]
+    assert res["pre_post_ms_per_tile"] == pytest.approx(
+        (t["pre_post_ms_per_frame"] - w["pre_post_ms_per_frame"]) / 20, abs=1e-3
+    )
     # the default tiled model is the one with the wider discriminator, cut into the same tiles
     from pouta.edge.metadata import load_for_model
 
