@@ -8,10 +8,12 @@ reused through ONNX Runtime's calibration cache):
   ConvTranspose: 1), float biases. This explicit-quantization form is the only INT8 path
   TensorRT keeps from 11.0 on, and TensorRT's int8 kernels assume zero point 0.
 - ``model.int8.onnx`` for ONNX Runtime on CPU: uint8 activations, int8 per-channel weights
-  (u8s8), QDQ format by default. ONNX Runtime's x86 integer conv kernels are built for
-  u8s8 (the s8s8 TensorRT file is markedly slower there; benchmarks/reports has the
-  numbers). QDQ is also the form other execution providers understand;
-  ``cpu_format="qoperator"`` remains available.
+  (u8s8) on a 7-bit range, QDQ format by default. ONNX Runtime's x86 integer conv kernels
+  are built for u8s8 (the s8s8 TensorRT file is markedly slower there; benchmarks/reports
+  has the numbers); without AVX-512 VNNI they add products pairwise in int16, which
+  8-bit weights can saturate. QDQ is also the form other execution providers understand;
+  ``cpu_format="qoperator"`` remains available. ONNX Runtime runs the TensorRT file
+  unfused (``edge.backend``), as a float emulation of TensorRT's int8.
 
 Never quantized (``exclusions``): the detection head. The anomaly map is a probability
 that the image score and both thresholds are read from; int8 would put it on a grid of
@@ -281,13 +283,19 @@ def quantize_pair(
         model = onnx.load(str(prepared))
         excluded = head_exclusions(model)
         cache = Path(tmp) / "calibration_cache.json" if _supports_cache() else None
-        jobs: list[tuple[Path, str, QuantFormat, QuantType, dict[str, Any]]] = []
+        # (file, target, format, activation type, 7-bit weights, extra options)
+        jobs: list[tuple[Path, str, QuantFormat, QuantType, bool, dict[str, Any]]] = []
         if trt_out is not None:
-            jobs.append((Path(trt_out), "tensorrt", QuantFormat.QDQ, QuantType.QInt8, tensorrt_options()))
+            jobs.append(
+                (Path(trt_out), "tensorrt", QuantFormat.QDQ, QuantType.QInt8, False, tensorrt_options())
+            )
         if cpu_out is not None:
             fmt = QuantFormat.QOperator if cpu_format == "qoperator" else QuantFormat.QDQ
-            jobs.append((Path(cpu_out), "onnxruntime-cpu", fmt, QuantType.QUInt8, cpu_options()))
-        for out, target, fmt, act_type, options in jobs:
+            # 7-bit weights: without AVX-512 VNNI, ONNX Runtime's u8 x s8 kernels sum pairs of
+            # products in int16, which saturates for bright inputs times large 8-bit weights
+            # (a defect's map came out halved); 255 * 63 * 2 fits.
+            jobs.append((Path(cpu_out), "onnxruntime-cpu", fmt, QuantType.QUInt8, True, cpu_options()))
+        for out, target, fmt, act_type, seven_bit, options in jobs:
             reader.rewind()
             kwargs: dict[str, Any] = {}
             if cache is not None:
@@ -302,7 +310,7 @@ def quantize_pair(
                         quant_format=fmt,
                         op_types_to_quantize=op_types_to_quantize(),
                         per_channel=True,
-                        reduce_range=False,
+                        reduce_range=seven_bit,
                         activation_type=act_type,
                         weight_type=QuantType.QInt8,
                         nodes_to_exclude=sorted(excluded),

@@ -41,6 +41,26 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+def has_signed_int8_activations(path: str | os.PathLike[str]) -> bool:
+    """True for a Q/DQ graph that quantizes activations to signed int8 (the TensorRT file).
+
+    Only weights are initializers; a QuantizeLinear of anything else with an int8 zero
+    point quantizes an activation.
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    consts = {t.name: t for t in graph.initializer}
+    return any(
+        n.op_type == "QuantizeLinear"
+        and n.input[0] not in consts
+        and len(n.input) > 2
+        and n.input[2] in consts
+        and consts[n.input[2]].data_type == onnx.TensorProto.INT8
+        for n in graph.node
+    )
+
+
 class OnnxRuntimeBackend:
     """ONNX Runtime session for a contract model. CPU unless providers say otherwise."""
 
@@ -69,6 +89,11 @@ class OnnxRuntimeBackend:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = int(threads)
+        if wanted[0] == "CPUExecutionProvider" and has_signed_int8_activations(self.path):
+            # ONNX Runtime's CPU fusion of signed-int8 Q/DQ into integer kernels computes
+            # wrong maps on CPUs without AVX-512 (microsoft/onnxruntime#24711); unfused, the
+            # Q/DQ pairs run as float rounding, which is also what TensorRT's int8 computes.
+            opts.add_session_config_entry("session.disable_quant_qdq", "1")
         if not spin:
             # Idle intra-op workers otherwise busy-wait after each run and take CPU from
             # acquisition and writing on a small box (in the benchmark's interleaved loop

@@ -15,7 +15,7 @@ from pouta.calibration.fp16 import convert_to_fp16
 from pouta.calibration.qdq_check import check_tensorrt_qdq, quantized_weight_layers
 from pouta.calibration.quantize import head_exclusions, prepare_model, quantize_pair
 from pouta.calibration.scoring import score_set
-from pouta.edge.backend import OnnxRuntimeBackend
+from pouta.edge.backend import OnnxRuntimeBackend, has_signed_int8_activations
 from pouta.edge.metadata import load_for_model
 from pouta.edge.preprocess import preprocessor_for
 from pouta.trainer.metrics import roc_auc
@@ -134,6 +134,13 @@ def test_cpu_qoperator_variant(built: dict[str, Path], tmp_path: Path) -> None:
     x_zp, w, w_scale, w_zp = (inits[qconv[0].input[i]] for i in (2, 3, 4, 5))
     assert x_zp.dtype == np.uint8
     assert w.dtype == np.int8 and w_zp.dtype == np.int8 and w_scale.size == w.shape[0]
+
+
+def test_only_the_tensorrt_file_has_signed_int8_activations(built: dict[str, Path]) -> None:
+    # ONNX Runtime runs that file unfused on CPU (edge.backend): its fused s8s8 kernels
+    # gave a constant map on an AVX2-only CPU, and the agreement test below caught it.
+    assert has_signed_int8_activations(built["trt"])
+    assert not any(has_signed_int8_activations(built[k]) for k in ("cpu", "fp32", "fp16"))
 
 
 def test_int8_and_fp16_agree_with_fp32(built: dict[str, Path]) -> None:
