@@ -32,6 +32,28 @@ def _trained_like(kind: str, variant: str = "full") -> tuple[torch.nn.Module, ob
     return model.eval(), cfg
 
 
+@pytest.mark.parametrize("kind", ["pouta", "vanilla"])
+def test_export_keeps_a_map_blurred_per_axis(tmp_path: Path, kind: str) -> None:
+    model, _ = _trained_like(kind)
+    fit_cue_scales(model, [torch.rand(4, 3, H, W) * 0.5 + 0.3])
+    part_cfg = model.cfg.with_(map_sigma_hw=(4.0, 0.5))
+    part = build_model(part_cfg).eval()
+    part.load_state_dict(model.state_dict())
+    path = tmp_path / "model.onnx"
+    rep = export_onnx(part, part_cfg, path, H, W)
+    assert rep["max_abs_diff_map"] <= 1e-4 and rep["max_abs_diff_score"] <= 1e-4
+    assert ModelMetadata.load(metadata_path(path)).model_config["map_sigma_hw"] == [4.0, 0.5]
+    # the score is the round-blurred model's; the map is not
+    x = np.random.default_rng(1).random((2, 3, H, W), dtype=np.float32)
+    got_map, got_score = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"image": x}
+    )
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x), aux=False)
+    np.testing.assert_allclose(got_score, ref.score.numpy(), atol=1e-5)
+    assert float(np.abs(got_map - ref.anomaly_map.numpy()).max()) > 1e-3
+
+
 @pytest.mark.parametrize("fitted", [False, True], ids=["disc-map", "with-reconstruction-cue"])
 @pytest.mark.parametrize(("kind", "variant"), [("pouta", "full"), ("vanilla", "full")])
 def test_export_contract_and_parity(tmp_path: Path, kind: str, variant: str, fitted: bool) -> None:

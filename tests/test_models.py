@@ -15,6 +15,7 @@ from pouta.trainer.models import (
     preset_config,
 )
 from pouta.trainer.models.cost import model_cost
+from pouta.trainer.models.layers import MapSmoothing
 
 torch.set_num_threads(2)
 
@@ -109,8 +110,6 @@ def test_paper_presets_match_table5() -> None:
 
 
 def test_map_smoothing_keeps_levels_and_spreads_spikes() -> None:
-    from pouta.trainer.models.layers import MapSmoothing
-
     blur = MapSmoothing(4.0)
     flat = torch.full((1, 1, 40, 56), 0.7)
     # renormalised at the border: a uniform map stays uniform (no darkened edges)
@@ -132,6 +131,44 @@ def test_map_sigma_zero_gives_the_raw_softmax() -> None:
     assert torch.allclose(out.anomaly_map, torch.softmax(out.logits, 1)[:, 1:2])
 
 
+def test_map_smoothing_per_axis_blurs_each_axis_by_its_own_sigma() -> None:
+    spike = torch.zeros(1, 1, 65, 65)
+    spike[0, 0, 32, 32] = 1.0
+    out = MapSmoothing((4.0, 0.0))(spike)[0, 0]
+    assert float(out.sum()) == pytest.approx(1.0, abs=1e-4)
+    assert torch.count_nonzero(out[:, 31]) == 0 and torch.count_nonzero(out[:, 33]) == 0  # columns kept
+    assert float(out[28, 32]) > 0.01  # rows spread
+    both = MapSmoothing((4.0, 1.0))(spike)[0, 0]
+    assert float(both[32, 36]) < float(both[36, 32])  # narrower across than down
+    assert torch.allclose(MapSmoothing(3.0)(spike), MapSmoothing((3.0, 3.0))(spike))
+
+
+@pytest.mark.parametrize("kind", ["pouta", "vanilla"])
+def test_map_blur_per_axis_changes_the_map_and_keeps_the_score(kind: str) -> None:
+    from pouta.trainer.models import fit_cue_scales
+
+    torch.manual_seed(5)
+    x = 0.45 + 0.1 * torch.rand(3, 3, 48, 64)
+    x[1, :, 20:24, 30:33] = 1.0
+    round_model = build_model(preset_config("tiny", kind, "full", height=48, width=64)).eval()
+    fit_cue_scales(round_model, [x])
+    assert round_model.map_smoothing is None
+    part = build_model(round_model.cfg.with_(map_sigma_hw=(4.0, 0.5))).eval()
+    part.load_state_dict(round_model.state_dict())
+    with torch.no_grad():
+        a, b = round_model(x, aux=False), part(x, aux=False)
+        # the verdict is unchanged; the map is the same fusion, blurred by the per-axis sigmas
+        assert torch.equal(a.score, b.score)
+        k_a, k_r = part.cfg.cue_scales
+        blur = MapSmoothing((4.0, 0.5))
+        d = blur(torch.softmax(b.logits, 1)[:, 1:2])
+        r = blur((x - b.reconstruction).square().mean(dim=1, keepdim=True))
+        assert torch.allclose(b.anomaly_map, 0.5 * (d / (d + k_a) + r / (r + k_r)), atol=1e-6)
+        assert float((a.anomaly_map - b.anomaly_map).abs().max()) > 1e-3
+    with pytest.raises(ConfigError, match=r"model.map_sigma_hw: expected null or two numbers in \[0, 32\]"):
+        round_model.cfg.with_(map_sigma_hw=(4.0, -1.0))
+
+
 @pytest.mark.parametrize("kind", ["pouta", "vanilla"])
 def test_reconstruction_cue_joins_the_map_once_fitted(kind: str) -> None:
     from pouta.trainer.models import fit_cue_scales, image_score
@@ -146,7 +183,9 @@ def test_reconstruction_cue_joins_the_map_once_fitted(kind: str) -> None:
     assert torch.allclose(
         plain.anomaly_map, model.smoothing(torch.softmax(plain.logits, 1)[:, 1:2]), atol=1e-6
     )
-    expected_rec = image_score(model.cues.reconstruction_error(normal, plain.reconstruction)).mean()
+    expected_rec = image_score(
+        model.cues.reconstruction_error(normal, plain.reconstruction, model.smoothing)
+    ).mean()
     scales = fit_cue_scales(model, [normal[:4], normal[4:]])
     assert scales == pytest.approx((float(plain.score.mean()), float(expected_rec)), rel=1e-5)
     assert model.cfg.cue_scales == scales and not model.training
@@ -154,14 +193,14 @@ def test_reconstruction_cue_joins_the_map_once_fitted(kind: str) -> None:
         fused = model(normal, aux=False)  # the export path computes the reconstruction too
         k_a, k_r = scales
         a = model.smoothing(torch.softmax(fused.logits, 1)[:, 1:2])
-        r = model.cues.reconstruction_error(normal, plain.reconstruction)
+        r = model.cues.reconstruction_error(normal, plain.reconstruction, model.smoothing)
         assert torch.allclose(fused.anomaly_map, 0.5 * (a / (a + k_a) + r / (r + k_r)), atol=1e-6)
         assert torch.allclose(fused.score, image_score(fused.anomaly_map))
         assert float(fused.anomaly_map.min()) >= 0.0 and float(fused.anomaly_map.max()) < 1.0
         # a patch the autoencoder does not reproduce raises the reconstruction cue there only
         hit = normal.clone()
         hit[:, :, 20:28, 30:38] = 1.0
-        r_hit = model.cues.reconstruction_error(hit, model(hit).reconstruction)
+        r_hit = model.cues.reconstruction_error(hit, model(hit).reconstruction, model.smoothing)
     diff = (r_hit - r)[:, 0]
     assert float(diff[:, 20:28, 30:38].mean()) > 10 * float(diff[:, :8, :8].abs().mean())
 

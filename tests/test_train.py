@@ -135,6 +135,36 @@ def test_discriminator_widths_follow_the_geometry_unless_set(
     assert (said in capsys.readouterr().out) == (widths == [32, 32, 64, 64])
 
 
+@pytest.mark.parametrize(
+    ("hw", "sets", "sigma_hw"),
+    [
+        ((96, 96), [], None),  # whole, squashed alike both ways: the score's round blur
+        ((100, 300), [], None),  # tiled: tiles keep the part's proportions
+        ((64, 512), [], [4.0, 0.5]),  # whole (too many tiles): 2x down, 16x across
+        ((100, 300), ["data.tile_scale=off"], [4.0, 1.3333]),  # forced whole: 3.1x down, 9.4x across
+        ((64, 512), ["model.map_sigma_hw=[2,2]"], [2.0, 2.0]),  # set explicitly: kept
+        ((64, 512), ["model.map_sigma_hw=null"], None),
+    ],
+)
+def test_map_blur_is_round_on_the_part_unless_set(
+    tmp_path: Path, hw: tuple[int, int], sets: list[str], sigma_hw: list[float] | None
+) -> None:
+    from pouta.trainer.training_set import resolve_geometry
+
+    cfg = build_config(_args(size="32x32", set=sets))
+    if not sets:
+        assert cfg["model"]["map_sigma_hw"] == "auto"
+    resolve_geometry(cfg, _flat_images(tmp_path, hw))
+    mcfg = model_config_from(cfg)
+    assert mcfg.map_sigma_hw == (None if sigma_hw is None else tuple(sigma_hw))
+    assert mcfg.map_sigma == 4.0  # the image score's blur stays round in input pixels
+
+
+def test_map_blur_rejects_a_word_other_than_auto() -> None:
+    with pytest.raises(ConfigError, match=r"^model.map_sigma_hw: expected auto, null or two numbers"):
+        model_config_from(build_config(_args(set=["model.map_sigma_hw=wide"])))
+
+
 def _flat_images(folder: Path, hw: tuple[int, int]) -> list[Path]:
     paths = []
     for i in range(3):

@@ -17,7 +17,7 @@ import yaml
 from pouta.edge.errors import ConfigError
 from pouta.edge.settings import Schema, merge, parse_hw, parse_sets, read_yaml, resolve
 
-from .geometry import AUTO_WIDTHS, cue_setting, width_setting
+from .geometry import AUTO_WIDTHS, cue_setting, map_blur_setting, width_setting
 from .models import ModelConfig, preset_config
 from .synthesis import SynthesisConfig
 
@@ -59,6 +59,7 @@ def train_schema(preset: str = "tiny", kind: str = "pouta", variant: str = "full
             "model.reconstruction_cue": (bool, str),  # auto | true | false
             "model.disc_widths": (list, str),  # auto | 4 integers
             "model.fusion_width": (int, str),  # auto | an integer
+            "model.map_sigma_hw": (list, str),  # auto | null | [rows, columns]
             "train.time_limit_min": (float,),
             "train.threads": (int,),  # null = torch's default
             "synthesis.texture_dir": (str,),
@@ -67,9 +68,16 @@ def train_schema(preset: str = "tiny", kind: str = "pouta", variant: str = "full
     )
 
 
-def resolve_auto_model(m: dict[str, Any], tiled: bool) -> None:
-    """Fix the model fields ``auto`` leaves to the input geometry (``geometry`` rules), in place."""
+def resolve_auto_model(
+    m: dict[str, Any], tiled: bool, axis_downscale: tuple[float, float] | None = None
+) -> None:
+    """Fix the model fields ``auto`` leaves to the input geometry (``geometry`` rules), in place.
+
+    ``axis_downscale``: a whole-image input's source pixels per input pixel (rows, columns);
+    None reads as a geometry that keeps the part's proportions.
+    """
     m["reconstruction_cue"] = cue_setting(m.get("reconstruction_cue", False), tiled)
+    m["map_sigma_hw"] = map_blur_setting(m.get("map_sigma_hw"), m.get("map_sigma", 4.0), axis_downscale)
     preset = preset_config(m["preset"], m["kind"], m["variant"])
     for key in AUTO_WIDTHS:
         if key in m:

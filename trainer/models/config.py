@@ -34,7 +34,11 @@ class ModelConfig:
     1 = input resolution, 2 = half, 3 = quarter (the logits are then bilinearly upsampled
     to the input size, which also makes the map smoother). ``map_sigma``: Gaussian blur
     (pixels at input size, fixed, not trained) applied to the anomaly map inside ``forward``
-    before the image score; 0 turns it off. ``reconstruction_cue``: the anomaly map also
+    before the image score; 0 turns it off. ``map_sigma_hw``: (rows, columns) blur of the map
+    the model returns, when it should differ from the score's round ``map_sigma``; the
+    trainer sets it round on the part for a whole-image input that squashes one axis more
+    than the other (``trainer.geometry.map_blur_setting``); None = ``map_sigma`` both ways.
+    ``reconstruction_cue``: the anomaly map also
     weighs the autoencoder's own reconstruction error (``layers.CueFusion``); ``cue_scales``
     are its two normalisers (the mean image score of the discriminator's map and of the
     reconstruction error on normal training inputs), fitted after training; while they are
@@ -53,12 +57,15 @@ class ModelConfig:
     unet_base: int = 8
     mss_head: str = "conv1x1"
     map_sigma: float = 4.0
+    map_sigma_hw: tuple[float, float] | None = None
     reconstruction_cue: bool = False
     cue_scales: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         self.ae_widths = tuple(int(v) for v in self.ae_widths)  # type: ignore[assignment]
         self.disc_widths = tuple(int(v) for v in self.disc_widths)  # type: ignore[assignment]
+        if isinstance(self.map_sigma_hw, list):
+            self.map_sigma_hw = tuple(self.map_sigma_hw)  # type: ignore[assignment]
         if self.cue_scales is not None and not isinstance(self.cue_scales, (str, bytes)):
             self.cue_scales = tuple(self.cue_scales)  # type: ignore[assignment]
         self.validate()
@@ -86,6 +93,15 @@ class ModelConfig:
                 raise ConfigError(f"model.{name}: expected 4 positive integers, got {list(v)}")
         if not isinstance(self.map_sigma, (int, float)) or not 0 <= self.map_sigma <= 32:
             raise ConfigError(f"model.map_sigma: expected a number in [0, 32], got {self.map_sigma!r}")
+        hw = self.map_sigma_hw
+        if hw is not None and not (
+            isinstance(hw, tuple)
+            and len(hw) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 32 for v in hw)
+        ):
+            raise ConfigError(
+                f"model.map_sigma_hw: expected null or two numbers in [0, 32] (rows, columns), got {hw!r}"
+            )
         if not isinstance(self.reconstruction_cue, bool):
             raise ConfigError(
                 f"model.reconstruction_cue: expected true or false, got {self.reconstruction_cue!r}"
@@ -108,6 +124,7 @@ class ModelConfig:
         d["ae_widths"] = list(self.ae_widths)
         d["disc_widths"] = list(self.disc_widths)
         d["cue_scales"] = None if self.cue_scales is None else list(self.cue_scales)
+        d["map_sigma_hw"] = None if self.map_sigma_hw is None else list(self.map_sigma_hw)
         return d
 
     @classmethod

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from pouta.edge.metadata import SCORE_POOL_SIZE
 from torch import nn
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 
 @dataclass
@@ -41,35 +45,61 @@ def image_score(anomaly_map: torch.Tensor) -> torch.Tensor:
     return pooled.amax(dim=(1, 2, 3))
 
 
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    """1-D Gaussian of ``sigma`` pixels, radius 3 sigma (at least 1), sum 1; [1.0] at sigma 0."""
+    if sigma <= 0:
+        return torch.ones(1)
+    radius = max(1, round(3.0 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    return k / k.sum()
+
+
 class MapSmoothing(nn.Module):
     """Fixed (not trained) Gaussian blur of an anomaly map. [N,1,H,W] -> [N,1,H,W].
 
-    The discriminator's map is sharp at a defect's border and can dip inside large
-    defects; a blur of a few pixels fills those dips and raises pixel AUROC on real
-    data (README, model choices). It lives
-    inside ``forward`` so the exported ONNX, the evaluation and the runtime all see the
-    same map. Separable, zero padded and renormalised by the blurred ones-image, so the
-    image border is neither darkened nor needs a padding mode TensorRT may lack.
+    ``sigma``: one value (round in input pixels) or (rows, columns), input pixels; an axis
+    at 0 is not blurred. The discriminator's map is sharp at a defect's border and can dip
+    inside large defects; a blur of a few pixels fills those dips and raises pixel AUROC on
+    real data (README, model choices). It lives inside ``forward`` so the exported ONNX, the
+    evaluation and the runtime all see the same map. Separable, zero padded and renormalised
+    by the blurred ones-image, so the image border is neither darkened nor needs a padding
+    mode TensorRT may lack.
     """
 
-    def __init__(self, sigma: float) -> None:
+    def __init__(self, sigma: float | tuple[float, float]) -> None:
         super().__init__()
-        self.sigma = float(sigma)
-        radius = max(1, round(3.0 * self.sigma))
-        t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-        k = torch.exp(-0.5 * (t / self.sigma) ** 2)
-        k = k / k.sum()
-        self.radius = radius
+        rows, cols = (sigma, sigma) if isinstance(sigma, (int, float)) else sigma
+        self.sigma = (float(rows), float(cols))
+        k_v, k_h = gaussian_kernel(self.sigma[0]), gaussian_kernel(self.sigma[1])
+        self.radius = (len(k_v) // 2, len(k_h) // 2)
         # Not persistent: rebuilt from the config, so checkpoints carry no extra tensors.
-        self.register_buffer("kernel_v", k.view(1, 1, -1, 1), persistent=False)
-        self.register_buffer("kernel_h", k.view(1, 1, 1, -1), persistent=False)
+        self.register_buffer("kernel_v", k_v.view(1, 1, -1, 1), persistent=False)
+        self.register_buffer("kernel_h", k_h.view(1, 1, 1, -1), persistent=False)
 
     def _blur(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(x, self.kernel_v.to(x.dtype), padding=(self.radius, 0))
-        return F.conv2d(x, self.kernel_h.to(x.dtype), padding=(0, self.radius))
+        if self.radius[0]:
+            x = F.conv2d(x, self.kernel_v.to(x.dtype), padding=(self.radius[0], 0))
+        if self.radius[1]:
+            x = F.conv2d(x, self.kernel_h.to(x.dtype), padding=(0, self.radius[1]))
+        return x
 
     def forward(self, amap: torch.Tensor) -> torch.Tensor:
         return self._blur(amap) / self._blur(torch.ones_like(amap))
+
+
+def map_smoothings(cfg: ModelConfig) -> tuple[MapSmoothing | None, MapSmoothing | None]:
+    """(score's blur, map's own blur or None when it is the score's) from a model config.
+
+    The image score is pooled from the map blurred round in input pixels (``map_sigma``);
+    ``map_sigma_hw``, when set, blurs the map that is returned (and shown, thresholded,
+    measured) per axis instead: round on the part for an input that squashes it.
+    """
+    score = MapSmoothing(cfg.map_sigma) if cfg.map_sigma > 0 else None
+    hw = cfg.map_sigma_hw
+    if hw is None or tuple(hw) == (cfg.map_sigma, cfg.map_sigma):
+        return score, None
+    return score, MapSmoothing(hw)
 
 
 def discriminator_map(logits: torch.Tensor, smoothing: nn.Module | None = None) -> torch.Tensor:
@@ -84,11 +114,19 @@ def head_output(
     cues: CueFusion,
     x: torch.Tensor,
     rec: torch.Tensor | None,
+    map_smoothing: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """2-class logits [N,2,H,W] (+ input and reconstruction for the second cue) ->
-    (anomaly map [N,1,H,W] in [0,1], image score [N])."""
-    amap = cues(discriminator_map(logits, smoothing), x, rec)
-    return amap, image_score(amap)
+    (anomaly map [N,1,H,W] in [0,1], image score [N]).
+
+    The score is the pooled max of the fused map blurred by ``smoothing``; with
+    ``map_smoothing`` the map returned is the same fusion blurred by it instead
+    (``map_smoothings``)."""
+    scored = cues(discriminator_map(logits, smoothing), x, rec, smoothing)
+    if map_smoothing is None:
+        return scored, image_score(scored)
+    amap = cues(discriminator_map(logits, map_smoothing), x, rec, map_smoothing)
+    return amap, image_score(scored)
 
 
 class CueFusion(nn.Module):
@@ -96,27 +134,29 @@ class CueFusion(nn.Module):
 
     a [N,1,H,W] (discriminator probability, smoothed) and x, x_r [N,3,H,W] (input and
     reconstruction) -> [N,1,H,W] in [0,1]: 0.5 * (a / (a + k_a) + r / (r + k_r)), with
-    r = channel mean of (x - x_r)^2, smoothed like the map. k_a, k_r (``cue_scales``) are
-    each cue's mean image score on normal training inputs, so both count in units of what a
-    good part shows, and the sum stays in [0,1] for pixel thresholds. Without scales (a
-    model being trained) the map is ``a`` unchanged.
+    r = channel mean of (x - x_r)^2, blurred by the same ``smoothing`` as a. k_a, k_r
+    (``cue_scales``) are each cue's mean image score on normal training inputs, so both
+    count in units of what a good part shows, and the sum stays in [0,1] for pixel
+    thresholds. Without scales (a model being trained) the map is ``a`` unchanged.
     """
 
-    def __init__(self, scales: tuple[float, float] | None, smoothing: nn.Module | None) -> None:
+    def __init__(self, scales: tuple[float, float] | None) -> None:
         super().__init__()
         self.scales = scales
-        self.smoothing = smoothing
 
-    def reconstruction_error(self, x: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
-        """[N,3,H,W] x2 -> [N,1,H,W]: squared error, channel mean, smoothed like the map."""
+    @staticmethod
+    def reconstruction_error(x: torch.Tensor, rec: torch.Tensor, smoothing: nn.Module | None) -> torch.Tensor:
+        """[N,3,H,W] x2 -> [N,1,H,W]: squared error, channel mean, blurred by ``smoothing``."""
         err = (x - rec).square().mean(dim=1, keepdim=True)
-        return err if self.smoothing is None else self.smoothing(err)
+        return err if smoothing is None else smoothing(err)
 
-    def forward(self, amap: torch.Tensor, x: torch.Tensor, rec: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, amap: torch.Tensor, x: torch.Tensor, rec: torch.Tensor | None, smoothing: nn.Module | None
+    ) -> torch.Tensor:
         if self.scales is None or rec is None:
             return amap
         k_a, k_r = self.scales
-        r = self.reconstruction_error(x, rec)
+        r = self.reconstruction_error(x, rec, smoothing)
         return 0.5 * (amap / (amap + k_a) + r / (r + k_r))
 
 
@@ -125,7 +165,7 @@ def fit_cue_scales(model: nn.Module, batches: Iterable[torch.Tensor]) -> tuple[f
     """Each cue's mean image score over normal inputs (batches [N,3,H,W]): ``cue_scales``.
 
     Sets them on ``model`` (its ``cues`` and ``cfg``) and returns them. The model is put in
-    eval mode; both cues are measured before any fusion.
+    eval mode; both cues are measured before any fusion, blurred as the image score sees them.
     """
     cues: CueFusion = model.cues  # type: ignore[assignment]
     cues.scales = None
@@ -134,7 +174,8 @@ def fit_cue_scales(model: nn.Module, batches: Iterable[torch.Tensor]) -> tuple[f
     for x in batches:
         out = model(x, aux=True)
         disc.append(out.score.float())
-        rec.append(image_score(cues.reconstruction_error(x, out.reconstruction).float()))
+        err = cues.reconstruction_error(x, out.reconstruction, model.smoothing)  # type: ignore[arg-type]
+        rec.append(image_score(err.float()))
     if not disc:
         raise ValueError("fit_cue_scales: no normal inputs")
     floor = 1e-6  # a cue that is flat on every good input must not divide by zero

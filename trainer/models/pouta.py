@@ -7,7 +7,7 @@ from torch import nn
 
 from .autoencoder import ReconstructiveAE
 from .config import ModelConfig, check_input_size
-from .layers import ConvBNReLU, CueFusion, MapSmoothing, ModelOutput, head_output, resize_to
+from .layers import ConvBNReLU, CueFusion, ModelOutput, head_output, map_smoothings, resize_to
 
 
 class FCM(nn.Module):
@@ -54,8 +54,8 @@ class POUTA(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.smoothing = MapSmoothing(cfg.map_sigma) if cfg.map_sigma > 0 else None
-        self.cues = CueFusion(cfg.cue_scales if cfg.reconstruction_cue else None, self.smoothing)
+        self.smoothing, self.map_smoothing = map_smoothings(cfg)
+        self.cues = CueFusion(cfg.cue_scales if cfg.reconstruction_cue else None)
         ae_w, d_w = cfg.ae_widths, cfg.disc_widths
         self.ae = ReconstructiveAE(ae_w)
         self.fcm = nn.ModuleList([FCM(a, d) for a, d in zip(ae_w, d_w, strict=True)])
@@ -86,5 +86,7 @@ class POUTA(nn.Module):
         common = f_c[self.cfg.fusion_scale - 1]
         fused = torch.cat([resize_to(f, common) for f in f_c], dim=1)
         logits = resize_to(self.fusion(fused), x)
-        amap, score = head_output(logits, self.smoothing, self.cues, x, feats.reconstruction)
+        amap, score = head_output(
+            logits, self.smoothing, self.cues, x, feats.reconstruction, self.map_smoothing
+        )
         return ModelOutput(amap, score, logits, feats.reconstruction, side)

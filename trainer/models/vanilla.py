@@ -8,7 +8,7 @@ from torch import nn
 
 from .autoencoder import ReconstructiveAE
 from .config import ModelConfig, check_input_size
-from .layers import CueFusion, DoubleConv, MapSmoothing, ModelOutput, encode_pyramid, head_output
+from .layers import CueFusion, DoubleConv, ModelOutput, encode_pyramid, head_output, map_smoothings
 
 
 class UNetDiscriminator(nn.Module):
@@ -58,8 +58,8 @@ class VanillaDRAEM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.smoothing = MapSmoothing(cfg.map_sigma) if cfg.map_sigma > 0 else None
-        self.cues = CueFusion(cfg.cue_scales if cfg.reconstruction_cue else None, self.smoothing)
+        self.smoothing, self.map_smoothing = map_smoothings(cfg)
+        self.cues = CueFusion(cfg.cue_scales if cfg.reconstruction_cue else None)
         self.ae = ReconstructiveAE(cfg.ae_widths)
         self.disc = UNetDiscriminator(cfg.unet_base)
 
@@ -68,5 +68,5 @@ class VanillaDRAEM(nn.Module):
         rec = self.ae(x, with_image=True).reconstruction
         assert rec is not None
         logits = self.disc(torch.cat([x, rec], dim=1))
-        amap, score = head_output(logits, self.smoothing, self.cues, x, rec)
+        amap, score = head_output(logits, self.smoothing, self.cues, x, rec, self.map_smoothing)
         return ModelOutput(amap, score, logits, rec, [])
