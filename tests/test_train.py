@@ -147,7 +147,11 @@ def test_discriminator_widths_follow_the_geometry_unless_set(
     ],
 )
 def test_map_blur_is_round_on_the_part_unless_set(
-    tmp_path: Path, hw: tuple[int, int], sets: list[str], sigma_hw: list[float] | None
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    hw: tuple[int, int],
+    sets: list[str],
+    sigma_hw: list[float] | None,
 ) -> None:
     from pouta.trainer.training_set import resolve_geometry
 
@@ -158,6 +162,8 @@ def test_map_blur_is_round_on_the_part_unless_set(
     mcfg = model_config_from(cfg)
     assert mcfg.map_sigma_hw == (None if sigma_hw is None else tuple(sigma_hw))
     assert mcfg.map_sigma == 4.0  # the image score's blur stays round in input pixels
+    said = "anomaly map: blurred round on the part, sigma 4 rows, 0.5 columns"
+    assert (said in capsys.readouterr().out) == (sigma_hw == [4.0, 0.5])
 
 
 def test_map_blur_rejects_a_word_other_than_auto() -> None:

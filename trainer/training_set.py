@@ -215,7 +215,7 @@ def resolve_geometry(cfg: dict[str, Any], paths: list[Path]) -> None:
     print(f"pouta-train: data: {stats.describe()}", flush=True)
     print(f"pouta-train: input: {geo.describe()}", flush=True)
     tiled = geo.tiling is not None
-    asked = {key: m.get(key) for key in ("reconstruction_cue", *AUTO_WIDTHS)}
+    asked = {key: m.get(key) for key in ("reconstruction_cue", "map_sigma_hw", *AUTO_WIDTHS)}
     mh, mw = stats.median_hw
     resolve_auto_model(m, tiled, None if tiled else (mh / geo.height, mw / geo.width))
     if tiled and asked["reconstruction_cue"] == "auto":
@@ -230,6 +230,13 @@ def resolve_geometry(cfg: dict[str, Any], paths: list[Path]) -> None:
         print(
             f"pouta-train: discriminator: disc_widths {m['disc_widths']}, fusion_width "
             f"{m['fusion_width']} for tiled input (auto: {TILED_DISC_WIDEN}x the {m['preset']} preset's)",
+            flush=True,
+        )
+    if asked["map_sigma_hw"] == "auto" and m["map_sigma_hw"] is not None:
+        rows, cols = m["map_sigma_hw"]
+        print(
+            f"pouta-train: anomaly map: blurred round on the part, sigma {rows:g} rows, {cols:g} columns "
+            f"(input px; the image score keeps sigma {m['map_sigma']:g} both ways)",
             flush=True,
         )
     warning = geo.small_defect_warning()
