@@ -78,8 +78,9 @@ def test_config_overrides_and_errors() -> None:
         build_config(_args(set=["model.fusion_width=wide"]))
     with pytest.raises(ConfigError, match=r"^train\.threads: expected an integer, got 'two'"):
         build_config(_args(set=["train.threads=two"]))  # null by default, still checked
-    with pytest.raises(ConfigError, match=r"^train\.threads: expected a positive integer or null"):
-        build_config(_args(set=["train.threads=-1"]))
+    for bad in ("-1", "0"):
+        with pytest.raises(ConfigError, match=r"^train\.threads: expected a positive integer or null"):
+            build_config(_args(set=[f"train.threads={bad}"]))
 
 
 @pytest.mark.parametrize(

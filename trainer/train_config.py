@@ -144,7 +144,7 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
     t = cfg["train"]
     if t["steps"] <= 0 or t["batch_size"] <= 0:
         raise ConfigError("train.steps / train.batch_size: expected positive integers")
-    if t["threads"] is not None and t["threads"] < 0:
+    if t["threads"] is not None and t["threads"] <= 0:  # 0 would silently mean null
         raise ConfigError(
             f"train.threads: expected a positive integer or null (torch's default), got {t['threads']}"
         )
