@@ -36,8 +36,9 @@ shape, against the model input (the preset's H x W, ``tiny`` 128 x 128, or ``--s
   image squashed into the input (a 4096 x 256 fabric web into 128 x 128 shrinks 32x across
   and 2x down) blurs its map less along the squashed axis, so a thin defect is not spread
   over 16x more fabric across than down. The image score keeps the round ``map_sigma`` blur
-  in input pixels: measured on the fabric, the map blurred round on the part localised
-  defects better (pixel AUROC) but ranked images worse (README, model choices).
+  in input pixels: on the fabric the map blurred round on the part localised defects
+  better (pixel AUROC), but a score pooled from it ranked images worse (README, model
+  choices).
 - ``--size auto`` instead keeps one whole-image input with the training images' median
   aspect ratio and the preset's pixel count, each side a multiple of 16 (long side at most
   4x the preset side).
