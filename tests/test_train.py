@@ -167,9 +167,11 @@ def test_map_blur_is_round_on_the_part_unless_set(
     assert (said in capsys.readouterr().out) == (sigma_hw == [4.0, 0.5])
 
 
-def test_map_blur_rejects_a_word_other_than_auto() -> None:
+def test_map_blur_rejects_a_bad_word_or_non_numbers() -> None:
     with pytest.raises(ConfigError, match=r"^model.map_sigma_hw: expected auto, null or two numbers"):
         model_config_from(build_config(_args(set=["model.map_sigma_hw=wide"])))
+    with pytest.raises(ConfigError, match=r"^model.map_sigma_hw: expected null or two numbers in \[0, 32\]"):
+        model_config_from(build_config(_args(set=["model.map_sigma_hw=[a,b]"])))
 
 
 def _flat_images(folder: Path, hw: tuple[int, int]) -> list[Path]:

@@ -235,10 +235,13 @@ def map_blur_setting(
     keep the part's proportions). ``map_sigma`` along the axis the input shrinks least, and
     along the other ``map_sigma`` times the ratio of the two downscales, so both cover the
     same source pixels; None (round in input pixels, the score's own blur) when the input
-    shrinks both axes alike. Two numbers set explicitly are kept, null means round.
+    shrinks both axes alike. Values set explicitly are kept (``ModelConfig`` checks them),
+    null means round.
     """
-    if value is None or not isinstance(value, str):
-        return None if value is None else [float(v) for v in value]
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return list(value)
     if value != "auto":
         raise ConfigError(
             f"model.map_sigma_hw: expected auto, null or two numbers (rows, columns), got {value!r}"

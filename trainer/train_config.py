@@ -77,7 +77,7 @@ def resolve_auto_model(
     None reads as a geometry that keeps the part's proportions.
     """
     m["reconstruction_cue"] = cue_setting(m.get("reconstruction_cue", False), tiled)
-    m["map_sigma_hw"] = map_blur_setting(m.get("map_sigma_hw"), m.get("map_sigma", 4.0), axis_downscale)
+    m["map_sigma_hw"] = map_blur_setting(m.get("map_sigma_hw"), m["map_sigma"], axis_downscale)
     preset = preset_config(m["preset"], m["kind"], m["variant"])
     for key in AUTO_WIDTHS:
         if key in m:
