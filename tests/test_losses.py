@@ -57,6 +57,34 @@ def test_ssim_window_and_values() -> None:
     assert ssim(x, y, size=1, sigma=1.5).item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_ssim_separable_window_equals_the_2d_window() -> None:
+    """Row-then-column filtering must give DRAEM's 2-D windowed SSIM (zero padding), and its gradient."""
+
+    def ssim_2d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        c = a.shape[1]
+        win = gaussian_window()[None, None].expand(c, 1, 11, 11)
+
+        def filt(t: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.conv2d(t, win, padding=5, groups=c)
+
+        mu_a, mu_b = filt(a), filt(b)
+        var_a, var_b, cov = filt(a * a) - mu_a**2, filt(b * b) - mu_b**2, filt(a * b) - mu_a * mu_b
+        c1, c2 = 0.01**2, 0.03**2
+        num = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
+        return (num / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))).mean()
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 3, 20, 37, generator=g).requires_grad_()
+    b = (a.detach() + 0.2 * torch.rand(2, 3, 20, 37, generator=g)).clamp(0, 1)
+    fast, ref = ssim(a, b), ssim_2d(a, b)
+    assert fast.item() == pytest.approx(ref.item(), abs=1e-6) and fast.item() < 0.99
+    (g_fast,) = torch.autograd.grad(fast, a)
+    (g_ref,) = torch.autograd.grad(ref, a)
+    assert torch.allclose(g_fast, g_ref, atol=1e-6)
+    cl = a.detach().contiguous(memory_format=torch.channels_last)
+    assert ssim(cl, b).item() == pytest.approx(ref.item(), abs=1e-6)
+
+
 def test_total_loss_sums_parts() -> None:
     torch.manual_seed(0)
     rec, orig = torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)

@@ -18,7 +18,7 @@ import torch
 from pouta.edge.errors import ConfigError
 from pouta.trainer.checkpoint import load_model, read_checkpoint, save_checkpoint
 from pouta.trainer.models import build_model, preset_config
-from pouta.trainer.train import lr_at, parser, train
+from pouta.trainer.train import StepPace, _fit_to_budget, lr_at, parser, train
 from pouta.trainer.train_config import build_config, model_config_from
 from pouta.trainer.training_set import epoch_batches
 
@@ -275,3 +275,24 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
     rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, steps + 1))  # redone steps are not logged twice
     assert (run / "loss_curve.png").stat().st_size > 0
+
+
+def test_time_budget_follows_the_recent_pace_not_an_early_slow_spell() -> None:
+    pace = StepPace(start_step=0)
+    elapsed = 0.0
+    for step in range(1, 401):
+        elapsed += 2.0 if step <= 100 else 0.5  # a slow start, then the machine's real pace
+        pace.mark(step, elapsed)
+    assert pace.seconds_per_step() == pytest.approx(0.5)
+    # 350 s spent of 600: 250 s left at 0.5 s/step (0.97 margin); the whole-run average
+    # (0.875 s/step) would have planned 277 more steps instead of 485.
+    assert elapsed == 350.0
+    assert _fit_to_budget(400, 5000, 900, elapsed, 600.0, pace.seconds_per_step()) == 400 + 485
+    # capped at the configured steps; fixed once 70% of the schedule is done; none before a pace
+    assert _fit_to_budget(400, 800, 900, elapsed, 600.0, 0.5) == 800
+    assert _fit_to_budget(400, 5000, 560, elapsed, 600.0, 0.5) == 560
+    assert _fit_to_budget(10, 5000, 3000, 5.0, 600.0, None) == 3000
+    fresh = StepPace(start_step=100)  # after a resume: the warm-up steps are not counted
+    for step in range(101, 111):
+        fresh.mark(step, float(step))
+    assert fresh.seconds_per_step() is None

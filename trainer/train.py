@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,10 @@ FINAL = "model.pt"
 LOG = "train_log.jsonl"
 CUE_FIT_INPUTS = 64  # normal inputs that fix the cue scales (seconds on a CPU)
 CUE_FIT_BATCH = 8
+# The time budget is re-planned from the pace of the most recent steps: a slow spell early
+# in a run (another process, a checkpoint write) must not shorten the whole schedule.
+PACE_WINDOW_STEPS = 200
+PACE_WARMUP_STEPS = 10  # the first steps create kernels and start the data worker
 
 
 class TrainingError(PoutaError):
@@ -169,6 +174,7 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
     pbar = progress_bar(progress, steps, "train", "step", initial=step)
     t0 = time.monotonic()
     start_step = step
+    pace = StepPace(start_step)
     status = "done"
     model.train()
     # More loader processes than cores only adds context switches (the paper preset asks
@@ -211,7 +217,10 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
                 pbar.update(1)
                 pbar.set_postfix({k: f"{v:.3f}" for k, v in parts.as_floats().items()}, refresh=False)
             if limit_s is not None:
-                steps = _fit_to_budget(step, int(tc["steps"]), steps, start_step, elapsed, limit_s)
+                pace.mark(step, elapsed)
+                steps = _fit_to_budget(
+                    step, int(tc["steps"]), steps, elapsed, limit_s, pace.seconds_per_step()
+                )
                 if pbar is not None and pbar.total != steps:
                     pbar.total = steps
                     pbar.refresh()
@@ -274,19 +283,43 @@ def _fit_cues(
     return model.cfg  # type: ignore[return-value]
 
 
+class StepPace:
+    """Seconds per optimizer step over about the last ``PACE_WINDOW_STEPS`` steps.
+
+    Marks are kept every 10 steps once ``PACE_WARMUP_STEPS`` steps of this run are done;
+    ``seconds_per_step`` is None until two marks exist.
+    """
+
+    def __init__(self, start_step: int) -> None:
+        self.start_step = int(start_step)
+        self.marks: deque[tuple[int, float]] = deque()
+
+    def mark(self, step: int, elapsed: float) -> None:
+        done = step - self.start_step
+        if done < PACE_WARMUP_STEPS or done % 10:
+            return
+        self.marks.append((step, elapsed))
+        while len(self.marks) > 2 and self.marks[1][0] <= step - PACE_WINDOW_STEPS:
+            self.marks.popleft()
+
+    def seconds_per_step(self) -> float | None:
+        if len(self.marks) < 2:
+            return None
+        (s0, e0), (s1, e1) = self.marks[0], self.marks[-1]
+        return (e1 - e0) / (s1 - s0)
+
+
 def _fit_to_budget(
-    step: int, planned: int, steps: int, start_step: int, elapsed: float, limit_s: float
+    step: int, planned: int, steps: int, elapsed: float, limit_s: float, per_step: float | None
 ) -> int:
     """The schedule length that fits the time budget, at most ``planned`` (the configured steps).
 
-    Re-estimated every 10 steps from the measured seconds per step while the run is in
-    the first 70% of its schedule (before any LR decay), so the decays happen in time
-    even when the machine is slower (or faster) than expected; fixed after that.
+    Re-estimated every 10 steps from the recent seconds per step (``StepPace``) while the
+    run is in the first 70% of its schedule (before any LR decay), so the decays happen in
+    time even when the machine is slower (or faster) than expected; fixed after that.
     """
-    done = step - start_step
-    if done < 10 or step >= 0.7 * steps or (done % 10):
+    if per_step is None or step >= 0.7 * steps or step % 10:
         return steps
-    per_step = elapsed / done
     affordable = step + int(max(0.0, limit_s - elapsed) * 0.97 / per_step)
     return max(step + 1, min(planned, affordable))
 
