@@ -280,9 +280,12 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
 def test_time_budget_follows_the_recent_pace_not_an_early_slow_spell() -> None:
     pace = StepPace(start_step=0)
     elapsed = 0.0
+    marked = []
     for step in range(1, 401):
         elapsed += 2.0 if step <= 100 else 0.5  # a slow start, then the machine's real pace
-        pace.mark(step, elapsed)
+        if pace.mark(step, elapsed):
+            marked.append(step)
+    assert marked == list(range(10, 401, 10))  # the moments the budget is re-planned
     assert pace.seconds_per_step() == pytest.approx(0.5)
     # 350 s spent of 600: 250 s left at 0.5 s/step (0.97 margin); the whole-run average
     # (0.875 s/step) would have planned 277 more steps instead of 485.
@@ -293,6 +296,7 @@ def test_time_budget_follows_the_recent_pace_not_an_early_slow_spell() -> None:
     assert _fit_to_budget(400, 5000, 560, elapsed, 600.0, 0.5) == 560
     assert _fit_to_budget(10, 5000, 3000, 5.0, 600.0, None) == 3000
     fresh = StepPace(start_step=100)  # after a resume: the warm-up steps are not counted
-    for step in range(101, 111):
-        fresh.mark(step, float(step))
+    assert [s for s in range(101, 111) if fresh.mark(s, float(s))] == [110]
     assert fresh.seconds_per_step() is None
+    assert [s for s in range(111, 121) if fresh.mark(s, float(s))] == [120]
+    assert fresh.seconds_per_step() == pytest.approx(1.0)

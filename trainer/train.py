@@ -217,10 +217,10 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
                 pbar.update(1)
                 pbar.set_postfix({k: f"{v:.3f}" for k, v in parts.as_floats().items()}, refresh=False)
             if limit_s is not None:
-                pace.mark(step, elapsed)
-                steps = _fit_to_budget(
-                    step, int(tc["steps"]), steps, elapsed, limit_s, pace.seconds_per_step()
-                )
+                if pace.mark(step, elapsed):
+                    steps = _fit_to_budget(
+                        step, int(tc["steps"]), steps, elapsed, limit_s, pace.seconds_per_step()
+                    )
                 if pbar is not None and pbar.total != steps:
                     pbar.total = steps
                     pbar.refresh()
@@ -286,7 +286,8 @@ def _fit_cues(
 class StepPace:
     """Seconds per optimizer step over about the last ``PACE_WINDOW_STEPS`` steps.
 
-    Marks are kept every 10 steps once ``PACE_WARMUP_STEPS`` steps of this run are done;
+    A mark is kept every 10 steps once ``PACE_WARMUP_STEPS`` steps of this run are done
+    (``mark`` says whether it kept one: the moments to re-plan the budget);
     ``seconds_per_step`` is None until two marks exist.
     """
 
@@ -294,13 +295,14 @@ class StepPace:
         self.start_step = int(start_step)
         self.marks: deque[tuple[int, float]] = deque()
 
-    def mark(self, step: int, elapsed: float) -> None:
+    def mark(self, step: int, elapsed: float) -> bool:
         done = step - self.start_step
         if done < PACE_WARMUP_STEPS or done % 10:
-            return
+            return False
         self.marks.append((step, elapsed))
         while len(self.marks) > 2 and self.marks[1][0] <= step - PACE_WINDOW_STEPS:
             self.marks.popleft()
+        return True
 
     def seconds_per_step(self) -> float | None:
         if len(self.marks) < 2:
@@ -314,11 +316,11 @@ def _fit_to_budget(
 ) -> int:
     """The schedule length that fits the time budget, at most ``planned`` (the configured steps).
 
-    Re-estimated every 10 steps from the recent seconds per step (``StepPace``) while the
+    Called at each ``StepPace`` mark with the recent seconds per step; re-plans while the
     run is in the first 70% of its schedule (before any LR decay), so the decays happen in
     time even when the machine is slower (or faster) than expected; fixed after that.
     """
-    if per_step is None or step >= 0.7 * steps or step % 10:
+    if per_step is None or step >= 0.7 * steps:
         return steps
     affordable = step + int(max(0.0, limit_s - elapsed) * 0.97 / per_step)
     return max(step + 1, min(planned, affordable))
