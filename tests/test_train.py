@@ -263,6 +263,21 @@ def _config(data: Path, out: Path, steps: int) -> dict:
     return cfg
 
 
+def test_without_the_average_model_pt_holds_the_last_weights(tmp_path: Path) -> None:
+    cfg = _config(_make_images(tmp_path / "good"), tmp_path / "run", steps=4)
+    cfg["train"]["ema_decay"] = 0
+    threads = torch.get_num_threads()
+    try:
+        final = train(cfg, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    last = read_checkpoint(tmp_path / "run" / "last.pt")
+    assert "weight_average" not in last
+    model, _, _ = load_model(final)
+    for k, v in last["model"].items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
 @pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
     data = _make_images(tmp_path / "good")
