@@ -17,7 +17,6 @@ import pytest
 import torch
 from pouta.edge.errors import ConfigError
 from pouta.trainer.checkpoint import load_model, read_checkpoint, save_checkpoint
-from pouta.trainer.ema import WeightAverage
 from pouta.trainer.models import build_model, preset_config
 from pouta.trainer.train import StepPace, _fit_to_budget, lr_at, parser, train
 from pouta.trainer.train_config import build_config, model_config_from
@@ -79,12 +78,6 @@ def test_config_overrides_and_errors() -> None:
         build_config(_args(set=["model.fusion_width=wide"]))
     with pytest.raises(ConfigError, match=r"^train\.threads: expected an integer, got 'two'"):
         build_config(_args(set=["train.threads=two"]))  # null by default, still checked
-    for bad in (1, 1.5, -0.1):
-        with pytest.raises(
-            ConfigError, match=r"^train\.ema_decay: expected 0 \(off\) or a decay in \(0, 1\)"
-        ):
-            build_config(_args(set=[f"train.ema_decay={bad}"]))
-    assert build_config(_args(set=["train.ema_decay=0"]))["train"]["ema_decay"] == 0
     for bad in ("-1", "0"):
         with pytest.raises(ConfigError, match=r"^train\.threads: expected a positive integer or null"):
             build_config(_args(set=[f"train.threads={bad}"]))
@@ -221,32 +214,6 @@ def test_checkpoint_is_weights_only_and_round_trips(tmp_path: Path) -> None:
         read_checkpoint(tmp_path / "bad.pt")
 
 
-def test_weight_average_blends_floats_with_a_ramped_decay_and_copies_counters() -> None:
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
-    average = WeightAverage(model, decay=0.9)
-    assert average.decay_at(0) == pytest.approx(0.1) and average.decay_at(5) == pytest.approx(6 / 15)
-    assert average.decay_at(1000) == 0.9  # the ramp ends at the configured decay
-    start = {k: v.clone() for k, v in model.state_dict().items()}
-    expected = {k: v.clone() for k, v in start.items() if v.is_floating_point()}
-    for step in (1, 2, 300):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(1.0)
-        model.train()(torch.randn(4, 1, 3, 3))  # moves BatchNorm's running stats and counter
-        d = average.decay_at(step)
-        for k in expected:
-            expected[k] = d * expected[k] + (1 - d) * model.state_dict()[k]
-        average.update(model, step)
-    got = average.state_dict()
-    for k, v in expected.items():
-        torch.testing.assert_close(got[k], v, msg=k)
-        assert not torch.equal(got[k], model.state_dict()[k]), f"{k} is a copy, not an average"
-    assert int(got["1.num_batches_tracked"]) == 3  # counters are the model's, not averaged
-    assert not any(p.requires_grad for p in average.module.parameters())
-    with pytest.raises(ValueError, match="decay must lie in"):
-        WeightAverage(model, decay=1.0)
-
-
 def _make_images(folder: Path, n: int = 6, size: int = 40) -> Path:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -261,21 +228,6 @@ def _config(data: Path, out: Path, steps: int) -> dict:
     cfg = build_config(_args(preset="tiny", data=str(data), size="32x32", steps=steps, out=str(out), seed=3))
     cfg["train"].update(batch_size=2, checkpoint_every=7, log_every=1, num_workers=0, threads=1, lr=1e-3)
     return cfg
-
-
-def test_without_the_average_model_pt_holds_the_last_weights(tmp_path: Path) -> None:
-    cfg = _config(_make_images(tmp_path / "good"), tmp_path / "run", steps=4)
-    cfg["train"]["ema_decay"] = 0
-    threads = torch.get_num_threads()
-    try:
-        final = train(cfg, progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    last = read_checkpoint(tmp_path / "run" / "last.pt")
-    assert "weight_average" not in last
-    model, _, _ = load_model(final)
-    for k, v in last["model"].items():
-        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0, msg=k)
 
 
 @pytest.mark.slow
@@ -319,15 +271,6 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert cfg_b.cue_scales == pytest.approx(cfg_a.cue_scales, rel=1e-5)
     for k, v in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=1e-6, msg=f"{k} differs after resume")
-    # model.pt is the weights' moving average (the last weights stay in last.pt for a resume)
-    last = read_checkpoint(run / "last.pt")
-    for k, v in last["weight_average"].items():
-        torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=0, msg=k)
-    assert any(
-        not torch.equal(last["model"][k], v)
-        for k, v in last["weight_average"].items()
-        if v.is_floating_point()
-    )
 
     rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, steps + 1))  # redone steps are not logged twice

@@ -33,7 +33,6 @@ def save_checkpoint(
     scaler: Any = None,
     step: int = 0,
     rng: dict[str, Any] | None = None,
-    weight_average: nn.Module | None = None,
     train_config: dict[str, Any] | None = None,
     info: dict[str, Any] | None = None,
 ) -> Path:
@@ -56,8 +55,6 @@ def save_checkpoint(
         payload["scaler"] = scaler.state_dict()
     if rng is not None:
         payload["rng"] = rng
-    if weight_average is not None:
-        payload["weight_average"] = {k: v.detach().cpu() for k, v in weight_average.state_dict().items()}
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path

@@ -28,7 +28,6 @@ from pouta.edge.fsutil import atomic_write_json
 from pouta.edge.settings import dump, parse_sets
 
 from .checkpoint import read_checkpoint, save_checkpoint
-from .ema import WeightAverage
 from .evaluate import progress_bar
 from .geometry import preprocessor_for_training
 from .losses import total_loss
@@ -150,10 +149,6 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
         steps = int(ck["scheduler"]["steps"])
         _set_rng_state(ck.get("rng") or {})
         truncate_log(out / LOG, step)
-    ema_decay = float(tc["ema_decay"])
-    average = WeightAverage(model, ema_decay) if ema_decay else None
-    if average is not None and ck is not None and "weight_average" in ck:
-        average.load_state_dict(ck["weight_average"])
     milestones = [float(m) for m in tc["lr_milestones"]]
     gamma = float(tc["lr_gamma"])
     ck_every = max(1, int(tc["checkpoint_every"]))
@@ -172,7 +167,6 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
             scaler=scaler if use_amp else None,
             step=step,
             rng=_rng_state(),
-            weight_average=average.module if average is not None else None,
             train_config=cfg,
             info=info,
         )
@@ -213,8 +207,6 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
             scaler.step(opt)
             scaler.update()
             step += 1
-            if average is not None:
-                average.update(model, step)
             watchdog.beat(step)
             elapsed = time.monotonic() - t0
             if step % log_every == 0 or step == steps:
@@ -241,8 +233,6 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
         pbar.close()
     seconds = time.monotonic() - t0
     save(out / LAST, status, seconds)
-    if average is not None:
-        model = average.module  # the delivered weights
     if mcfg.reconstruction_cue:
         mcfg = _fit_cues(model, dataset, device, memory_format)
         cfg["model"] = mcfg.to_dict()

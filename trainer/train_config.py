@@ -148,10 +148,6 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(
             f"train.threads: expected a positive integer or null (torch's default), got {t['threads']}"
         )
-    if not 0.0 <= t["ema_decay"] < 1.0:
-        raise ConfigError(
-            f"train.ema_decay: expected 0 (off) or a decay in (0, 1) such as 0.99, got {t['ema_decay']}"
-        )
     model_config_from(cfg)  # size and width rules: fail now, not after the data are loaded
     return cfg
 

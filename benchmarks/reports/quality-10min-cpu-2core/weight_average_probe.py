@@ -1,4 +1,7 @@
-"""The delivered weights' moving average vs the last weights, on one training run.
+"""The weights' moving average vs the last weights, on one training run.
+
+Needs ``weight_average_experiment.patch`` applied (a dropped experiment: ``train.ema_decay``,
+``model.pt`` = the moving average; not in the code since pass 8 measured it).
 
 ``python weight_average_probe.py RUN_DIR DATA [--out rows.jsonl]``
 
