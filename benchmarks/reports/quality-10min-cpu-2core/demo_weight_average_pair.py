@@ -18,9 +18,7 @@ from pouta.trainer.checkpoint import load_model, read_checkpoint
 from pouta.trainer.data import open_dataset
 from pouta.trainer.evaluate import evaluate, torch_scorer
 from pouta.trainer.geometry import preprocessor_for_training
-from pouta.trainer.models import build_model
-from pouta.trainer.train import _fit_cues
-from pouta.trainer.training_set import build_training_set, training_paths
+from weight_average_probe import last_weights  # beside this script
 
 MARGIN = 1.1
 
@@ -30,10 +28,7 @@ def main(run: Path) -> None:
     average, cfg, info = load_model(run / "train" / "model.pt")
     train_cfg = info["train_config"]
     pre = preprocessor_for_training(train_cfg, cfg.height, cfg.width)
-    last = build_model(cfg.with_(cue_scales=None)).eval()
-    last.load_state_dict(read_checkpoint(run / "train" / "last.pt")["model"])
-    dataset, _ = build_training_set(train_cfg, cfg, training_paths(train_cfg))
-    _fit_cues(last, dataset, torch.device("cpu"), torch.contiguous_format)
+    last = last_weights(read_checkpoint(run / "train" / "last.pt"), cfg, train_cfg)
     calib = open_dataset(str(run / "holdout" / "surface"), split="train")
     test = open_dataset(str(run / "data" / "surface"), split="test")
     for name, model in (("average", average), ("last", last)):

@@ -18,15 +18,27 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from pouta.trainer.checkpoint import load_model, read_checkpoint
 from pouta.trainer.data import open_dataset
 from pouta.trainer.evaluate import evaluate, torch_scorer
 from pouta.trainer.geometry import preprocessor_for_training
-from pouta.trainer.models import build_model
+from pouta.trainer.models import ModelConfig, build_model
 from pouta.trainer.train import _fit_cues
 from pouta.trainer.training_set import build_training_set, training_paths
+
+
+def last_weights(last_ck: dict[str, Any], cfg: ModelConfig, train_cfg: dict[str, Any]) -> torch.nn.Module:
+    """The model the code without the average delivers from this run: the last weights,
+    with cue scales fitted as ``pouta-train`` fits them (when the model has the cue)."""
+    last = build_model(cfg.with_(cue_scales=None)).eval()
+    last.load_state_dict(last_ck["model"])
+    if cfg.reconstruction_cue:
+        dataset, _ = build_training_set(train_cfg, cfg, training_paths(train_cfg))
+        _fit_cues(last, dataset, torch.device("cpu"), torch.contiguous_format)
+    return last
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,11 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{a.run_dir}/last.pt: trained without train.ema_decay (no average stored)")
     train_cfg = info["train_config"]
     pre = preprocessor_for_training(train_cfg, int(cfg.height), int(cfg.width))
-    last = build_model(cfg.with_(cue_scales=None)).eval()
-    last.load_state_dict(last_ck["model"])
-    if cfg.reconstruction_cue:
-        dataset, _ = build_training_set(train_cfg, cfg, training_paths(train_cfg))
-        _fit_cues(last, dataset, torch.device("cpu"), torch.contiguous_format)
+    last = last_weights(last_ck, cfg, train_cfg)
     test = open_dataset(a.data, split="test")
     rows = []
     for name, model in (("moving average (model.pt)", average), ("last weights (last.pt)", last)):
