@@ -77,6 +77,7 @@ def test_automatic_geometry_rules() -> None:
     # A fabric web 256 x 4096 would need 129 tiles at native scale: whole, with the hint.
     g = choose_geometry(_stats(256, 4096), (128, 128), "auto")
     assert g.tiling is None and "--tile-scale 1 " in (g.small_defect_warning() or "")
+    assert g.axis_downscale == (2.0, 32.0) and g.downscale == 32.0  # rows, columns
     g = choose_geometry(_stats(256, 4096), (128, 128), 1.0)  # asked for: tiles at native scale
     assert g.tiling is not None and g.tiling.scale == 1.0 and g.downscale == 1.0
     # 460 x 1130: shrunk until the short side is two tiles.

@@ -127,8 +127,13 @@ class Geometry:
     height: int
     width: int
     tiling: Tiling | None
-    downscale: float  # source pixels per model pixel (the larger of both axes)
+    axis_downscale: tuple[float, float]  # source pixels per model pixel (rows, columns)
     tile_scale_hint: float | None = None  # the work scale tiles would use (whole-image choices)
+
+    @property
+    def downscale(self) -> float:
+        """Source pixels per model pixel along the axis that shrinks most."""
+        return max(self.axis_downscale)
 
     def describe(self) -> str:
         smallest = (
@@ -184,11 +189,11 @@ def choose_geometry(
         h = _round16(math.sqrt(area * mh / mw))
         w = _round16(area / h)
         h, w = min(h, 4 * max(th, tw)), min(w, 4 * max(th, tw))
-        return Geometry(h, w, None, max(mh / h, mw / w), work_scale)
+        return Geometry(h, w, None, (mh / h, mw / w), work_scale)
     if tile_scale in (None, 0, "off", False) or (
         tile_scale == "auto" and _auto_keeps_whole(stats.median_hw, tile_hw, work_scale)
     ):
-        return Geometry(th, tw, None, max(mh / th, mw / tw), work_scale)
+        return Geometry(th, tw, None, (mh / th, mw / tw), work_scale)
     if tile_scale == "auto":
         scale = work_scale
     else:
@@ -198,7 +203,7 @@ def choose_geometry(
             raise ConfigError(
                 f"data.tile_scale: expected auto, off or a number, got {tile_scale!r}"
             ) from None
-    return Geometry(th, tw, Tiling(scale, DEFAULT_OVERLAP), 1.0 / scale)
+    return Geometry(th, tw, Tiling(scale, DEFAULT_OVERLAP), (1.0 / scale, 1.0 / scale))
 
 
 def cue_setting(value: bool | str, tiled: bool) -> bool:

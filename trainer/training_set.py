@@ -216,8 +216,7 @@ def resolve_geometry(cfg: dict[str, Any], paths: list[Path]) -> None:
     print(f"pouta-train: input: {geo.describe()}", flush=True)
     tiled = geo.tiling is not None
     asked = {key: m.get(key) for key in ("reconstruction_cue", "map_sigma_hw", *AUTO_WIDTHS)}
-    mh, mw = stats.median_hw
-    resolve_auto_model(m, tiled, None if tiled else (mh / geo.height, mw / geo.width))
+    resolve_auto_model(m, tiled, None if tiled else geo.axis_downscale)
     if tiled and asked["reconstruction_cue"] == "auto":
         print(
             "pouta-train: reconstruction cue: off for tiled input "
