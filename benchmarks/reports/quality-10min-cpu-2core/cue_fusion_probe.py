@@ -100,7 +100,10 @@ def main(argv: list[str]) -> int:
     have_masks = all(m is not None for m, lab in zip(masks, labels, strict=True) if lab == 1)
     if have_masks and cfg.map_sigma_hw is None:
         gt = np.concatenate(
-            [np.zeros(a_t.shape[1:], bool).ravel() if m is None else (np.asarray(m) > 0.5).ravel() for m in masks]
+            [
+                np.zeros(a_t.shape[1:], bool).ravel() if m is None else (np.asarray(m) > 0.5).ravel()
+                for m in masks
+            ]
         )
         row["pixel_auroc"] = {k: round(roc_auc(gt, v.ravel()), 4) for k, v in rules.items()}
     line = json.dumps(row)
