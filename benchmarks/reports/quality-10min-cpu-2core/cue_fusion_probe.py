@@ -29,20 +29,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pouta.trainer.checkpoint import load_model
 from pouta.trainer.data import open_dataset
 from pouta.trainer.geometry import preprocessor_for_training
 from pouta.trainer.metrics import roc_auc
-from pouta.trainer.models.layers import discriminator_map
+from pouta.trainer.models.layers import discriminator_map, image_score
 from pouta.trainer.train import CUE_FIT_INPUTS
 from pouta.trainer.training_set import build_training_set, training_paths
 
 
 def pooled_max(maps: np.ndarray) -> np.ndarray:
-    """[N,H,W] -> [N]: the contract's image score (21x21 average pool, zero padded, max)."""
-    t = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]
-    return F.avg_pool2d(t, 21, stride=1, padding=10, count_include_pad=True).amax(dim=(1, 2, 3)).numpy()
+    """[N,H,W] -> [N]: the contract's image score of each map (the model's ``image_score``)."""
+    return image_score(torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]).numpy()
 
 
 @torch.inference_mode()
