@@ -43,6 +43,14 @@ def pooled_max(maps: np.ndarray) -> np.ndarray:
     return image_score(torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))[:, None]).numpy()
 
 
+def append_row(out: str | Path, row: dict[str, object]) -> None:
+    """Print one result row and append it to the JSON-lines file ``out``."""
+    line = json.dumps(row)
+    print(line, flush=True)
+    with open(out, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
 @torch.inference_mode()
 def cue_maps(model: torch.nn.Module, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Inputs [N,3,H,W] -> (discriminator map, reconstruction error), each [N,H,W], score-blurred."""
@@ -104,10 +112,7 @@ def main(argv: list[str]) -> int:
             ]
         )
         row["pixel_auroc"] = {k: round(roc_auc(gt, v.ravel()), 4) for k, v in rules.items()}
-    line = json.dumps(row)
-    print(line)
-    with open(out, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
+    append_row(out, row)
     return 0
 
 

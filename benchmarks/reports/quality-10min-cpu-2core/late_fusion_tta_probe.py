@@ -20,7 +20,6 @@ cue on its 64 normal training inputs), unless said otherwise.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from pouta.trainer.train import CUE_FIT_INPUTS
 from pouta.trainer.training_set import build_training_set, training_paths
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cue_fusion_probe import cue_maps, pooled_max
+from cue_fusion_probe import append_row, cue_maps, pooled_max
 
 # Mirror axes of an [N,3,H,W] input; its maps are [N,H,W], one axis fewer.
 MIRRORS = {"none": None, "horizontal": 3, "vertical": 2}
@@ -80,23 +79,21 @@ def main(argv: list[str]) -> int:
     good = y == 0
     base = fused(a_t, r_t, k_a, k_r)
     mirror_h = fused(a_h, r_h, k_a, k_r)
+    model_score = pooled_max(base)
     scores = {
-        "mean_sat": pooled_max(base),
+        "mean_sat": model_score,
         "late_sat": 0.5 * (s_a / (s_a + k_a) + s_r / (s_r + k_r)),
         "k_test_good": pooled_max(fused(a_t, r_t, float(s_a[good].mean()), float(s_r[good].mean()))),
         "hflip_map": pooled_max(0.5 * (base + mirror_h)),
         "hvflip_map": pooled_max((base + mirror_h + fused(a_v, r_v, k_a, k_r)) / 3.0),
-        "hflip_score": 0.5 * (pooled_max(base) + pooled_max(mirror_h)),
+        "hflip_score": 0.5 * (model_score + pooled_max(mirror_h)),
     }
     row = {
         "run": str(run),
         "steps": info.get("step"),
         "image_auroc": {k: round(roc_auc(y, v), 4) for k, v in scores.items()},
     }
-    line = json.dumps(row)
-    print(line)
-    with open(out, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
+    append_row(out, row)
     return 0
 
 

@@ -18,9 +18,29 @@ from pouta.trainer.checkpoint import load_model
 from pouta.trainer.data import open_dataset
 from pouta.trainer.evaluate import evaluate, torch_scorer
 from pouta.trainer.geometry import preprocessor_for_training
-from pouta.trainer.training_set import build_training_set, single_threaded_opencv, training_paths
+from pouta.trainer.training_set import (
+    TrainingSet,
+    build_training_set,
+    single_threaded_opencv,
+    training_paths,
+)
 
 N_BATCHES, BATCH = 200, 4
+
+
+@torch.no_grad()
+def precise_bn(model: torch.nn.Module, dataset: TrainingSet, n_batches: int = N_BATCHES) -> None:
+    """Every BatchNorm's running statistics re-estimated as a plain mean over ``n_batches``
+    training batches of ``BATCH`` (synthetic anomalies as in training); leaves eval mode."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average
+    model.train()
+    idx = np.random.default_rng(1).integers(0, len(dataset), n_batches * BATCH)
+    for b in range(n_batches):
+        model(torch.stack([dataset[int(j)]["image"] for j in idx[b * BATCH : (b + 1) * BATCH]]))
+    model.eval()
 
 
 def main(checkpoint: str, out: Path) -> None:
@@ -29,16 +49,7 @@ def main(checkpoint: str, out: Path) -> None:
     model, mcfg, info = load_model(checkpoint)
     cfg = info["train_config"]
     dataset, _ = build_training_set(cfg, mcfg, training_paths(cfg))
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average
-    model.train()
-    idx = np.random.default_rng(1).integers(0, len(dataset), N_BATCHES * BATCH)
-    with torch.no_grad():
-        for b in range(N_BATCHES):
-            model(torch.stack([dataset[int(j)]["image"] for j in idx[b * BATCH : (b + 1) * BATCH]]))
-    model.eval()
+    precise_bn(model, dataset)
     d = cfg["data"]
     test = open_dataset(d["root"], split="test", layout=d["layout"], category=d["category"])
     pre = preprocessor_for_training(cfg, mcfg.height, mcfg.width)

@@ -15,7 +15,6 @@ noise of the running statistics at a high learning rate apart from the weights' 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -26,25 +25,13 @@ from pouta.trainer.data import open_dataset
 from pouta.trainer.geometry import preprocessor_for_training
 from pouta.trainer.metrics import roc_auc
 from pouta.trainer.train import CUE_FIT_INPUTS
-from pouta.trainer.training_set import TrainingSet, build_training_set, training_paths
+from pouta.trainer.training_set import build_training_set, training_paths
 
 sys.path.insert(0, str(Path(__file__).parent))
-from cue_fusion_probe import cue_maps, pooled_max
+from cue_fusion_probe import append_row, cue_maps, pooled_max
+from precise_bn_experiment import precise_bn
 
-BN_BATCHES, BN_BATCH = 100, 4
-
-
-@torch.no_grad()
-def precise_bn(model: torch.nn.Module, dataset: TrainingSet) -> None:
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average
-    model.train()
-    idx = np.random.default_rng(1).integers(0, len(dataset), BN_BATCHES * BN_BATCH)
-    for b in range(BN_BATCHES):
-        model(torch.stack([dataset[int(j)]["image"] for j in idx[b * BN_BATCH : (b + 1) * BN_BATCH]]))
-    model.eval()
+BN_BATCHES = 100
 
 
 def main(argv: list[str]) -> int:
@@ -63,7 +50,7 @@ def main(argv: list[str]) -> int:
             images = np.stack([test.load(i, pre)[0] for i in range(len(test.records))])
             labels = np.array([r.label for r in test.records])
         if bn:
-            precise_bn(model, dataset)
+            precise_bn(model, dataset, BN_BATCHES)
         a_n, r_n = cue_maps(model, normal)
         k_a, k_r = float(pooled_max(a_n).mean()), float(pooled_max(r_n).mean())
         a, r = (
@@ -82,10 +69,7 @@ def main(argv: list[str]) -> int:
                 "fused": round(roc_auc(labels, pooled_max(0.5 * (a / (a + k_a) + r / (r + k_r)))), 4),
             },
         }
-        line = json.dumps(row)
-        print(line, flush=True)
-        with open(out, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+        append_row(out, row)
     return 0
 
 
