@@ -95,6 +95,10 @@ _HEAD_PASS_THROUGH = frozenset(
         "Add",
         "Sub",
         "Div",
+        "Pow",
+        # The reconstruction cue's SSIM stacks its local moments; the walk reaches a Concat
+        # only through fixed filters, never past a logit conv (the features' concats).
+        "Concat",
     }
 )
 
@@ -146,8 +150,9 @@ def head_exclusions(model: onnx.ModelProto) -> dict[str, str]:
 
     Walks back from both contract outputs through map-preserving ops (softmax/sigmoid,
     channel slices, resizes, pooling, reductions) and stops after the first
-    Conv/ConvTranspose on each path, which is the head's logit layer. Single-channel
-    convs on the way (the model's fixed Gaussian blur of the map) are walked through.
+    Conv/ConvTranspose on each path, which is the head's logit layer. Convs that filter each
+    channel on its own on the way (the model's fixed Gaussian blur of the map, the
+    reconstruction cue's SSIM window) are walked through.
     """
     producers = {out: node for node in model.graph.node for out in node.output}
     shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
@@ -163,8 +168,8 @@ def head_exclusions(model: onnx.ModelProto) -> dict[str, str]:
         if node is None or node.name in visited:
             continue
         visited.add(node.name)
-        if node.op_type == "Conv" and _is_map_filter(node, shapes):
-            excluded[node.name] = "fixed smoothing of the anomaly map (1 -> 1 channel)"
+        if node.op_type == "Conv" and _is_channelwise_filter(node, shapes):
+            excluded[node.name] = "fixed filter of the map or the reconstruction cue (per channel)"
             queue.extend(i for i in node.input if i)
             continue
         if node.op_type in ("Conv", "ConvTranspose"):
@@ -177,10 +182,12 @@ def head_exclusions(model: onnx.ModelProto) -> dict[str, str]:
     return excluded
 
 
-def _is_map_filter(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> bool:
-    """A Conv from one channel to one channel: a filter of the map, not a logit layer."""
+def _is_channelwise_filter(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """A Conv that filters each channel on its own (one input channel per group, as many
+    groups as outputs): a blur of the map or a local window, not a logit layer."""
     w = shapes.get(node.input[1]) if len(node.input) > 1 else None
-    return w is not None and len(w) == 4 and w[0] == 1 and w[1] == 1
+    group = next((a.i for a in node.attribute if a.name == "group"), 1)
+    return w is not None and len(w) == 4 and w[1] == 1 and group == w[0]
 
 
 _HEAD_REASONS = {

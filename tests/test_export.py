@@ -86,8 +86,9 @@ def test_export_contract_and_parity(tmp_path: Path, kind: str, variant: str, fit
         for name, m in model.named_modules()
     )
     # MapSmoothing adds 4 functional convs: a separable blur of the map and of the ones-image.
-    # The reconstruction cue is smoothed the same way (4 more).
-    n_conv += (4 if cfg.map_sigma > 0 else 0) * (2 if fitted else 1)
+    # The reconstruction cue is smoothed the same way (4 more), and its SSIM window is a
+    # row and a column pass over the stacked local moments (2 more).
+    n_conv += (4 if cfg.map_sigma > 0 else 0) * (2 if fitted else 1) + (2 if fitted else 0)
     assert sum(n.op_type == "Conv" for n in proto.graph.node) == n_conv
 
     meta = ModelMetadata.load(metadata_path(path))

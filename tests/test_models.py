@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pouta.edge.errors import ConfigError
+from pouta.trainer.losses import ssim_map
 from pouta.trainer.models import (
     POUTA,
     ModelConfig,
@@ -162,7 +163,7 @@ def test_map_blur_per_axis_changes_the_map_and_keeps_the_score(kind: str) -> Non
         k_a, k_r = part.cfg.cue_scales
         blur = MapSmoothing((4.0, 0.5))
         d = blur(torch.softmax(b.logits, 1)[:, 1:2])
-        r = blur((x - b.reconstruction).square().mean(dim=1, keepdim=True))
+        r = blur((1 - ssim_map(x, b.reconstruction).mean(dim=1, keepdim=True)).clamp_min(0))
         assert torch.allclose(b.anomaly_map, 0.5 * (d / (d + k_a) + r / (r + k_r)), atol=1e-6)
         assert float((a.anomaly_map - b.anomaly_map).abs().max()) > 1e-3
     with pytest.raises(ConfigError, match=r"model.map_sigma_hw: expected null or two numbers in \[0, 32\]"):
@@ -218,6 +219,38 @@ def test_fitted_cue_scales_survive_a_checkpoint(tmp_path) -> None:
     assert cfg.cue_scales == model.cfg.cue_scales
     with torch.no_grad():
         assert torch.allclose(loaded(x).anomaly_map, model(x).anomaly_map, atol=1e-6)
+
+
+def test_cue_error_measures_and_legacy_configs() -> None:
+    from pouta.trainer.models.layers import CueFusion
+
+    torch.manual_seed(6)
+    x = 0.3 + 0.4 * torch.rand(2, 3, 40, 40)
+    off = x.clone()
+    off[:, :, 10:14, 10:30] = 0.05  # a thin dark scratch the reconstruction missed
+    for error in ("ssim", "squared"):
+        cue = CueFusion((0.5, 0.1), error)
+        same = cue.reconstruction_error(x, x, None)
+        assert same.shape == (2, 1, 40, 40) and float(same.abs().max()) < 1e-5
+        r = cue.reconstruction_error(x, off, None)[:, 0]
+        assert float(r.min()) >= 0.0
+        assert float(r[:, 10:14, 10:30].mean()) > 20 * float(r[:, 30:, 30:].mean() + 1e-6)
+    # a brightness shift moves the squared error everywhere, SSIM much less than a scratch
+    ssim_cue = CueFusion((0.5, 0.1), "ssim")
+    shifted = ssim_cue.reconstruction_error(x, x + 0.1, None)
+    assert float(shifted.mean()) < 0.2 * float(
+        ssim_cue.reconstruction_error(x, off, None)[:, 0, 10:14, 10:30].mean()
+    )
+    with pytest.raises(
+        ConfigError, match=r"^model\.cue_error: expected one of \('ssim', 'squared'\), got 'l1'"
+    ):
+        preset_config("tiny", cue_error="l1")
+    # a checkpoint written before the field existed was fitted on the squared error
+    legacy = {
+        k: v for k, v in preset_config("tiny", cue_scales=(0.5, 0.01)).to_dict().items() if k != "cue_error"
+    }
+    assert ModelConfig.from_dict(legacy).cue_error == "squared"
+    assert ModelConfig.from_dict({**legacy, "cue_scales": None}).cue_error == "ssim"
 
 
 @pytest.mark.parametrize("bad", [[0.1], [0.1, 0.0], [0.1, float("nan")], ["a", 1.0]])

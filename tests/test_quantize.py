@@ -246,3 +246,41 @@ def test_tiny_pouta_export_quantizes_cleanly(tmp_path: Path) -> None:
         amap, score = OnnxRuntimeBackend(path, metadata=meta).run(x)
         assert amap.shape == ref_map.shape and score.dtype == np.float32
         assert np.max(np.abs(score - ref_score)) < 0.05, path.name
+
+
+@pytest.mark.parametrize("kind", ["pouta", "vanilla"])
+def test_reconstruction_cue_stays_in_float(tmp_path: Path, kind: str) -> None:
+    """The cue (SSIM window, moments, fusion) is walked through up to the autoencoder's
+    last conv: nothing of it is quantized, and INT8 scores stay near FP32's."""
+    torch = pytest.importorskip("torch", reason="exporting a model needs the training extra (torch)")
+    from pouta.trainer.export import export_onnx
+    from pouta.trainer.models import build_model, fit_cue_scales
+    from pouta.trainer.models.config import preset_config
+
+    torch.manual_seed(0)
+    model = build_model(preset_config("tiny", kind, height=H, width=W)).eval()
+    fit_cue_scales(model, [torch.rand(4, 3, H, W) * 0.5 + 0.3])
+    src = tmp_path / "cue.onnx"
+    export_onnx(model, model.cfg, src, H, W)
+    prepared = onnx.load(str(prepare_model(src, tmp_path / "p.onnx")))
+    excluded = head_exclusions(prepared)
+    cue_nodes = [
+        n
+        for n in prepared.graph.node
+        if n.name.startswith("/model/cues/") and n.op_type not in ("Shape", "ConstantOfShape")
+    ]
+    assert cue_nodes and [n.name for n in cue_nodes if n.name not in excluded] == []
+    ssim_window = [n for n in cue_nodes if n.op_type == "Conv" and "smoothing" not in n.name]
+    assert len(ssim_window) == 2  # the row and column pass over the stacked moments
+    normal = _write_parts(tmp_path / "normal", 10, False, 0)
+    meta = load_for_model(src)
+    images = load_image_set(normal, preprocessor_for(meta), n=10, min_images=4)
+    (cpu,) = quantize_pair(src, ImageSetReader(images), cpu_out=tmp_path / "cue.int8.onnx")
+    quantized_inputs = {
+        i for n in onnx.load(str(cpu.path)).graph.node if n.op_type == "DequantizeLinear" for i in n.output
+    }
+    assert not any(i in quantized_inputs for n in cue_nodes for i in n.input)
+    x = np.stack([images.image(i) for i in range(4)])
+    _, ref = OnnxRuntimeBackend(src).run(x)
+    _, got = OnnxRuntimeBackend(cpu.path, metadata=meta).run(x)
+    assert np.max(np.abs(got - ref)) < 0.05

@@ -34,30 +34,55 @@ def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> torch
     return g[:, None] * g[None, :]
 
 
+def ssim_kernels(
+    channels: int, size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The separable window of ``ssim_map`` for ``channels``-channel images:
+    row kernel [5C,1,1,size] and column kernel [5C,1,size,1], one per local moment."""
+    g = gaussian_window_1d(size, sigma)
+    k = 5 * channels
+    return g.view(1, 1, 1, size).repeat(k, 1, 1, 1), g.view(1, 1, size, 1).repeat(k, 1, 1, 1)
+
+
+def ssim_map(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    size: int = SSIM_WINDOW,
+    sigma: float = SSIM_SIGMA,
+    kernels: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Local SSIM of [N,C,H,W] images in [0,1] -> [N,C,H,W] (Gaussian window, zero padding as DRAEM).
+
+    The window is applied as a row pass then a column pass over five local moments stacked
+    in one tensor: the same sums as the 2-D window (it is separable), with 2*size instead of
+    size^2 taps and one filter call per pass; on CPU the 2-D depthwise window was a sizeable
+    share of a training step. SSIM is written in the difference d = a - b, algebraically the
+    usual formula: luminance 1 - mu_d^2 / (mu_a^2 + mu_b^2 + C1), contrast-structure
+    1 - var_d / (var_a + var_b + C2) (var_a + var_b - 2 cov = var_d). The dissimilarity then
+    comes from the small, well-conditioned moments of d, not from cancelling E[ab] against
+    mu_a mu_b, which matters when the map runs in FP16 inside an exported graph.
+    ``kernels``: ``ssim_kernels(C, size, sigma)`` made once (a model keeps them as buffers,
+    so an exported graph gets fixed filters), else made here.
+    """
+    k_h, k_v = ssim_kernels(a.shape[1], size, sigma) if kernels is None else kernels
+    k_h, k_v = k_h.to(a), k_v.to(a)
+    d = a - b
+    moments = torch.cat([a, b, a * a, b * b, d * d], dim=1)
+    rows = F.conv2d(moments, k_h, padding=(0, k_h.shape[-1] // 2), groups=k_h.shape[0])
+    local = F.conv2d(rows, k_v, padding=(k_v.shape[-2] // 2, 0), groups=k_v.shape[0])
+    mu_a, mu_b, aa, bb, dd = local.chunk(5, dim=1)
+    mu_d = mu_a - mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    luminance = 1 - mu_d**2 / (mu_a**2 + mu_b**2 + c1)
+    structure = 1 - (dd - mu_d**2) / (aa - mu_a**2 + bb - mu_b**2 + c2)
+    return luminance * structure
+
+
 def ssim(
     a: torch.Tensor, b: torch.Tensor, size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA
 ) -> torch.Tensor:
-    """Mean SSIM of [N,C,H,W] images in [0,1] (per-channel Gaussian window, zero padding as DRAEM).
-
-    The window is applied as a row pass then a column pass over the five local moments
-    stacked in one tensor: the same sums as the 2-D window (it is separable), with 2*size
-    instead of size^2 taps and one filter call per pass; on CPU the 2-D depthwise window
-    was a sizeable share of a training step.
-    """
-    c = a.shape[1]
-    g = gaussian_window_1d(size, sigma).to(a)
-    pad = size // 2
-    moments = torch.cat([a, b, a * a, b * b, a * b], dim=1).contiguous()
-    k = moments.shape[1]
-    rows = F.conv2d(moments, g.view(1, 1, 1, size).expand(k, 1, 1, size), padding=(0, pad), groups=k)
-    local = F.conv2d(rows, g.view(1, 1, size, 1).expand(k, 1, size, 1), padding=(pad, 0), groups=k)
-    mu_a, mu_b, aa, bb, ab = local.split(c, dim=1)
-    var_a = aa - mu_a**2
-    var_b = bb - mu_b**2
-    cov = ab - mu_a * mu_b
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return s.mean()
+    """Mean SSIM of [N,C,H,W] images in [0,1]: ``ssim_map`` averaged over pixels and channels."""
+    return ssim_map(a, b, size, sigma).mean()
 
 
 def reconstruction_loss(rec: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

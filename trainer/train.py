@@ -277,7 +277,7 @@ def _fit_cues(
     k_disc, k_rec = fit_cue_scales(model, batches)
     print(
         f"pouta-train: cue scales on {len(x)} normal inputs: discriminator {k_disc:.4g}, "
-        f"reconstruction error {k_rec:.4g}",
+        f"reconstruction error ({model.cfg.cue_error}) {k_rec:.4g}",  # type: ignore[union-attr]
         flush=True,
     )
     return model.cfg  # type: ignore[return-value]

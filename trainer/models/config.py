@@ -15,6 +15,7 @@ from pouta.edge.errors import ConfigError
 MODEL_KINDS: tuple[str, ...] = ("pouta", "vanilla")
 VARIANTS: tuple[str, ...] = ("full", "base", "hsg", "mss")
 MSS_HEADS: tuple[str, ...] = ("conv1x1", "conv3x3")
+CUE_ERRORS: tuple[str, ...] = ("ssim", "squared")
 # Four 2x max-pools (three between encoder scales, one before the mapping layer).
 SIZE_MULTIPLE = 16
 
@@ -42,7 +43,9 @@ class ModelConfig:
     weighs the autoencoder's own reconstruction error (``layers.CueFusion``); ``cue_scales``
     are its two normalisers (the mean image score of the discriminator's map and of the
     reconstruction error on normal training inputs), fitted after training; while they are
-    None the map is the discriminator's alone.
+    None the map is the discriminator's alone. ``cue_error``: how the reconstruction error is
+    measured, ``ssim`` (1 - local SSIM) or ``squared``; a config written before the field
+    existed was fitted on ``squared`` and reads back as such (``from_dict``).
     """
 
     kind: str = "pouta"
@@ -60,6 +63,7 @@ class ModelConfig:
     map_sigma_hw: tuple[float, float] | None = None
     reconstruction_cue: bool = False
     cue_scales: tuple[float, float] | None = None
+    cue_error: str = "ssim"
 
     def __post_init__(self) -> None:
         self.ae_widths = tuple(int(v) for v in self.ae_widths)  # type: ignore[assignment]
@@ -106,6 +110,8 @@ class ModelConfig:
             raise ConfigError(
                 f"model.reconstruction_cue: expected true or false, got {self.reconstruction_cue!r}"
             )
+        if self.cue_error not in CUE_ERRORS:
+            raise ConfigError(f"model.cue_error: expected one of {CUE_ERRORS}, got {self.cue_error!r}")
         cs = self.cue_scales
         if cs is not None and not (
             isinstance(cs, tuple)
@@ -135,6 +141,9 @@ class ModelConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"{source}: unknown model field(s) {unknown}, expected some of {sorted(names)}")
+        if d.get("cue_scales") is not None and "cue_error" not in d:
+            # Fitted before ``cue_error`` existed, when the cue was the squared error.
+            d = {**d, "cue_error": "squared"}
         try:
             return cls(**d)
         except TypeError as exc:

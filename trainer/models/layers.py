@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from pouta.edge.metadata import SCORE_POOL_SIZE
 from torch import nn
 
+from ..losses import ssim_kernels, ssim_map
+
 if TYPE_CHECKING:
     from .config import ModelConfig
 
@@ -133,21 +135,34 @@ class CueFusion(nn.Module):
     """One anomaly map from two cues: the discriminator's map and the reconstruction error.
 
     a [N,1,H,W] (discriminator probability, smoothed) and x, x_r [N,3,H,W] (input and
-    reconstruction) -> [N,1,H,W] in [0,1]: 0.5 * (a / (a + k_a) + r / (r + k_r)), with
-    r = channel mean of (x - x_r)^2, blurred by the same ``smoothing`` as a. k_a, k_r
-    (``cue_scales``) are each cue's mean image score on normal training inputs, so both
-    count in units of what a good part shows, and the sum stays in [0,1] for pixel
-    thresholds. Without scales (a model being trained) the map is ``a`` unchanged.
+    reconstruction) -> [N,1,H,W] in [0,1]: 0.5 * (a / (a + k_a) + r / (r + k_r)), with r
+    the reconstruction error (``error``: ``ssim`` = 1 - local SSIM, the autoencoder's own
+    training measure; ``squared`` = squared error), channel mean, blurred by the same
+    ``smoothing`` as a. k_a, k_r (``cue_scales``) are each cue's mean image score on normal
+    training inputs, so both count in units of what a good part shows, and the sum stays in
+    [0,1] for pixel thresholds. Without scales (a model being trained) the map is ``a``.
     """
 
-    def __init__(self, scales: tuple[float, float] | None) -> None:
+    def __init__(self, scales: tuple[float, float] | None, error: str = "ssim") -> None:
         super().__init__()
         self.scales = scales
+        self.error = error
+        # Fixed filters of a fixed shape (inputs are RGB), so the exported graph has constant
+        # convolution weights; not persistent: checkpoints carry no extra tensors.
+        k_h, k_v = ssim_kernels(3)
+        self.register_buffer("ssim_rows", k_h, persistent=False)
+        self.register_buffer("ssim_cols", k_v, persistent=False)
 
-    @staticmethod
-    def reconstruction_error(x: torch.Tensor, rec: torch.Tensor, smoothing: nn.Module | None) -> torch.Tensor:
-        """[N,3,H,W] x2 -> [N,1,H,W]: squared error, channel mean, blurred by ``smoothing``."""
-        err = (x - rec).square().mean(dim=1, keepdim=True)
+    def reconstruction_error(
+        self, x: torch.Tensor, rec: torch.Tensor, smoothing: nn.Module | None
+    ) -> torch.Tensor:
+        """[N,3,H,W] x2 -> [N,1,H,W] >= 0: the ``error`` measure, channel mean, blurred by ``smoothing``."""
+        if self.error == "ssim":
+            # Rounding can put SSIM a hair above 1; the cue must stay >= 0 for r / (r + k_r).
+            ssim = ssim_map(x, rec, kernels=(self.ssim_rows, self.ssim_cols))
+            err = (1.0 - ssim.mean(dim=1, keepdim=True)).clamp_min(0.0)
+        else:
+            err = (x - rec).square().mean(dim=1, keepdim=True)
         return err if smoothing is None else smoothing(err)
 
     def forward(

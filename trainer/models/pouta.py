@@ -55,7 +55,7 @@ class POUTA(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.smoothing, self.map_smoothing = map_smoothings(cfg)
-        self.cues = CueFusion(cfg.cue_scales if cfg.reconstruction_cue else None)
+        self.cues = CueFusion(cfg.cue_scales if cfg.reconstruction_cue else None, cfg.cue_error)
         ae_w, d_w = cfg.ae_widths, cfg.disc_widths
         self.ae = ReconstructiveAE(ae_w)
         self.fcm = nn.ModuleList([FCM(a, d) for a, d in zip(ae_w, d_w, strict=True)])
