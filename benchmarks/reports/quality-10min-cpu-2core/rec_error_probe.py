@@ -1,19 +1,24 @@
 """Probe: which reconstruction error makes the better second cue?
 
 Same trained weights (a whole-image model with the reconstruction cue), evaluated like
-``pouta-eval``. The model's cue ``r`` is the squared error, channel mean; the variants
-below replace it, each blurred by the score's smoothing, its scale ``k_r`` fitted as
+``pouta-eval``. Each variant below is computed here from the model's input and
+reconstruction (whatever ``model.cue_error`` the checkpoint has), blurred by the score's
+smoothing, its scale ``k_r`` fitted as
 ``pouta-train`` fits it (mean pooled-max image score on the 64 normal training inputs) and
 fused with the discriminator's map by the model's rule 0.5 (a / (a + k_a) + r / (r + k_r)).
 
-- ``sq``: the model's, mean over channels of (x - x_r)^2
+- ``sq``: mean over channels of (x - x_r)^2 (the cue until 34a0543, ``cue_error: squared``)
 - ``abs``: mean over channels of |x - x_r|
 - ``ssim``: 1 - SSIM (11x11 Gaussian window, sigma 1.5, as the training loss), channel mean
+  (written out here in the textbook form; the model's ``cue_error: ssim`` since 34a0543)
 - ``gms``: multi-scale gradient magnitude dissimilarity (RIAD's MSGMS): 1 - GMS of the
   gray images at 1, 1/2, 1/4 and 1/8 size (Prewitt gradients, c = 170 / 255^2),
   upsampled back and averaged
 - ``sq_gms``: the mean of the ``sq`` and ``gms`` cues each divided by its own scale, i.e. a
   third cue weighted like the other two
+- ``sq_z`` / ``ssim_z``: another fusion rule, a z-score sum (a - m_a) / s_a + (r - m_r) / s_r
+  with each cue's mean and spread of image scores on the normal inputs (unbounded, so not a
+  map the contract allows as is; ``cue_fusion_probe.py`` measured it with the squared error)
 
 Image AUROC of the fused map and of ``r`` alone; pixel AUROC (masks resized to the map as
 ``pouta-eval`` does) with the map blurred as the model returns it.
@@ -120,7 +125,9 @@ def main(argv: list[str]) -> int:
     pre = preprocessor_for_training(train_cfg, int(cfg.height), int(cfg.width))
     dataset, _ = build_training_set(train_cfg, cfg, training_paths(train_cfg))
     normal = cue_maps(model, dataset.normal_inputs(CUE_FIT_INPUTS), model.smoothing)
-    k = {name: float(pooled_max(m).mean()) for name, m in normal.items()}
+    normal_scores = {name: pooled_max(m) for name, m in normal.items()}
+    k = {name: float(v.mean()) for name, v in normal_scores.items()}
+    spread = {name: float(v.std()) for name, v in normal_scores.items()}
     pixel_smoothing = model.map_smoothing or model.smoothing
     test = open_dataset(data, split="test")
     scored: dict[str, list[np.ndarray]] = {name: [] for name in normal}
@@ -140,6 +147,9 @@ def main(argv: list[str]) -> int:
         sat = {name: (lambda m, kk: m / (m + kk))(np.stack(maps[name]), k[name]) for name in ERRORS}
         rules = {name: 0.5 * (a / (a + k["a"]) + sat[name]) for name in ERRORS}
         rules["sq_gms"] = a / (a + k["a"]) / 2 + 0.25 * (sat["sq"] + sat["gms"])
+        for name in ("sq", "ssim"):
+            r = np.stack(maps[name])
+            rules[f"{name}_z"] = (a - k["a"]) / spread["a"] + (r - k[name]) / spread[name]
         rules.update({f"{name}_alone": np.stack(maps[name]) for name in ERRORS})
         return rules
 
