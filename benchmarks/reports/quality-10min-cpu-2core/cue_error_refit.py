@@ -1,6 +1,7 @@
 """Same weights, another reconstruction-cue error: refit the cue scales, save a checkpoint.
 
-Loads CHECKPOINT, sets ``model.cue_error`` to ERROR (``ssim`` or ``squared``), fits the cue
+Loads CHECKPOINT, turns the cue on (a tiled model has it off by default), sets
+``model.cue_error`` to ERROR (``ssim`` or ``squared``), fits the cue
 scales on the run's 64 normal training inputs exactly as ``pouta-train`` does at the end of
 a run, and writes OUT (export, calibrate and evaluate it like any checkpoint).
 
@@ -24,7 +25,7 @@ def main(argv: list[str]) -> int:
     src, error, dst = argv
     torch.set_num_threads(2)
     model, cfg, info = load_model(src)
-    refit = build_model(cfg.with_(cue_error=error, cue_scales=None)).eval()
+    refit = build_model(cfg.with_(reconstruction_cue=True, cue_error=error, cue_scales=None)).eval()
     refit.load_state_dict(model.state_dict())
     train_cfg = info["train_config"]
     dataset, _ = build_training_set(train_cfg, refit.cfg, training_paths(train_cfg))
