@@ -25,6 +25,12 @@ softmax/sigmoid amplifies near 0. Sigmoid/Softmax elsewhere (POUTA's HSG gates) 
 [0, 1] outputs multiply feature maps, and a symmetric int8 grid spends half its codes on
 negative values they never take.
 
+The CPU file also keeps the first convolutions on the input image in float
+(``input_conv_exclusions``): with 7-bit weights and three input channels, their rounding
+error reaches every later layer and the reconstruction cue, and they are a small share of
+the network's work. The TensorRT file quantizes them (symmetric 8-bit weights; its guard
+rows did not gain from it).
+
 Longer than ~350 lines on purpose: one flow (prepare, head exclusions, two
 ``quantize_static`` targets, check) with the ONNX Runtime options it depends on; the
 Q/DQ rules are in ``qdq_check``.
@@ -182,6 +188,33 @@ def head_exclusions(model: onnx.ModelProto) -> dict[str, str]:
     return excluded
 
 
+def input_conv_exclusions(model: onnx.ModelProto) -> dict[str, str]:
+    """The first Conv/ConvTranspose on every path from the image input, by name, with the reason.
+
+    Walks forward from the graph input through any non-conv op (normalisation, Concat of
+    the image with a reconstruction) and stops at the first conv of each path.
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    excluded: dict[str, str] = {}
+    queue: deque[str] = deque([INPUT_NAME])
+    visited: set[str] = set()
+    while queue:
+        for node in consumers.get(queue.popleft(), []):
+            if node.name in visited:
+                continue
+            visited.add(node.name)
+            if node.op_type in ("Conv", "ConvTranspose"):
+                excluded[node.name] = (
+                    "first conv on the input image (CPU file: 7-bit weight rounding reaches every layer)"
+                )
+                continue
+            queue.extend(o for o in node.output if o)
+    return excluded
+
+
 def _is_channelwise_filter(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> bool:
     """A Conv that filters each channel on its own (one input channel per group, as many
     groups as outputs): a blur of the map or a local window, not a logit layer."""
@@ -290,19 +323,30 @@ def quantize_pair(
         model = onnx.load(str(prepared))
         excluded = head_exclusions(model)
         cache = Path(tmp) / "calibration_cache.json" if _supports_cache() else None
-        # (file, target, format, activation type, 7-bit weights, extra options)
-        jobs: list[tuple[Path, str, QuantFormat, QuantType, bool, dict[str, Any]]] = []
+        # (file, target, format, activation type, 7-bit weights, extra options, nodes kept in float)
+        jobs: list[tuple[Path, str, QuantFormat, QuantType, bool, dict[str, Any], dict[str, str]]] = []
         if trt_out is not None:
             jobs.append(
-                (Path(trt_out), "tensorrt", QuantFormat.QDQ, QuantType.QInt8, False, tensorrt_options())
+                (
+                    Path(trt_out),
+                    "tensorrt",
+                    QuantFormat.QDQ,
+                    QuantType.QInt8,
+                    False,
+                    tensorrt_options(),
+                    excluded,
+                )
             )
         if cpu_out is not None:
             fmt = QuantFormat.QOperator if cpu_format == "qoperator" else QuantFormat.QDQ
             # 7-bit weights: without AVX-512 VNNI, ONNX Runtime's u8 x s8 kernels sum pairs of
             # products in int16, which saturates for bright inputs times large 8-bit weights
             # (a defect's map came out halved); 255 * 63 * 2 fits.
-            jobs.append((Path(cpu_out), "onnxruntime-cpu", fmt, QuantType.QUInt8, True, cpu_options()))
-        for out, target, fmt, act_type, seven_bit, options in jobs:
+            cpu_excluded = {**input_conv_exclusions(model), **excluded}
+            jobs.append(
+                (Path(cpu_out), "onnxruntime-cpu", fmt, QuantType.QUInt8, True, cpu_options(), cpu_excluded)
+            )
+        for out, target, fmt, act_type, seven_bit, options, kept in jobs:
             reader.rewind()
             kwargs: dict[str, Any] = {}
             if cache is not None:
@@ -320,7 +364,7 @@ def quantize_pair(
                         reduce_range=seven_bit,
                         activation_type=act_type,
                         weight_type=QuantType.QInt8,
-                        nodes_to_exclude=sorted(excluded),
+                        nodes_to_exclude=sorted(kept),
                         calibrate_method=CALIB_METHODS[method],
                         extra_options=options,
                         **kwargs,
@@ -346,7 +390,7 @@ def quantize_pair(
                     quant_format="qdq" if fmt == QuantFormat.QDQ else "qoperator",
                     activation_type="int8-symmetric" if act_type == QuantType.QInt8 else "uint8-asymmetric",
                     weight_type="int8-symmetric",
-                    excluded=dict(excluded),
+                    excluded=dict(kept),
                     extra_options=options,
                 )
             )

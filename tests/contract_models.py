@@ -40,12 +40,18 @@ def make_brightness_model(
     w1 = np.full((hidden, 3, 3, 3), 1.0 / 27.0, dtype=np.float32)
     w1 *= np.linspace(0.8, 1.2, hidden, dtype=np.float32)[:, None, None, None]
     b1 = np.zeros(hidden, dtype=np.float32)
+    # An identity 1x1 conv between the two: a quantizable layer past the first conv on the
+    # image, which the CPU INT8 file keeps in float.
+    w_mid = np.eye(hidden, dtype=np.float32)[:, :, None, None]
+    b_mid = np.zeros(hidden, dtype=np.float32)
     w2 = np.full((1, hidden, 1, 1), gain / hidden, dtype=np.float32)
     b2 = np.array([-gain * level], dtype=np.float32)
     p = SCORE_POOL_SIZE // 2
     nodes = [
         helper.make_node("Conv", [INPUT_NAME, "w1", "b1"], ["h"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["h"], ["hr"]),
+        helper.make_node("Relu", ["h"], ["h1"]),
+        helper.make_node("Conv", ["h1", "w_mid", "b_mid"], ["hm"]),
+        helper.make_node("Relu", ["hm"], ["hr"]),
         helper.make_node("Conv", ["hr", "w2", "b2"], ["logit"]),
         helper.make_node("Sigmoid", ["logit"], [OUTPUT_ANOMALY_MAP]),
         helper.make_node(
@@ -64,6 +70,8 @@ def make_brightness_model(
     inits = [
         numpy_helper.from_array(w1, "w1"),
         numpy_helper.from_array(b1, "b1"),
+        numpy_helper.from_array(w_mid, "w_mid"),
+        numpy_helper.from_array(b_mid, "b_mid"),
         numpy_helper.from_array(w2, "w2"),
         numpy_helper.from_array(b2, "b2"),
     ]

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from pouta.calibration.calibset import ImageSetReader, load_image_set
 from pouta.calibration.fp16 import convert_to_fp16
 from pouta.calibration.qdq_check import check_tensorrt_qdq, quantized_weight_layers
-from pouta.calibration.quantize import head_exclusions, prepare_model, quantize_pair
+from pouta.calibration.quantize import head_exclusions, input_conv_exclusions, prepare_model, quantize_pair
 from pouta.calibration.scoring import score_set
 from pouta.edge.backend import OnnxRuntimeBackend, has_signed_int8_activations
 from pouta.edge.metadata import load_for_model
@@ -68,14 +68,20 @@ def _scores(path: Path, fp32: Path, folders: list[Path]) -> np.ndarray:
 
 
 def _conv_weights(m: onnx.ModelProto) -> dict[str, str]:
-    """'head' (the conv whose output goes to the Sigmoid) and 'feature' (the other conv) ->
-    what produces their weights: 'DequantizeLinear' (INT8) or 'float' (an initializer)."""
+    """'input' (the conv on the image), 'head' (the conv whose output goes to the Sigmoid)
+    and 'feature' (the one between) -> what produces their weights: 'DequantizeLinear'
+    (INT8) or 'float' (an initializer)."""
     producers = {o: n for n in m.graph.node for o in n.output}
     consumers = {i: n.op_type for n in m.graph.node for i in n.input}
     out = {}
     for n in m.graph.node:
         if n.op_type == "Conv":
             role = "head" if consumers.get(n.output[0]) == "Sigmoid" else "feature"
+            src_node = producers.get(n.input[0])
+            while src_node is not None and src_node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                src_node = producers.get(src_node.input[0])
+            if src_node is None:  # reads the graph input (through Q/DQ in a QDQ file)
+                role = "input"
             src = producers.get(n.input[1])
             out[role] = src.op_type if src is not None else "float"
     return out
@@ -103,8 +109,8 @@ def test_tensorrt_file_is_symmetric_per_channel_qdq(built: dict[str, Path]) -> N
             n_weight_dq += 1
     assert n_weight_dq >= 1
     # The head stays float: the logit conv reads float weights, sigmoid/pool/reduce untouched.
-    assert _conv_weights(m) == {"feature": "DequantizeLinear", "head": "float"}
-    assert len(quantized_weight_layers(m)) == 1
+    assert _conv_weights(m) == {"input": "DequantizeLinear", "feature": "DequantizeLinear", "head": "float"}
+    assert len(quantized_weight_layers(m)) == 2
 
 
 def test_cpu_file_is_u8s8(built: dict[str, Path]) -> None:
@@ -117,7 +123,7 @@ def test_cpu_file_is_u8s8(built: dict[str, Path]) -> None:
     assert weights and all(w.dtype == np.int8 for w in weights)
     conv_dq = next(n for n in weight_dq if inits[n.input[0]].ndim == 4)
     assert inits[conv_dq.input[1]].size == inits[conv_dq.input[0]].shape[0]
-    assert _conv_weights(m) == {"feature": "DequantizeLinear", "head": "float"}
+    assert _conv_weights(m) == {"input": "float", "feature": "DequantizeLinear", "head": "float"}
     assert len(quantized_weight_layers(m)) == 1
 
 
@@ -239,6 +245,16 @@ def test_tiny_pouta_export_quantizes_cleanly(tmp_path: Path) -> None:
     excluded_convs = [n for n in trt.excluded if ops.get(n) == "Conv"]
     assert len([n for n in excluded_convs if "smoothing" in n]) == 4
     assert any("fusion" in n for n in excluded_convs)
+    # The CPU file also keeps the autoencoder's first conv on the image in float; the
+    # TensorRT file quantizes it.
+    added = set(cpu.excluded) - set(trt.excluded)
+    assert added == set(input_conv_exclusions(onnx.load(str(src)))) - set(trt.excluded)
+    assert [ops[n] for n in added] == ["Conv"] and all("/ae/enc.0/" in n for n in added)
+    for path, quantized in ((trt.path, True), (cpu.path, False)):
+        g = onnx.load(str(path)).graph
+        dq_outputs = {o for n in g.node if n.op_type == "DequantizeLinear" for o in n.output}
+        conv = next(n for n in g.node if n.name in added)
+        assert (conv.input[1] in dq_outputs) is quantized, path.name
     fp16 = convert_to_fp16(src, tmp_path / "t.fp16.onnx")
     x = np.stack([images.image(i) for i in range(4)])
     ref_map, ref_score = OnnxRuntimeBackend(src).run(x)
