@@ -18,6 +18,7 @@ from pouta.edge.settings import add_config_args, dump, resolve_namespace
 
 from .calibset import DEFAULT_MIN_IMAGES, DEFAULT_N_CALIB, DEFAULT_SYNTHETIC_FRACTION, list_images
 from .errors import CalibrationError
+from .guard import WARN_FLIP_RATE
 from .quantize import CALIB_METHODS, DEFAULT_CALIB_METHOD
 from .steps import CalibOptions, ThresholdOptions, build_portable, calibrate_model, write_sidecar
 from .tensorrt_build import (
@@ -130,6 +131,12 @@ def build_engine_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--max-auroc-drop", type=float, help="fail when an artifact loses more image AUROC than this"
     )
+    p.add_argument(
+        "--max-flip-rate",
+        type=float,
+        help="fail when an artifact changes more than this share (0-1) of the held-out verdicts; "
+        f"without it, over {WARN_FLIP_RATE * 100:.0f}%% only warns",  # %% : argparse formats help
+    )
     # Second spellings are trtexec's, accepted where the meaning is the same.
     p.add_argument(
         "-o",
@@ -183,6 +190,7 @@ def build_engine_main(argv: Sequence[str] | None = None) -> int:
             cpu_format=a.cpu_format,
             holdout_dir=a.holdout,
             max_auroc_drop=a.max_auroc_drop,
+            max_flip_rate=a.max_flip_rate,
             report_path=a.model.with_name(stem + ".guard.json"),
             log=_log,
         )

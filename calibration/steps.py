@@ -25,7 +25,7 @@ from .calibset import (
 )
 from .errors import CalibrationError
 from .fp16 import FP16_SUFFIX, convert_to_fp16
-from .guard import GuardReport, compare
+from .guard import GuardReport, check_share, compare
 from .plots import save_score_histogram
 from .quantize import CPU_SUFFIX, DEFAULT_CALIB_METHOD, TRT_SUFFIX, artifact_path, quantize_pair
 from .scoring import score_set
@@ -235,11 +235,13 @@ def build_portable(
     max_auroc_drop: float | None = None,
     report_path: Path | None = None,
     log: Log = print,
+    max_flip_rate: float | None = None,
 ) -> PortableResult:
     """FP16 ONNX, INT8 CPU ONNX and INT8 TensorRT Q/DQ ONNX, each with calibrated thresholds."""
     model = Path(model)
     if not model.is_file():
         raise CalibrationError(f"{model}: model file not found")
+    check_share(max_flip_rate, "--max-flip-rate")  # before minutes of work, not after
     meta = load_for_model(model)
     normal, defects = load_sets(meta, opts, log)
     arts: dict[str, Path] = {"fp32": model}
@@ -285,7 +287,7 @@ def build_portable(
     h_norm, h_def, split = holdout_sets(meta, normal, defects, holdout_dir, log)
     if h_norm is not None and len(arts) > 1:
         result.guard = run_guard(
-            meta, arts, thresholds, h_norm, h_def, split, max_auroc_drop, opts.batch_size, log
+            meta, arts, thresholds, h_norm, h_def, split, max_auroc_drop, opts.batch_size, log, max_flip_rate
         )
         if report_path is not None:
             atomic_write_json(report_path, result.guard.to_dict(), fsync=False)
@@ -302,6 +304,7 @@ def run_guard(
     max_auroc_drop: float | None,
     batch_size: int = 8,
     log: Log = print,
+    max_flip_rate: float | None = None,
 ) -> GuardReport:
     log(
         f"accuracy guard on {len(normal)} normal + {len(defects) if defects else 0} defect held-out images ..."
@@ -319,4 +322,6 @@ def run_guard(
         for tag in arts
         if tag != "fp32"
     ]
-    return compare(labels, scores["fp32"], thresholds["fp32"].image, candidates, max_auroc_drop, split)
+    return compare(
+        labels, scores["fp32"], thresholds["fp32"].image, candidates, max_auroc_drop, split, max_flip_rate
+    )

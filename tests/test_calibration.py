@@ -109,6 +109,8 @@ def test_build_engine_without_tensorrt_writes_portable_artifacts(
             "percentile",
             "--max-auroc-drop",
             "0.01",
+            "--max-flip-rate",
+            "0.25",
         ]
     )
     out = capsys.readouterr().out
@@ -130,7 +132,46 @@ def test_build_engine_without_tensorrt_writes_portable_artifacts(
     assert cal["method"] == "percentile" and cal["size"] == 20 and len(cal["set_sha256"]) == 64
     guard = json.loads((data["dir"] / "model.guard.json").read_text())
     assert guard["passed"] and guard["n_normal"] == 10 and guard["n_defect"] == 8
+    assert guard["max_flip_rate"] == 0.25 and guard["warnings"] == []
     assert len(guard["artifacts"]) == 3 and "AUROC" in out
+
+
+def test_guard_flip_tolerance_catches_what_auroc_cannot() -> None:
+    from pouta.calibration.guard import WARN_FLIP_RATE, compare
+
+    labels = np.repeat([False, True], 10)
+    ref = np.concatenate([np.linspace(0.1, 0.4, 10), np.linspace(0.6, 0.9, 10)])
+    # Same ranking as FP32 (no AUROC drop), but lifted so that four good parts now fail.
+    lifted = ref + 0.22
+    nudged = ref.copy()
+    nudged[9] = 0.55  # one normal crosses: 1 of 20, under the warning level
+    candidates = [("model.int8.trt.onnx", "int8", lifted, 0.5), ("model.int8.onnx", "int8", nudged, 0.5)]
+
+    report = compare(labels, ref, 0.5, candidates)
+    assert report.passed and all(a.auroc_drop == 0.0 for a in report.artifacts)
+    assert [a.n_flipped for a in report.artifacts] == [4, 1] and 1 / 20 <= WARN_FLIP_RATE < 4 / 20
+    assert len(report.warnings) == 1 and "model.int8.trt.onnx changes 4 of 20" in report.warnings[0]
+    assert "WARNING: model.int8.trt.onnx" in report.table()
+
+    failed = compare(labels, ref, 0.5, candidates, max_auroc_drop=0.01, max_flip_rate=0.1)
+    assert not failed.passed and failed.warnings == []
+    assert failed.reason == (
+        "model.int8.trt.onnx changes 4 of 20 held-out verdicts vs FP32 (20.0%), more than --max-flip-rate 0.1"
+    )
+    assert compare(labels, ref, 0.5, candidates, max_flip_rate=0.2).passed
+    with pytest.raises(CalibrationError, match="--max-flip-rate: expected a share between 0 and 1, got 20"):
+        compare(labels, ref, 0.5, candidates, max_flip_rate=20)
+
+
+def test_bad_flip_tolerance_fails_before_any_work(
+    data: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = make_brightness_model(tmp_path / "model.onnx", H, W)
+    args = [str(model), "--calib", str(data["calib"]), "--min-calib", "8", "--max-flip-rate", "5"]
+    assert cli.build_engine_main(args) == cli.EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert err == "pouta-build-engine: --max-flip-rate: expected a share between 0 and 1, got 5.0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.json"]
 
 
 def test_guard_failure_exits_with_one_line_reason(
