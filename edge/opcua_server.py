@@ -13,6 +13,12 @@ is the next result presented, or after ``ack_timeout_s`` (counted: ``ack_timeout
 
 asyncua runs in its own event loop thread; the runtime's thread hands each record over
 with one ``run_coroutine_threadsafe`` call that writes all variables.
+
+Closing lingers (at most ``CLOSE_LINGER_S``) until every subscription has sent its queued
+changes and its client acknowledged them: stopping right after the last write would
+drop the last parts' records for a subscriber whose publish cycle had not come round.
+The queues are asyncua's own (``InternalSubscription``), read defensively: if a version
+names them differently the linger is skipped, never an error.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ log = logging.getLogger("pouta.edge.opcua")
 
 NAMESPACE = "urn:pouta-edge"
 VERDICT_CODES = {OK: 1, NG: 2, NOT_INSPECTED: 3}
+CLOSE_LINGER_S = 2.0
 
 
 class OpcUaResultServer(ResultHandshake):
@@ -229,6 +236,25 @@ class OpcUaResultServer(ResultHandshake):
     def stats(self) -> dict[str, Any]:
         return {"written": self.written, "acks": self.acks, "ack_timeouts": self.ack_timeouts}
 
+    def _unsent(self) -> int:
+        """Subscriptions with changes not yet sent, or sent and not yet acknowledged."""
+        service = getattr(self._server.iserver, "subscription_service", None)
+        subs = list(getattr(service, "subscriptions", {}).values())
+        return sum(
+            bool(
+                getattr(sub, "_triggered_datachanges", None)
+                or getattr(sub, "_not_acknowledged_results", None)
+            )
+            for sub in subs
+        )
+
+    async def _flush_subscribers(self, timeout_s: float) -> None:
+        deadline = self._loop.time() + timeout_s
+        while self._unsent() and self._loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        if self._unsent():
+            log.warning("opcua: closing with %d subscription(s) still holding unsent results", self._unsent())
+
     def close(self) -> None:
         with self._cond:
             self._drain()
@@ -236,6 +262,7 @@ class OpcUaResultServer(ResultHandshake):
             return
 
         async def stop() -> None:
+            await self._flush_subscribers(CLOSE_LINGER_S)
             if self._poll is not None:
                 self._poll.cancel()
             await self._server.stop()

@@ -293,7 +293,8 @@ class Plc:
 class UaClient:
     """An asyncua client subscribed (with a queue) to Result/ResultJson."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, interval_ms: int = 20) -> None:
+        self.interval_ms = interval_ms
         self.records: list[dict] = []
         self.ready = threading.Event()
         self._stop: asyncio.Event | None = None
@@ -318,7 +319,7 @@ class UaClient:
         async with Client(url) as c:
             ns = await c.get_namespace_index("urn:pouta-edge")
             node = await c.nodes.objects.get_child([f"{ns}:PoutaEdge", f"{ns}:Result", f"{ns}:ResultJson"])
-            sub = await c.create_subscription(20, Handler())
+            sub = await c.create_subscription(self.interval_ms, Handler())
             await sub.subscribe_data_change(node, queuesize=10000)
             self.ready.set()
             await self._stop.wait()
@@ -446,6 +447,25 @@ def test_opcua_client_receives_every_result(brightness_onnx: Path, tmp_path: Pat
     assert {r["verdict"] for r in client.records} == {"OK", "NG"}
     # Nobody acknowledged: the runtime went on after each timeout instead of stalling.
     assert s["sinks"]["opcua"]["ack_timeouts"] == 39
+
+
+def test_opcua_close_waits_for_a_slow_subscriber(brightness_onnx: Path, tmp_path: Path) -> None:
+    pytest.importorskip("asyncua", reason="needs pouta-edge[plc]")
+    from pouta.edge.opcua_server import CLOSE_LINGER_S, OpcUaResultServer
+
+    url = f"opc.tcp://127.0.0.1:{free_port()}/pouta/"
+    server = OpcUaResultServer(url)
+    # A publishing interval longer than the whole run: without the linger the server would
+    # stop before this client's first publish cycle and it would get nothing.
+    client = UaClient(url, interval_ms=int(CLOSE_LINGER_S * 1000 / 3))
+    pipe = make_pipe(brightness_onnx, tmp_path / "o", [server], 5, fps=None, policy="block")
+    t0 = time.perf_counter()
+    pipe.run()
+    closed_after = time.perf_counter() - t0
+    records = list(client.records)  # before the client's own close adds its last cycle
+    client.close()
+    assert [r["seq"] for r in records] == [1, 2, 3, 4, 5]
+    assert closed_after < CLOSE_LINGER_S + 2.0
 
 
 # -- MQTT ------------------------------------------------------------------------------
