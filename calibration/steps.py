@@ -287,7 +287,16 @@ def build_portable(
     h_norm, h_def, split = holdout_sets(meta, normal, defects, holdout_dir, log)
     if h_norm is not None and len(arts) > 1:
         result.guard = run_guard(
-            meta, arts, thresholds, h_norm, h_def, split, max_auroc_drop, opts.batch_size, log, max_flip_rate
+            meta,
+            arts,
+            thresholds,
+            h_norm,
+            h_def,
+            split,
+            max_auroc_drop,
+            batch_size=opts.batch_size,
+            log=log,
+            max_flip_rate=max_flip_rate,
         )
         if report_path is not None:
             atomic_write_json(report_path, result.guard.to_dict(), fsync=False)
@@ -323,5 +332,11 @@ def run_guard(
         if tag != "fp32"
     ]
     return compare(
-        labels, scores["fp32"], thresholds["fp32"].image, candidates, max_auroc_drop, split, max_flip_rate
+        labels,
+        scores["fp32"],
+        thresholds["fp32"].image,
+        candidates,
+        max_auroc_drop,
+        split,
+        max_flip_rate=max_flip_rate,
     )

@@ -250,10 +250,10 @@ class OpcUaResultServer(ResultHandshake):
 
     async def _flush_subscribers(self, timeout_s: float) -> None:
         deadline = self._loop.time() + timeout_s
-        while self._unsent() and self._loop.time() < deadline:
+        while (left := self._unsent()) and self._loop.time() < deadline:
             await asyncio.sleep(0.01)
-        if self._unsent():
-            log.warning("opcua: closing with %d subscription(s) still holding unsent results", self._unsent())
+        if left:
+            log.warning("opcua: closing with %d subscription(s) still holding unsent results", left)
 
     def close(self) -> None:
         with self._cond:
