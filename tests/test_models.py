@@ -160,11 +160,11 @@ def test_map_blur_per_axis_changes_the_map_and_keeps_the_score(kind: str) -> Non
         a, b = round_model(x, aux=False), part(x, aux=False)
         # the verdict is unchanged; the map is the same fusion, blurred by the per-axis sigmas
         assert torch.equal(a.score, b.score)
-        k_a, k_r = part.cfg.cue_scales
+        (k_a, k_r), (w_a, w_r) = part.cfg.cue_scales, part.cfg.cue_weights
         blur = MapSmoothing((4.0, 0.5))
         d = blur(torch.softmax(b.logits, 1)[:, 1:2])
         r = blur((1 - ssim_map(x, b.reconstruction).mean(dim=1, keepdim=True)).clamp_min(0))
-        assert torch.allclose(b.anomaly_map, 0.5 * (d / (d + k_a) + r / (r + k_r)), atol=1e-6)
+        assert torch.allclose(b.anomaly_map, w_a * d / (d + k_a) + w_r * r / (r + k_r), atol=1e-6)
         assert float((a.anomaly_map - b.anomaly_map).abs().max()) > 1e-3
     with pytest.raises(ConfigError, match=r"model.map_sigma_hw: expected null or two numbers in \[0, 32\]"):
         round_model.cfg.with_(map_sigma_hw=(4.0, -1.0))
@@ -184,18 +184,23 @@ def test_reconstruction_cue_joins_the_map_once_fitted(kind: str) -> None:
     assert torch.allclose(
         plain.anomaly_map, model.smoothing(torch.softmax(plain.logits, 1)[:, 1:2]), atol=1e-6
     )
-    expected_rec = image_score(
-        model.cues.reconstruction_error(normal, plain.reconstruction, model.smoothing)
-    ).mean()
+    rec_scores = image_score(model.cues.reconstruction_error(normal, plain.reconstruction, model.smoothing))
     scales = fit_cue_scales(model, [normal[:4], normal[4:]])
-    assert scales == pytest.approx((float(plain.score.mean()), float(expected_rec)), rel=1e-5)
+    assert scales == pytest.approx((float(plain.score.mean()), float(rec_scores.mean())), rel=1e-5)
     assert model.cfg.cue_scales == scales and not model.training
+    # each cue's share: its mean over its spread on the good inputs, normalised, within [0.1, 0.9]
+    snr_a = float(plain.score.mean() / plain.score.std())
+    snr_r = float(rec_scores.mean() / rec_scores.std())
+    w_a, w_r = model.cfg.cue_weights
+    assert w_a == pytest.approx(min(max(snr_a / (snr_a + snr_r), 0.1), 0.9), rel=1e-4)
+    assert w_a + w_r == pytest.approx(1.0)
+    assert model.cues.weights == model.cfg.cue_weights
     with torch.no_grad():
         fused = model(normal, aux=False)  # the export path computes the reconstruction too
         k_a, k_r = scales
         a = model.smoothing(torch.softmax(fused.logits, 1)[:, 1:2])
         r = model.cues.reconstruction_error(normal, plain.reconstruction, model.smoothing)
-        assert torch.allclose(fused.anomaly_map, 0.5 * (a / (a + k_a) + r / (r + k_r)), atol=1e-6)
+        assert torch.allclose(fused.anomaly_map, w_a * a / (a + k_a) + w_r * r / (r + k_r), atol=1e-6)
         assert torch.allclose(fused.score, image_score(fused.anomaly_map))
         assert float(fused.anomaly_map.min()) >= 0.0 and float(fused.anomaly_map.max()) < 1.0
         # a patch the autoencoder does not reproduce raises the reconstruction cue there only
@@ -216,7 +221,7 @@ def test_fitted_cue_scales_survive_a_checkpoint(tmp_path) -> None:
     fit_cue_scales(model, [x])
     path = save_checkpoint(tmp_path / "m.pt", model, model.cfg, step=1, train_config={}, info={})
     loaded, cfg, _ = load_model(path)
-    assert cfg.cue_scales == model.cfg.cue_scales
+    assert cfg.cue_scales == model.cfg.cue_scales and cfg.cue_weights == model.cfg.cue_weights
     with torch.no_grad():
         assert torch.allclose(loaded(x).anomaly_map, model(x).anomaly_map, atol=1e-6)
 
@@ -251,6 +256,32 @@ def test_cue_error_measures_and_legacy_configs() -> None:
     }
     assert ModelConfig.from_dict(legacy).cue_error == "squared"
     assert ModelConfig.from_dict({**legacy, "cue_scales": None}).cue_error == "ssim"
+
+
+def test_cue_weights_favour_the_cue_that_is_steady_on_good_parts() -> None:
+    from pouta.trainer.models.layers import EQUAL_CUE_WEIGHTS, CueFusion, cue_weights
+
+    # same mean on good parts, the reconstruction error scatters 4x less: it gets 4/5
+    w_a, w_r = cue_weights((0.2, 0.1), (0.08, 0.01))
+    assert (w_a, w_r) == pytest.approx((0.2, 0.8))
+    assert cue_weights((0.2, 0.1), (0.0, 0.01)) == EQUAL_CUE_WEIGHTS  # one good input, or a flat cue
+    assert cue_weights((0.5, 0.1), (1e-5, 0.05)) == pytest.approx((0.9, 0.1))  # neither is silenced
+    # the weights decide which cue a part's map follows; the map stays in [0, 1]
+    x = 0.3 + 0.4 * torch.rand(1, 3, 32, 32)
+    off = x.clone()
+    off[:, :, 8:12, 4:28] = 0.05
+    amap = torch.full((1, 1, 32, 32), 0.05)
+    maps = {w: CueFusion((0.05, 0.01), "ssim", w)(amap, x, off, None) for w in ((0.9, 0.1), (0.1, 0.9))}
+    assert float(maps[(0.1, 0.9)].max()) > float(maps[(0.9, 0.1)].max()) + 0.3
+    assert all(float(m.min()) >= 0.0 and float(m.max()) <= 1.0 for m in maps.values())
+    # a model fitted before the field existed fuses by halves
+    legacy = CueFusion((0.05, 0.01), "ssim")(amap, x, off, None)
+    assert torch.allclose(legacy, CueFusion((0.05, 0.01), "ssim", (0.5, 0.5))(amap, x, off, None))
+    for bad in ([0.5], [0.7, 0.7], [-0.1, 1.1], ["a", 1.0]):
+        with pytest.raises(
+            ConfigError, match=r"^model\.cue_weights: expected null or two numbers in \[0, 1\]"
+        ):
+            preset_config("tiny", cue_weights=bad)
 
 
 @pytest.mark.parametrize("bad", [[0.1], [0.1, 0.0], [0.1, float("nan")], ["a", 1.0]])

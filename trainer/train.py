@@ -31,7 +31,7 @@ from .checkpoint import read_checkpoint, save_checkpoint
 from .evaluate import progress_bar
 from .geometry import preprocessor_for_training
 from .losses import total_loss
-from .models import ModelConfig, build_model, fit_cue_scales
+from .models import EQUAL_CUE_WEIGHTS, ModelConfig, build_model, fit_cue_scales
 from .train_config import build_config, model_config_from, resume_config
 from .train_log import plot_losses, truncate_log
 from .training_set import (
@@ -275,12 +275,15 @@ def _fit_cues(
         for i in range(0, len(x), CUE_FIT_BATCH)
     )
     k_disc, k_rec = fit_cue_scales(model, batches)
+    mcfg: ModelConfig = model.cfg  # type: ignore[assignment]
+    w_disc, w_rec = mcfg.cue_weights or EQUAL_CUE_WEIGHTS
     print(
-        f"pouta-train: cue scales on {len(x)} normal inputs: discriminator {k_disc:.4g}, "
-        f"reconstruction error ({model.cfg.cue_error}) {k_rec:.4g}",  # type: ignore[union-attr]
+        f"pouta-train: cues fitted on {len(x)} normal inputs: discriminator scale {k_disc:.4g} "
+        f"weight {w_disc:.2f}, reconstruction error ({mcfg.cue_error}) scale {k_rec:.4g} "
+        f"weight {w_rec:.2f}",
         flush=True,
     )
-    return model.cfg  # type: ignore[return-value]
+    return mcfg
 
 
 class StepPace:

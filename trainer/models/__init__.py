@@ -22,11 +22,12 @@ from .config import (
     check_input_size,
     preset_config,
 )
-from .layers import CueFusion, ModelOutput, fit_cue_scales, head_output, image_score
+from .layers import EQUAL_CUE_WEIGHTS, CueFusion, ModelOutput, fit_cue_scales, head_output, image_score
 from .pouta import FCM, HSG, POUTA
 from .vanilla import UNetDiscriminator, VanillaDRAEM
 
 __all__ = [
+    "EQUAL_CUE_WEIGHTS",
     "FCM",
     "HSG",
     "MODEL_KINDS",

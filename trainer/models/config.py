@@ -43,7 +43,10 @@ class ModelConfig:
     weighs the autoencoder's own reconstruction error (``layers.CueFusion``); ``cue_scales``
     are its two normalisers (the mean image score of the discriminator's map and of the
     reconstruction error on normal training inputs), fitted after training; while they are
-    None the map is the discriminator's alone. ``cue_error``: how the reconstruction error is
+    None the map is the discriminator's alone. ``cue_weights``: each cue's share of the fused
+    map, fitted with the scales (proportional to the mean over the spread of the cue's image
+    scores on those inputs); None = equal halves, as models fitted before the field existed
+    were. ``cue_error``: how the reconstruction error is
     measured, ``ssim`` (1 - local SSIM) or ``squared``; a config written before the field
     existed was fitted on ``squared`` and reads back as such (``from_dict``).
     """
@@ -63,6 +66,7 @@ class ModelConfig:
     map_sigma_hw: tuple[float, float] | None = None
     reconstruction_cue: bool = False
     cue_scales: tuple[float, float] | None = None
+    cue_weights: tuple[float, float] | None = None
     cue_error: str = "ssim"
 
     def __post_init__(self) -> None:
@@ -72,6 +76,8 @@ class ModelConfig:
             self.map_sigma_hw = tuple(self.map_sigma_hw)  # type: ignore[assignment]
         if self.cue_scales is not None and not isinstance(self.cue_scales, (str, bytes)):
             self.cue_scales = tuple(self.cue_scales)  # type: ignore[assignment]
+        if self.cue_weights is not None and not isinstance(self.cue_weights, (str, bytes)):
+            self.cue_weights = tuple(self.cue_weights)  # type: ignore[assignment]
         self.validate()
 
     @property
@@ -121,6 +127,16 @@ class ModelConfig:
             )
         ):
             raise ConfigError(f"model.cue_scales: expected null or two positive numbers, got {cs!r}")
+        cw = self.cue_weights
+        if cw is not None and not (
+            isinstance(cw, tuple)
+            and len(cw) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in cw)
+            and abs(sum(cw) - 1.0) < 1e-6
+        ):
+            raise ConfigError(
+                f"model.cue_weights: expected null or two numbers in [0, 1] that sum to 1, got {cw!r}"
+            )
         if self.fusion_width <= 0 or self.unet_base <= 0:
             raise ConfigError("model.fusion_width / model.unet_base: expected positive integers")
         check_input_size(self.height, self.width, "model.height/width")
@@ -130,6 +146,7 @@ class ModelConfig:
         d["ae_widths"] = list(self.ae_widths)
         d["disc_widths"] = list(self.disc_widths)
         d["cue_scales"] = None if self.cue_scales is None else list(self.cue_scales)
+        d["cue_weights"] = None if self.cue_weights is None else list(self.cue_weights)
         d["map_sigma_hw"] = None if self.map_sigma_hw is None else list(self.map_sigma_hw)
         return d
 

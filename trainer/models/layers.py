@@ -13,6 +13,11 @@ from torch import nn
 
 from ..losses import ssim_kernels, ssim_map
 
+EQUAL_CUE_WEIGHTS = (0.5, 0.5)  # cue fusion of a model fitted before ``cue_weights`` existed
+# Neither cue is ever silenced: a cue can look steady on good parts only because it has not
+# learned anything yet (an untrained discriminator is flat everywhere).
+MIN_CUE_WEIGHT = 0.1
+
 if TYPE_CHECKING:
     from .config import ModelConfig
 
@@ -135,17 +140,25 @@ class CueFusion(nn.Module):
     """One anomaly map from two cues: the discriminator's map and the reconstruction error.
 
     a [N,1,H,W] (discriminator probability, smoothed) and x, x_r [N,3,H,W] (input and
-    reconstruction) -> [N,1,H,W] in [0,1]: 0.5 * (a / (a + k_a) + r / (r + k_r)), with r
+    reconstruction) -> [N,1,H,W] in [0,1]: w_a * a / (a + k_a) + w_r * r / (r + k_r), with r
     the reconstruction error (``error``: ``ssim`` = 1 - local SSIM, the autoencoder's own
     training measure; ``squared`` = squared error), channel mean, blurred by the same
     ``smoothing`` as a. k_a, k_r (``cue_scales``) are each cue's mean image score on normal
-    training inputs, so both count in units of what a good part shows, and the sum stays in
-    [0,1] for pixel thresholds. Without scales (a model being trained) the map is ``a``.
+    training inputs, so both count in units of what a good part shows; the weights
+    (``cue_weights``, w_a + w_r = 1, equal halves when None) say how steady each cue is on
+    those parts (``fit_cue_scales``). The map stays in [0,1] for pixel thresholds. Without
+    scales (a model being trained) the map is ``a``.
     """
 
-    def __init__(self, scales: tuple[float, float] | None, error: str = "ssim") -> None:
+    def __init__(
+        self,
+        scales: tuple[float, float] | None,
+        error: str = "ssim",
+        weights: tuple[float, float] | None = None,
+    ) -> None:
         super().__init__()
         self.scales = scales
+        self.weights = weights
         self.error = error
         # Fixed filters of a fixed shape (inputs are RGB), so the exported graph has constant
         # convolution weights; not persistent: checkpoints carry no extra tensors.
@@ -171,16 +184,20 @@ class CueFusion(nn.Module):
         if self.scales is None or rec is None:
             return amap
         k_a, k_r = self.scales
+        w_a, w_r = self.weights or EQUAL_CUE_WEIGHTS
         r = self.reconstruction_error(x, rec, smoothing)
-        return 0.5 * (amap / (amap + k_a) + r / (r + k_r))
+        return w_a * (amap / (amap + k_a)) + w_r * (r / (r + k_r))
 
 
 @torch.no_grad()
 def fit_cue_scales(model: nn.Module, batches: Iterable[torch.Tensor]) -> tuple[float, float]:
-    """Each cue's mean image score over normal inputs (batches [N,3,H,W]): ``cue_scales``.
+    """Fit the cue fusion on normal inputs (batches [N,3,H,W]); returns ``cue_scales``.
 
-    Sets them on ``model`` (its ``cues`` and ``cfg``) and returns them. The model is put in
-    eval mode; both cues are measured before any fusion, blurred as the image score sees them.
+    Each cue's image scores (blurred as the image score sees them, before any fusion) give
+    its scale k (their mean) and its weight, proportional to k / s (s their standard
+    deviation): a cue whose good parts all score alike says more when a part scores high
+    than one whose good parts already scatter. Sets both on ``model`` (its ``cues`` and
+    ``cfg``); the model is put in eval mode.
     """
     cues: CueFusion = model.cues  # type: ignore[assignment]
     cues.scales = None
@@ -193,14 +210,25 @@ def fit_cue_scales(model: nn.Module, batches: Iterable[torch.Tensor]) -> tuple[f
         rec.append(image_score(err.float()))
     if not disc:
         raise ValueError("fit_cue_scales: no normal inputs")
+    scores = (torch.cat(disc), torch.cat(rec))
     floor = 1e-6  # a cue that is flat on every good input must not divide by zero
-    scales = (
-        max(float(torch.cat(disc).mean()), floor),
-        max(float(torch.cat(rec).mean()), floor),
-    )
-    cues.scales = scales
-    model.cfg = model.cfg.with_(cue_scales=scales)  # type: ignore[operator]
+    scales = (max(float(scores[0].mean()), floor), max(float(scores[1].mean()), floor))
+    weights = cue_weights(scales, tuple(float(s.std()) if len(s) > 1 else 0.0 for s in scores))  # type: ignore[arg-type]
+    cues.scales, cues.weights = scales, weights
+    model.cfg = model.cfg.with_(cue_scales=scales, cue_weights=weights)  # type: ignore[operator]
     return scales
+
+
+def cue_weights(scales: tuple[float, float], spreads: tuple[float, float]) -> tuple[float, float]:
+    """Each cue's share of the fused map: proportional to its scale over its spread on good
+    parts (the inverse of the coefficient of variation), each share kept within
+    [``MIN_CUE_WEIGHT``, 1 - ``MIN_CUE_WEIGHT``]; equal halves when a spread is unknown or
+    nil (one normal input, or a cue flat on all of them)."""
+    if min(spreads) <= 1e-9 * max(scales):
+        return EQUAL_CUE_WEIGHTS
+    snr = (scales[0] / spreads[0], scales[1] / spreads[1])
+    w_a = min(max(snr[0] / (snr[0] + snr[1]), MIN_CUE_WEIGHT), 1.0 - MIN_CUE_WEIGHT)
+    return (w_a, 1.0 - w_a)
 
 
 def resize_to(x: torch.Tensor, like: torch.Tensor | tuple[int, int]) -> torch.Tensor:

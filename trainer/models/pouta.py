@@ -55,7 +55,9 @@ class POUTA(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.smoothing, self.map_smoothing = map_smoothings(cfg)
-        self.cues = CueFusion(cfg.cue_scales if cfg.reconstruction_cue else None, cfg.cue_error)
+        self.cues = CueFusion(
+            cfg.cue_scales if cfg.reconstruction_cue else None, cfg.cue_error, cfg.cue_weights
+        )
         ae_w, d_w = cfg.ae_widths, cfg.disc_widths
         self.ae = ReconstructiveAE(ae_w)
         self.fcm = nn.ModuleList([FCM(a, d) for a, d in zip(ae_w, d_w, strict=True)])

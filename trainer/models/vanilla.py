@@ -59,7 +59,9 @@ class VanillaDRAEM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.smoothing, self.map_smoothing = map_smoothings(cfg)
-        self.cues = CueFusion(cfg.cue_scales if cfg.reconstruction_cue else None, cfg.cue_error)
+        self.cues = CueFusion(
+            cfg.cue_scales if cfg.reconstruction_cue else None, cfg.cue_error, cfg.cue_weights
+        )
         self.ae = ReconstructiveAE(cfg.ae_widths)
         self.disc = UNetDiscriminator(cfg.unet_base)
 
