@@ -277,14 +277,14 @@ def test_cue_weights_favour_the_cue_that_is_steady_on_good_parts() -> None:
     # a model fitted before the field existed fuses by halves
     legacy = CueFusion((0.05, 0.01), "ssim")(amap, x, off, None)
     assert torch.allclose(legacy, CueFusion((0.05, 0.01), "ssim", (0.5, 0.5))(amap, x, off, None))
-    for bad in ([0.5], [0.7, 0.7], [-0.1, 1.1], ["a", 1.0]):
+    for bad in (0.5, [0.5], [0.7, 0.7], [-0.1, 1.1], ["a", 1.0]):
         with pytest.raises(
             ConfigError, match=r"^model\.cue_weights: expected null or two numbers in \[0, 1\]"
         ):
             preset_config("tiny", cue_weights=bad)
 
 
-@pytest.mark.parametrize("bad", [[0.1], [0.1, 0.0], [0.1, float("nan")], ["a", 1.0]])
+@pytest.mark.parametrize("bad", [0.1, [0.1], [0.1, 0.0], [0.1, float("nan")], ["a", 1.0]])
 def test_cue_scales_must_be_two_positive_numbers(bad: list) -> None:
     with pytest.raises(ConfigError, match=r"^model\.cue_scales: expected null or two positive numbers"):
         preset_config("tiny", "pouta", "full", cue_scales=bad)

@@ -7,6 +7,7 @@ exact module from it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -72,12 +73,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         self.ae_widths = tuple(int(v) for v in self.ae_widths)  # type: ignore[assignment]
         self.disc_widths = tuple(int(v) for v in self.disc_widths)  # type: ignore[assignment]
-        if isinstance(self.map_sigma_hw, list):
-            self.map_sigma_hw = tuple(self.map_sigma_hw)  # type: ignore[assignment]
-        if self.cue_scales is not None and not isinstance(self.cue_scales, (str, bytes)):
-            self.cue_scales = tuple(self.cue_scales)  # type: ignore[assignment]
-        if self.cue_weights is not None and not isinstance(self.cue_weights, (str, bytes)):
-            self.cue_weights = tuple(self.cue_weights)  # type: ignore[assignment]
+        for name in _PAIR_FIELDS:  # JSON gives lists; anything else is left for ``validate``
+            if isinstance(getattr(self, name), list):
+                setattr(self, name, tuple(getattr(self, name)))
         self.validate()
 
     @property
@@ -104,11 +102,7 @@ class ModelConfig:
         if not isinstance(self.map_sigma, (int, float)) or not 0 <= self.map_sigma <= 32:
             raise ConfigError(f"model.map_sigma: expected a number in [0, 32], got {self.map_sigma!r}")
         hw = self.map_sigma_hw
-        if hw is not None and not (
-            isinstance(hw, tuple)
-            and len(hw) == 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 32 for v in hw)
-        ):
+        if hw is not None and not _number_pair(hw, lambda v: 0 <= v <= 32):
             raise ConfigError(
                 f"model.map_sigma_hw: expected null or two numbers in [0, 32] (rows, columns), got {hw!r}"
             )
@@ -119,21 +113,10 @@ class ModelConfig:
         if self.cue_error not in CUE_ERRORS:
             raise ConfigError(f"model.cue_error: expected one of {CUE_ERRORS}, got {self.cue_error!r}")
         cs = self.cue_scales
-        if cs is not None and not (
-            isinstance(cs, tuple)
-            and len(cs) == 2
-            and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in cs
-            )
-        ):
+        if cs is not None and not _number_pair(cs, lambda v: 0 < v < float("inf")):
             raise ConfigError(f"model.cue_scales: expected null or two positive numbers, got {cs!r}")
         cw = self.cue_weights
-        if cw is not None and not (
-            isinstance(cw, tuple)
-            and len(cw) == 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in cw)
-            and abs(sum(cw) - 1.0) < 1e-6
-        ):
+        if cw is not None and not (_number_pair(cw, lambda v: 0 <= v <= 1) and abs(sum(cw) - 1.0) < 1e-6):
             raise ConfigError(
                 f"model.cue_weights: expected null or two numbers in [0, 1] that sum to 1, got {cw!r}"
             )
@@ -145,9 +128,8 @@ class ModelConfig:
         d = asdict(self)
         d["ae_widths"] = list(self.ae_widths)
         d["disc_widths"] = list(self.disc_widths)
-        d["cue_scales"] = None if self.cue_scales is None else list(self.cue_scales)
-        d["cue_weights"] = None if self.cue_weights is None else list(self.cue_weights)
-        d["map_sigma_hw"] = None if self.map_sigma_hw is None else list(self.map_sigma_hw)
+        for name in _PAIR_FIELDS:
+            d[name] = None if d[name] is None else list(d[name])
         return d
 
     @classmethod
@@ -168,6 +150,18 @@ class ModelConfig:
 
     def with_(self, **changes: Any) -> ModelConfig:
         return replace(self, **changes)
+
+
+_PAIR_FIELDS = ("map_sigma_hw", "cue_scales", "cue_weights")  # tuples here, lists in JSON
+
+
+def _number_pair(value: object, ok: Callable[[float], bool]) -> bool:
+    """Whether ``value`` is a tuple of two real numbers (not bools) that each pass ``ok``."""
+    return (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and ok(v) for v in value)
+    )
 
 
 def check_input_size(height: int, width: int, what: str = "input") -> None:
