@@ -18,10 +18,15 @@ from pouta.edge.errors import ConfigError
 from pouta.edge.settings import Schema, merge, parse_hw, parse_sets, read_yaml, resolve
 
 from .geometry import AUTO_WIDTHS, cue_setting, map_blur_setting, width_setting
-from .models import ModelConfig, preset_config
+from .models import BACKBONE_KINDS, ModelConfig, preset_config
 from .synthesis import SynthesisConfig
 
 PRESETS = ("tiny", "paper")
+# Training defaults a kind needs other than the preset's (the paper's optimiser for PRN;
+# a frozen backbone's batches cost more, so fewer, larger ones).
+KIND_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "prn": {"batch_size": 8, "lr": 5.0e-4, "weight_decay": 1.0e-2},
+}
 # Settings a resumed run may change: where and how fast it runs, not what it computes.
 RESUMABLE_OVERRIDES: tuple[str, ...] = (
     "device",
@@ -44,13 +49,18 @@ def train_schema(preset: str = "tiny", kind: str = "pouta", variant: str = "full
     """Every key the trainer reads, with its default, for one model identity."""
     defaults = packaged_config(preset)
     model = preset_config(preset, kind, variant).to_dict()
+    packaged_model = dict(defaults.get("model", {}))
+    if kind in BACKBONE_KINDS:  # the preset's size is for the from-scratch kinds
+        packaged_model.pop("height", None)
+        packaged_model.pop("width", None)
     defaults["model"] = {
         **model,
-        **defaults.get("model", {}),
+        **packaged_model,
         "preset": preset,
         "kind": kind,
         "variant": variant,
     }
+    defaults["train"] = {**defaults["train"], **KIND_TRAIN_DEFAULTS.get(kind, {})}
     defaults["synthesis"] = {**dataclasses.asdict(SynthesisConfig()), **(defaults.get("synthesis") or {})}
     return Schema(
         defaults,

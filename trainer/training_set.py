@@ -34,6 +34,7 @@ from .synthesis import AnomalySynthesizer, SynthesisConfig
 from .train_config import resolve_auto_model
 
 MIN_SAMPLES_PER_EPOCH = 128  # small sets: fewer worker restarts (one per epoch)
+HELD_OUT_SHARE = 0.15  # good images kept out of a memory to fit its normalisers on
 
 
 class TrainingSet(Dataset):
@@ -102,6 +103,24 @@ class TrainingSet(Dataset):
         order = rng.permutation(len(self.originals))
         k = n if self.pre.tiling is not None else min(n, len(order))
         return np.stack([self.original(int(order[i % len(order)]), rng).transpose(2, 0, 1) for i in range(k)])
+
+    def normal_split(self, n_fit: int, n_held: int) -> tuple[np.ndarray, np.ndarray]:
+        """Normal model inputs from two disjoint sets of images, no synthesis: (fit [k,3,H,W],
+        held out [j,3,H,W]). The held-out images are a share ``HELD_OUT_SHARE`` of the good
+        images (at least one; all images when there is only one). Whole images: each image
+        at most once; tiles: ``n_fit`` / ``n_held`` random crops."""
+        rng = np.random.default_rng([self.seed, 0x5B11])
+        order = rng.permutation(len(self.originals))
+        n_out = max(1, round(HELD_OUT_SHARE * len(order))) if len(order) > 1 else 0
+        held, fit = (order[:n_out], order[n_out:]) if n_out else (order, order)
+
+        def take(images: np.ndarray, n: int) -> np.ndarray:
+            k = n if self.pre.tiling is not None else min(n, len(images))
+            return np.stack(
+                [self.original(int(images[i % len(images)]), rng).transpose(2, 0, 1) for i in range(k)]
+            )
+
+        return take(fit, n_fit), take(held, n_held)
 
     def save_grids(self, out_dir: Path, n: int = 12) -> list[Path]:
         """``synthesis_<mode>.png`` for every mode with a weight: what training is taught."""
@@ -217,7 +236,9 @@ def resolve_geometry(cfg: dict[str, Any], paths: list[Path]) -> None:
     tiled = geo.tiling is not None
     asked = {key: m.get(key) for key in ("reconstruction_cue", "map_sigma_hw", *AUTO_WIDTHS)}
     resolve_auto_model(m, tiled, None if tiled else geo.axis_downscale)
-    if tiled and asked["reconstruction_cue"] == "auto":
+    if m["kind"] not in ("pouta", "vanilla"):
+        pass  # the reconstruction cue and discriminator widths are the autoencoder kinds'
+    elif tiled and asked["reconstruction_cue"] == "auto":
         print(
             "pouta-train: reconstruction cue: off for tiled input "
             "(--set model.reconstruction_cue=true turns it on)",
