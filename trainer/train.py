@@ -137,7 +137,7 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
     dataset, data_info = build_training_set(cfg, mcfg, paths)
     tick = lambda: watchdog.beat(0)  # noqa: E731 - fitting a memory is progress, not a stall
     if not KINDS[mcfg.kind].trains:
-        return _fit_only(model, cfg, dataset, data_info, out, device, tick)
+        return _fit_only(model, cfg, dataset, data_info, out, device, tick, watchdog)
     if ck is None and mcfg.kind == "prn":
         mcfg = _fit_prototypes(model, dataset, seed, tick)
         cfg["model"] = mcfg.to_dict()
@@ -268,6 +268,7 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
         "seconds_this_run": round(seconds, 1),
         "checkpoint": str(final),
     }
+    watchdog.close()
     if tc["eval_at_end"]:
         summary["eval"] = _evaluate(model, mcfg, cfg, out, device)
     atomic_write_json(out / "train_summary.json", summary)
@@ -330,6 +331,7 @@ def _fit_only(
     out: Path,
     device: torch.device,
     tick: Callable[[], None],
+    watchdog: StallWatchdog,
 ) -> Path:
     """A kind without gradient training: fill its memory from good parts, fit its normaliser
     on good parts the memory has not seen, save, evaluate when asked."""
@@ -359,6 +361,7 @@ def _fit_only(
         "seconds_this_run": round(seconds, 1),
         "checkpoint": str(final),
     }
+    watchdog.close()
     if cfg["train"]["eval_at_end"]:
         summary["eval"] = _evaluate(model, mcfg, cfg, out, device)
     atomic_write_json(out / "train_summary.json", summary)
