@@ -86,13 +86,20 @@ def greedy_coreset(feats: torch.Tensor, rows: int, seed: int = 0, tick: Tick | N
     picked = torch.empty(rows, dtype=torch.long)
     picked[0] = int(torch.randint(p, (1,), generator=gen))
     dist = torch.full((p,), float("inf"))
-    for i in range(rows):
-        if i:
-            picked[i] = int(dist.argmax())
-        c = z[picked[i]]
-        dist = torch.minimum(dist, z_sq - 2.0 * (z @ c) + c.square().sum())
-        if tick is not None and i % 256 == 0:
-            tick()
+    threads = torch.get_num_threads()
+    # Thousands of small steps: one thread, since waking a pool per step costs more than
+    # the step (and much more on a busy machine).
+    torch.set_num_threads(1)
+    try:
+        for i in range(rows):
+            if i:
+                picked[i] = int(dist.argmax())
+            c = z[picked[i]]
+            dist = torch.minimum(dist, z_sq - 2.0 * (z @ c) + c.square().sum())
+            if tick is not None and i % 256 == 0:
+                tick()
+    finally:
+        torch.set_num_threads(threads)
     return picked
 
 
