@@ -212,3 +212,41 @@ def test_pouta_train_features_cli_end_to_end(tmp_path: Path) -> None:
     assert "memory of 512 patch features" in proc.stdout
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["eval"]["image_auroc"] >= 0.9
+
+
+def test_real_defects_are_used_as_they_are_and_pasted_on_good_parts(tmp_path: Path) -> None:
+    from pouta.edge.errors import ConfigError as CfgError
+    from pouta.edge.preprocess import Preprocessor
+    from pouta.trainer.synthesis import AnomalySynthesizer, SynthesisConfig
+    from pouta.trainer.training_set import REAL_DEFECT_PROBABILITY, TrainingSet, real_defects
+
+    cat = _textures(tmp_path)
+    pre = Preprocessor(64, 64)
+    real = real_defects(str(cat), pre)
+    assert len(real) == 18 and all(m.any() for _, m in real)  # 6 of each of 3 defect types
+    ds = TrainingSet(
+        sorted((cat / "train" / "good").glob("*.png")),
+        pre,
+        AnomalySynthesizer(SynthesisConfig(), 64, 64),
+        0,
+        real,
+    )
+    rng = np.random.default_rng(0)
+    original = ds.original(0, rng)
+    pasted = 0
+    for _ in range(40):
+        aug, mask = ds.real_defect(original, rng)
+        assert aug.shape == (64, 64, 3) and mask.shape == (64, 64) and mask.any()
+        outside = mask == 0
+        if np.allclose(aug[outside], original[outside]):
+            pasted += 1  # "extended": only the defect region changed
+    assert 5 < pasted < 35  # both ways are used
+    calls = []
+    real_defect = ds.real_defect
+    ds.real_defect = lambda o, r: calls.append(1) or real_defect(o, r)  # type: ignore[method-assign]
+    n = 300
+    for i in range(n):
+        ds.sample(i)
+    assert abs(len(calls) / n - REAL_DEFECT_PROBABILITY) < 0.08
+    with pytest.raises(CfgError, match="data.defects: .* has no defective image with a mask"):
+        real_defects(str(cat / "train"), pre)

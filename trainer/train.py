@@ -462,6 +462,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", help="YAML config file, or a packaged one: tiny | paper")
     ap.add_argument("--data", help="category folder of training data (data.root)")
     ap.add_argument("--category", help="category inside a multi-category root (data.category)")
+    ap.add_argument(
+        "--defects",
+        help="a few real defective parts with masks (MVTec layout), trained on with the synthetic "
+        "anomalies (data.defects); kinds that learn from anomalies (prn, pouta, vanilla) use them",
+    )
     ap.add_argument("--preset", choices=["tiny", "paper"], help="width preset (and default config)")
     ap.add_argument("--variant", choices=["full", "base", "hsg", "mss"], help="POUTA ablation variant")
     ap.add_argument(

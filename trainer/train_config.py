@@ -73,6 +73,7 @@ def train_schema(preset: str = "tiny", kind: str = "pouta", variant: str = "full
             "train.time_limit_min": (float,),
             "train.threads": (int,),  # null = torch's default
             "synthesis.texture_dir": (str,),
+            "data.defects": (str,),
         },
         free_form=frozenset({"synthesis.modes"}),
     )
@@ -108,6 +109,7 @@ def _flag_layer(args: argparse.Namespace) -> dict[str, Any]:
     for section, key, value in (
         ("data", "root", args.data),
         ("data", "category", args.category),
+        ("data", "defects", args.defects),
         ("model", "preset", args.preset),
         ("model", "variant", args.variant),
         ("model", "kind", args.kind),
