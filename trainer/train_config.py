@@ -22,10 +22,9 @@ from .models import BACKBONE_KINDS, ModelConfig, preset_config
 from .synthesis import SynthesisConfig
 
 PRESETS = ("tiny", "paper")
-# Training defaults a kind needs other than the preset's (the paper's optimiser for PRN;
-# a frozen backbone's batches cost more, so fewer, larger ones).
+# Training defaults a kind needs other than the preset's (PRN: the paper's weight decay).
 KIND_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
-    "prn": {"batch_size": 8, "lr": 5.0e-4, "weight_decay": 1.0e-2},
+    "prn": {"batch_size": 4, "lr": 5.0e-4, "weight_decay": 1.0e-2},
 }
 # Settings a resumed run may change: where and how fast it runs, not what it computes.
 RESUMABLE_OVERRIDES: tuple[str, ...] = (

@@ -10,6 +10,8 @@ Choices where the paper (and the unofficial code) are silent or do not suit a li
 - Prototypes are **patch** prototypes (a coreset of normal patch features per scale), not
   whole feature maps: parts on a line are not pixel-aligned, and a patch prototype gives a
   residual wherever the part sits.
+- One attention block per scale, at s8 and s16 only (the paper's code: three per scale,
+  s4 too): a training step must stay affordable within minutes on a CPU.
 - The map a line sees fuses the learned map with the nearest-neighbour distance of the
   s8+s16 patch features (the ``features`` kind's cue), each normalised and weighted by how
   steady it is on held-out good parts (``layers.fit_two_cues``), so PRN ranks parts at
@@ -42,7 +44,8 @@ from .layers import (
 PRN_TAPS = ("s4", "s8", "s16", "s32")
 PROTOTYPE_TAPS = ("s4", "s8", "s16")  # s32 only feeds the decoder (as the paper's layer 4)
 WINDOW_SPLITS = (1, 2, 4, 8)  # windows of the full map, its halves, quarters, eighths
-ATTENTION_BLOCKS = 2
+ATTENTION_BLOCKS = 1  # the paper's code has 3; one keeps a CPU training step affordable
+ATTENTION_TAPS = ("s8", "s16")  # at s4 the residual goes straight to the decoder (cost)
 PROTOTYPE_SHARE = 4  # prototypes per scale = memory_size / this
 
 
@@ -91,13 +94,17 @@ class MultiSizeAttention(nn.Module):
 
 class ResidualScale(nn.Module):
     """One scale: feature f [N,C,h,w] and its squared residual to the nearest prototype ->
-    [N,width,h,w] through ``ATTENTION_BLOCKS`` multi-size attention blocks."""
+    [N,width,h,w] through ``ATTENTION_BLOCKS`` multi-size attention blocks (none when
+    ``attend`` is off)."""
 
-    def __init__(self, channels: int, prototypes: int, width: int, h: int, w: int) -> None:
+    def __init__(
+        self, channels: int, prototypes: int, width: int, h: int, w: int, attend: bool = True
+    ) -> None:
         super().__init__()
         self.prototypes = PatchMemory(max(prototypes, 1), channels)
         self.reduce = ConvBNReLU(2 * channels, width, 1)
-        self.blocks = nn.Sequential(*[MultiSizeAttention(width, h, w) for _ in range(ATTENTION_BLOCKS)])
+        blocks = [MultiSizeAttention(width, h, w) for _ in range(ATTENTION_BLOCKS)] if attend else []
+        self.blocks = nn.Sequential(*blocks)
 
     def residual(self, f: torch.Tensor) -> torch.Tensor:
         _, idx = self.prototypes.nearest(f)  # [N,P]
@@ -132,6 +139,7 @@ class PRN(nn.Module):
                     w,
                     cfg.height // stage[t].stride,
                     cfg.width // stage[t].stride,
+                    attend=t in ATTENTION_TAPS,
                 )
                 for t in PROTOTYPE_TAPS
             }
