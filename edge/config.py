@@ -124,6 +124,9 @@ def build_pipeline(cfg: dict[str, Any], source: FrameSource | None = None) -> Pi
         sequence=SequenceCounter(seq_file),
         not_inspected_is_ng=bool(pl["not_inspected_is_ng"]),
         heartbeat_s=float(pl["heartbeat_s"] or 0),
+        verdict_timeout_s=None if pl["verdict_timeout_s"] is None else float(pl["verdict_timeout_s"]),
+        close_timeout_s=float(pl["close_timeout_s"]),
+        sink_queue=int(pl["sink_queue"]),
     )
 
 
@@ -138,6 +141,17 @@ def make_postprocessor(cfg: dict[str, Any], thresholds: Thresholds | None) -> Po
         pixel_threshold=oc["pixel_threshold"],
         border_margin=oc["border_margin"],
     )
+
+
+def parse_umask(value: Any) -> int:
+    """``"022"`` (octal digits, as for the shell's umask) -> 0o022."""
+    try:
+        mask = int(str(value), 8)
+    except ValueError:
+        mask = -1
+    if not 0 <= mask <= 0o777:
+        raise ConfigError(f"output.umask: expected octal digits such as '022', got {value!r}")
+    return mask
 
 
 def make_sinks(cfg: dict[str, Any]) -> list[ResultSink]:
@@ -159,6 +173,7 @@ def make_sinks(cfg: dict[str, Any]) -> list[ResultSink]:
         raw_ng=out["raw_ng"],
         ng_keep_files=out["ng_keep_files"],
         ng_keep_mb=out["ng_keep_mb"],
+        umask=parse_umask(out["umask"]),
     )
     sinks: list[ResultSink] = [files]
     mb, ua, mq = cfg["modbus"], cfg["opcua"], cfg["mqtt"]

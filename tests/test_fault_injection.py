@@ -1,0 +1,464 @@
+"""Fault injection: each fault is made real (an ONNX model that emits NaN, a backend that
+hangs or raises, a camera that stops, a PLC that never acks, unauthenticated network
+writes, a 1 MB part id, SIGTERM under load) on loopback, in bounded time.
+
+Every test asserts the line-side contract: no part passes (OK) without a verdict it
+earned, every part seen has exactly one record, the fault state is raised while the
+fault lasts and cleared after it, and nothing is lost on a clean stop.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from contract_models import dark_part, make_brightness_model
+from onnx import TensorProto, helper, numpy_helper
+from pouta.edge import cli
+from pouta.edge.backend import OnnxRuntimeBackend
+from pouta.edge.errors import ConfigError, MetadataError
+from pouta.edge.metadata import (
+    INPUT_NAME,
+    OUTPUT_ANOMALY_MAP,
+    OUTPUT_SCORE,
+    InputSpec,
+    ModelMetadata,
+    Thresholds,
+    load_for_model,
+    metadata_path,
+)
+from pouta.edge.pipeline import Pipeline
+from pouta.edge.postprocess import PostProcessor
+from pouta.edge.preprocess import preprocessor_for
+from pouta.edge.records import PartResult
+from pouta.edge.sequence import SequenceCounter
+from pouta.edge.sinks import ResultWriter
+from pouta.edge.sources import ArraySource, Frame, FrameTimeout
+
+SIZE = 64
+
+
+# -- helpers ------------------------------------------------------------------------
+def make_constant_model(path: Path, value: float) -> Path:
+    """A contract model whose map and score are ``value`` everywhere (NaN, inf ...): a
+    zero-weight convolution with ``value`` as its bias."""
+    w = np.zeros((1, 3, 1, 1), np.float32)
+    b = np.array([value], np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", [INPUT_NAME, "w", "b"], [OUTPUT_ANOMALY_MAP]),
+            helper.make_node("ReduceMax", [OUTPUT_ANOMALY_MAP], [OUTPUT_SCORE], axes=[1, 2, 3], keepdims=0),
+        ],
+        "constant",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["N", 3, SIZE, SIZE])],
+        [
+            helper.make_tensor_value_info(OUTPUT_ANOMALY_MAP, TensorProto.FLOAT, ["N", 1, SIZE, SIZE]),
+            helper.make_tensor_value_info(OUTPUT_SCORE, TensorProto.FLOAT, ["N"]),
+        ],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    ModelMetadata(
+        model_kind="test",
+        variant="constant",
+        input=InputSpec(height=SIZE, width=SIZE),
+        thresholds=Thresholds(image=0.5, pixel=0.5, rule="fixed"),
+    ).save(metadata_path(path))
+    return path
+
+
+class Recorder:
+    """A result sink that keeps every record and every heartbeat state it was given."""
+
+    name = "recorder"
+    needs_images = False
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.states: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+
+    def write(self, result: PartResult) -> bool:
+        with self.lock:
+            self.records.append(result.to_dict())
+        return True
+
+    def heartbeat(self, beat: int, state: dict[str, Any]) -> None:
+        with self.lock:
+            self.states.append(dict(state))
+
+    def stats(self) -> dict[str, Any]:
+        return {"written": len(self.records)}
+
+    def close(self) -> None:
+        pass
+
+
+class Switching:
+    """A backend that runs a list of real ONNX Runtime sessions, one per phase:
+    ``phases`` = [(backend, n_calls), ...]; the last one runs for ever."""
+
+    def __init__(self, phases: list[tuple[Any, int]]) -> None:
+        self.phases = phases
+        self.metadata = phases[-1][0].metadata
+        self.name = "switching"
+        self.calls = 0
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.calls += 1
+        n = self.calls
+        for backend, count in self.phases:
+            if n <= count:
+                return backend.run(batch)
+            n -= count
+        return self.phases[-1][0].run(batch)
+
+    def close(self) -> None:
+        for b, _ in self.phases:
+            b.close()
+
+
+class Hanging:
+    """A real backend that blocks on call ``at`` until ``release`` is set (a hung GPU)."""
+
+    def __init__(self, inner: Any, at: int) -> None:
+        self.inner, self.at = inner, at
+        self.metadata, self.name = inner.metadata, "hanging"
+        self.release = threading.Event()
+        self.hung = threading.Event()
+        self.calls = 0
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.calls += 1
+        if self.calls == self.at:
+            self.hung.set()
+            self.release.wait(20)
+        return self.inner.run(batch)
+
+    def close(self) -> None:
+        self.release.set()
+        self.inner.close()
+
+
+class Raising:
+    """A real backend that raises on calls ``first``..``last`` (a lost CUDA context)."""
+
+    def __init__(self, inner: Any, first: int, last: int) -> None:
+        self.inner, self.first, self.last = inner, first, last
+        self.metadata, self.name = inner.metadata, "raising"
+        self.calls = 0
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.calls += 1
+        if self.first <= self.calls <= self.last:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return self.inner.run(batch)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def frames(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [dark_part(SIZE, SIZE, rng, i % 3 == 0) for i in range(n)]
+
+
+def pipeline(backend: Any, source: Any, sinks: list[Any], **kw: Any) -> Pipeline:
+    meta = backend.metadata
+    kw.setdefault("heartbeat_s", 0.02)
+    return Pipeline(source, preprocessor_for(meta), backend, PostProcessor(meta.thresholds), sinks, **kw)
+
+
+def check_contract(records: list[dict[str, Any]], n: int) -> None:
+    """Every part 1..n has exactly one record, in order; an OK is always an earned one."""
+    assert [r["seq"] for r in records] == list(range(1, n + 1))
+    for r in records:
+        if r["verdict"] == "OK":
+            assert r["score"] is not None and np.isfinite(r["score"]) and r["score"] <= r["threshold"]
+            assert not r["reject"]
+        elif r["verdict"] == "NOT_INSPECTED":
+            assert r["reject"] and r["reason"]
+
+
+def fault_raised_and_cleared(rec: Recorder) -> tuple[set[str], dict[str, Any]]:
+    faulted = [s for s in rec.states if s["fault"]]
+    assert faulted, "the fault state was never raised"
+    assert all(not s["ready"] for s in faulted)
+    last = rec.states[-1]
+    assert not last["fault"] and last["fault_reason"] is None, last
+    return {str(s["fault_reason"]) for s in faulted}, last
+
+
+def brightness(tmp_path: Path, name: str = "model.onnx") -> OnnxRuntimeBackend:
+    return OnnxRuntimeBackend(make_brightness_model(tmp_path / name, SIZE, SIZE), threads=1)
+
+
+# -- fail-safe verdicts ----------------------------------------------------------------------
+def test_nan_and_inf_model_outputs_are_not_inspected_and_the_fault_clears(tmp_path: Path) -> None:
+    nan = OnnxRuntimeBackend(make_constant_model(tmp_path / "nan.onnx", float("nan")), threads=1)
+    inf = OnnxRuntimeBackend(make_constant_model(tmp_path / "inf.onnx", float("inf")), threads=1)
+    good = brightness(tmp_path)
+    # The NaN/inf sessions really produce NaN/inf (what an FP16 overflow would look like).
+    x = np.zeros((1, 3, SIZE, SIZE), np.float32)
+    assert np.isnan(nan.run(x)[1]).all() and np.isinf(inf.run(x)[1]).all()
+    rec = Recorder()
+    images = frames(8)
+    pipe = pipeline(
+        Switching([(nan, 4), (inf, 4), (good, 1)]),
+        ArraySource(images, fps=100, count=24),
+        [rec, ResultWriter(tmp_path / "out", fsync=False)],
+        policy="block",
+    )
+    with pipe:
+        s = pipe.run()
+    check_contract(rec.records, 24)
+    bad, rest = rec.records[:8], rec.records[8:]
+    assert all(r["verdict"] == "NOT_INSPECTED" and r["reason"] == "non_finite_score" for r in bad)
+    assert all(r["verdict"] in ("OK", "NG") for r in rest) and {r["verdict"] for r in rest} == {"OK", "NG"}
+    reasons, _ = fault_raised_and_cleared(rec)
+    assert reasons == {"non_finite_score"}
+    assert s["non_finite"] == 8 and s["not_inspected"] == 8 and s["records_lost"] == 0
+    csv_lines = (tmp_path / "out" / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 25 and sum(",NOT_INSPECTED,1," in line for line in csv_lines) == 8
+
+
+def test_nan_threshold_in_sidecar_or_config_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = make_brightness_model(tmp_path / "model.onnx", SIZE, SIZE)
+    images = tmp_path / "imgs"
+    images.mkdir()
+    import cv2
+
+    cv2.imwrite(str(images / "a.png"), frames(1)[0])
+    base = ["run", "--model", str(model), "--images", str(images), "--quiet", "--out", str(tmp_path / "o")]
+    # Config and --set: NaN, inf and values outside the map's range are refused, field named.
+    for value in (".nan", ".inf", "-.inf", "1.5", "-0.1"):
+        for key in ("image_threshold", "pixel_threshold"):
+            rc = cli.main([*base, "--set", f"postprocess.{key}={value}"])
+            err = capsys.readouterr().err.strip()
+            assert rc == cli.EXIT_CONFIG and f"postprocess.{key}" in err and len(err.splitlines()) == 1, err
+    # The sidecar's image threshold (not only its pixel threshold) is checked.
+    meta_file = metadata_path(model)
+    good_sidecar = meta_file.read_text()
+    for key in ("image", "pixel"):
+        for bad in ("NaN", "Infinity", "2.0"):
+            d = json.loads(good_sidecar)
+            meta_file.write_text(good_sidecar.replace(f'"{key}": {d["thresholds"][key]}', f'"{key}": {bad}'))
+            with pytest.raises(MetadataError, match=f"thresholds.{key}"):
+                load_for_model(model)
+            rc = cli.main(base)
+            err = capsys.readouterr().err.strip()
+            assert rc == cli.EXIT_CONFIG and f"thresholds.{key}" in err and len(err.splitlines()) == 1, err
+    meta_file.write_text(good_sidecar)
+    # A reload with a NaN threshold is refused and changes nothing.
+    from pouta.edge.config import build_pipeline, load_config
+    from pouta.edge.service import reload_thresholds
+
+    config = tmp_path / "line.yaml"
+    config.write_text(json.dumps({"model": {"path": str(model)}, "output": {"dir": str(tmp_path / "o2")}}))
+    cfg = load_config(config)
+    with build_pipeline(cfg, source=ArraySource(frames(1))) as pipe:
+        config.write_text(
+            json.dumps({"model": {"path": str(model)}, "postprocess": {"image_threshold": float("nan")}})
+        )
+        with pytest.raises(ConfigError, match="postprocess.image_threshold"):
+            reload_thresholds(pipe, config)
+        assert pipe.post.image_threshold == 0.5
+
+
+# -- inference faults ----------------------------------------------------------------------
+def test_hung_backend_trips_the_watchdog_then_verdicts_flow_again(tmp_path: Path) -> None:
+    backend = Hanging(brightness(tmp_path), at=4)
+    rec = Recorder()
+    n = 60
+    pipe = pipeline(
+        backend,
+        ArraySource(frames(9), fps=60, count=n),
+        [rec],
+        verdict_timeout_s=0.3,
+        queue_size=4,
+    )
+    pipe.start()
+    try:
+        assert backend.hung.wait(10)
+        # While the backend is still hung, parts acquired after it get their records.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(rec.records) < 20:
+            time.sleep(0.02)
+        hung_records = list(rec.records)
+        assert len(hung_records) >= 20 and backend.calls == 4, "records did not go out during the hang"
+        assert pipe.fault == "verdict_timeout"
+        assert all(r["verdict"] == "NOT_INSPECTED" for r in hung_records[3:])
+    finally:
+        backend.release.set()
+    pipe.join(30)
+    pipe.close()
+    s = pipe.summary()
+    check_contract(rec.records, n)
+    hung = rec.records[3]
+    assert hung["verdict"] == "NOT_INSPECTED" and hung["reason"] == "verdict_timeout"
+    # Its late verdict was discarded: one record per part.
+    assert s["late_verdicts"] == 1
+    assert rec.records[-1]["verdict"] in ("OK", "NG")
+    reasons, _ = fault_raised_and_cleared(rec)
+    assert reasons == {"verdict_timeout"}
+    assert s["parts"] == n and s["records_lost"] == 0
+
+
+def test_backend_that_raises_is_not_inspected_and_a_fault_not_a_crash(tmp_path: Path) -> None:
+    rec = Recorder()
+    pipe = pipeline(
+        Raising(brightness(tmp_path), 3, 7), ArraySource(frames(6), fps=100, count=20), [rec], policy="block"
+    )
+    with pipe:
+        s = pipe.run()
+    check_contract(rec.records, 20)
+    assert [r["reason"] for r in rec.records[2:7]] == ["inference_error"] * 5
+    assert all(r["verdict"] in ("OK", "NG") for r in rec.records[7:])
+    reasons, _ = fault_raised_and_cleared(rec)
+    assert reasons == {"inference_error"}
+    assert pipe.fatal is None and s["frame_errors"] == 5
+
+
+class StallingCamera(ArraySource):
+    """Triggered parts whose frames stop coming for a while (a cable pulled and plugged)."""
+
+    def __init__(self, images: list[np.ndarray], count: int, lost: range) -> None:
+        super().__init__(images, fps=100, count=count)
+        self.lost = lost
+        self.calls = 0
+
+    def read(self) -> Frame | None:
+        self.calls += 1
+        if self.calls in self.lost:
+            time.sleep(0.02)
+            raise FrameTimeout("camera: triggered, no frame", after_trigger=True)
+        return super().read()
+
+
+def test_camera_that_stops_delivering_records_every_triggered_part(tmp_path: Path) -> None:
+    rec = Recorder()
+    pipe = pipeline(brightness(tmp_path), StallingCamera(frames(6), 15, range(6, 11)), [rec], policy="block")
+    with pipe:
+        s = pipe.run()
+    check_contract(rec.records, 20)
+    assert [r["reason"] for r in rec.records[5:10]] == ["timeout_after_trigger"] * 5
+    reasons, _ = fault_raised_and_cleared(rec)
+    assert reasons == {"no_frame"}
+    assert s["timeouts"] == 5 and s["records_lost"] == 0
+
+
+# -- records -------------------------------------------------------------------------
+def test_part_id_is_bounded_printable_and_csv_safe(tmp_path: Path) -> None:
+    ids = ["A-1", "x" * (1 << 20), '=HYPERLINK("http://evil","x")', "bad\x00id", "+1-2", "@SUM(A1)"]
+
+    class WithIds(ArraySource):
+        def read(self) -> Frame | None:
+            f = super().read()
+            if f is not None:
+                f.part_id = ids[f.frame_id % len(ids)]
+            return f
+
+    rec = Recorder()
+    out = tmp_path / "out"
+    pipe = pipeline(brightness(tmp_path), WithIds(frames(6), count=6), [rec, ResultWriter(out, fsync=False)])
+    with pipe:
+        s = pipe.run()
+    check_contract(rec.records, 6)
+    assert [r["part_id"] for r in rec.records] == ["A-1", None, ids[2], None, "+1-2", "@SUM(A1)"]
+    assert s["part_id_rejected"] == 2
+    import csv
+
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["part_id"] for r in rows] == ["A-1", "", "'" + ids[2], "", "'+1-2", "'@SUM(A1)"]
+    assert max(len(line) for line in (out / "results.csv").read_text().splitlines()) < 1000
+    modes = {p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert modes == {0o644}, modes
+
+
+def test_sequence_contiguous_across_clean_restarts_and_gap_marked_after_crash(tmp_path: Path) -> None:
+    path = tmp_path / "seq.json"
+    a = SequenceCounter(path, block=10)
+    assert [a.next() for _ in range(8)] == list(range(1, 9))
+    assert a.close()
+    b = SequenceCounter(path, block=10)
+    assert b.take_gap() is None and b.next() == 9  # clean stop: no gap
+    assert [b.next() for _ in range(5)] == list(range(10, 15))
+    # b "crashes" (never closed): numbers up to its reserved block's end are skipped, flagged.
+    c = SequenceCounter(path, block=10)
+    n = c.next()
+    assert n == 19 and c.take_gap() == "crash" and c.take_gap() is None
+    # Disk refuses the counter: no number is handed out (a repeat would follow a restart).
+    d = SequenceCounter(tmp_path / "ro" / "seq.json", block=2)
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    try:
+        from pouta.edge.sequence import SequenceError
+
+        if (tmp_path / "ro").stat().st_mode & 0o200 == 0 and not _can_write(tmp_path / "ro"):
+            with pytest.raises(SequenceError, match="seq.json"):
+                d.next()
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+    assert d.next() == 1
+
+
+def _can_write(folder: Path) -> bool:
+    try:
+        (folder / ".probe").write_text("x")
+    except OSError:
+        return False
+    (folder / ".probe").unlink()
+    return True
+
+
+def test_sigterm_under_load_loses_nothing_and_the_next_run_continues(tmp_path: Path) -> None:
+    model = make_brightness_model(tmp_path / "model.onnx", SIZE, SIZE)
+    images = tmp_path / "imgs"
+    images.mkdir()
+    import cv2
+
+    for i, img in enumerate(frames(6)):
+        cv2.imwrite(str(images / f"{i}.png"), img)
+    out = tmp_path / "out"
+
+    def run(extra: list[str], summary: Path) -> subprocess.Popen[str]:
+        cmd = [sys.executable, "-m", "pouta.edge.cli", "run", "--model", str(model), "--images", str(images)]
+        cmd += ["--out", str(out), "--no-fsync", "--quiet", "--summary-json", str(summary), *extra]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    proc = run(["--loop", "--fps", "200"], tmp_path / "s1.json")
+    try:
+        deadline = time.monotonic() + 30
+        while not (out / "latest.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == cli.EXIT_OK, err
+    s1 = json.loads((tmp_path / "s1.json").read_text())
+    assert s1["stopped_by"] == "SIGTERM" and s1["parts"] > 10 and s1["records_lost"] == 0
+    assert json.loads((out / "sequence.json").read_text()) == {"next": s1["parts"] + 1, "clean": True}
+    proc2 = run(["--max-frames", "3"], tmp_path / "s2.json")
+    _, err = proc2.communicate(timeout=60)
+    assert proc2.returncode == cli.EXIT_OK, err
+    import csv
+
+    seqs = [int(r["seq"]) for r in csv.DictReader((out / "results.csv").open())]
+    # Every part of both runs exactly once, contiguous across the clean restart.
+    assert seqs == list(range(1, s1["parts"] + 4))
