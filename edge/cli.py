@@ -153,10 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--duration", type=float, help="seconds")
     run.add_argument("--quiet", action="store_true", help="no live status line")
     run.add_argument(
-        "--modbus", type=int, metavar="PORT", help="serve results as Modbus TCP on PORT (pip '.[plc]')"
+        "--modbus",
+        type=int,
+        metavar="PORT",
+        help="serve results as Modbus TCP on modbus.host (127.0.0.1 unless set):PORT (pip '.[plc]')",
     )
     run.add_argument(
-        "--opcua", metavar="URL", help="serve results over OPC UA, e.g. opc.tcp://0.0.0.0:4840/pouta/"
+        "--opcua",
+        metavar="URL",
+        help="serve results over OPC UA, e.g. opc.tcp://127.0.0.1:4840/pouta/ (docs/security.md)",
     )
     run.add_argument(
         "--mqtt", metavar="HOST[:PORT]", help="publish results to an MQTT broker (pip '.[mqtt]')"
@@ -166,10 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--http",
         metavar="HOST:PORT",
-        help="serve the live view and /metrics, e.g. 0.0.0.0:8080 (pip '.[ui]')",
+        help="serve the live view and /metrics, e.g. 127.0.0.1:8080; beyond loopback needs a token (pip '.[ui]')",
     )
     run.add_argument(
-        "--http-token", metavar="TOKEN", help="token for state-changing HTTP requests (default read-only)"
+        "--http-token-file",
+        metavar="FILE",
+        help="file holding the live view token (never the token itself on the command line: ps shows it)",
     )
     run.add_argument(
         "--http-hold", type=float, metavar="S", help="keep serving S seconds after the input ends (replays)"
@@ -248,7 +255,7 @@ def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
             o["mqtt"]["topic_prefix"] = a.mqtt_topic
     http = {
         k: v
-        for k, v in (("listen", a.http), ("token", a.http_token), ("hold_s", a.http_hold))
+        for k, v in (("listen", a.http), ("token_file", a.http_token_file), ("hold_s", a.http_hold))
         if v is not None
     }
     if a.http:
@@ -280,6 +287,16 @@ def _print_summary(s: dict[str, Any], out_dir: str) -> None:
     print("\n".join(lines), flush=True)
 
 
+SECRET_KEYS = frozenset({"token", "password"})
+
+
+def redacted(cfg: Any) -> Any:
+    """The config with secret values hidden (what --print-config shows)."""
+    if isinstance(cfg, dict):
+        return {k: "<hidden>" if k in SECRET_KEYS and v is not None else redacted(v) for k, v in cfg.items()}
+    return cfg
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from .config import build_pipeline, load_config
 
@@ -288,7 +305,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.print_config:
         from .settings import dump
 
-        print(dump(cfg), end="")
+        print(dump(redacted(cfg)), end="")
         return EXIT_OK
     with build_pipeline(cfg) as pipe:
         return _run_pipeline(a, cfg, overrides, pipe)

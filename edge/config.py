@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from .auth import read_secret
 from .backend import Backend, open_backend
 from .errors import ConfigError
 from .geometry import Roi
@@ -187,6 +188,9 @@ def make_sinks(cfg: dict[str, Any]) -> list[ResultSink]:
                     int(mb["port"]),
                     handshake=bool(mb["handshake"]),
                     ack_timeout_s=float(mb["ack_timeout_s"]),
+                    unit_id=mb["unit_id"],
+                    allow_write=mb["allow_write"],
+                    allow_read=mb["allow_read"],
                 )
             )
         if ua["enabled"]:
@@ -197,6 +201,12 @@ def make_sinks(cfg: dict[str, Any]) -> list[ResultSink]:
                     str(ua["endpoint"]),
                     handshake=bool(ua["handshake"]),
                     ack_timeout_s=float(ua["ack_timeout_s"]),
+                    security=ua["security"],
+                    certificate=ua["certificate"],
+                    private_key=ua["private_key"],
+                    pki_dir=ua["pki_dir"] or Path(out["dir"]) / "opcua-pki",
+                    users_file=ua["users_file"],
+                    write_role=str(ua["write_role"]),
                 )
             )
         if mq["enabled"]:
@@ -211,6 +221,12 @@ def make_sinks(cfg: dict[str, Any]) -> list[ResultSink]:
                     keepalive_s=int(mq["keepalive_s"]),
                     buffer=int(mq["buffer"]),
                     replay_s=float(mq["replay_s"]),
+                    username=mq["username"],
+                    password=read_secret("mqtt.password", None, mq["password_file"], mq["password_env"]),
+                    tls=bool(mq["tls"]),
+                    ca_file=mq["ca_file"],
+                    cert_file=mq["cert_file"],
+                    key_file=mq["key_file"],
                 )
             )
     except BaseException:

@@ -400,28 +400,40 @@ def test_sequence_contiguous_across_clean_restarts_and_gap_marked_after_crash(tm
     c = SequenceCounter(path, block=10)
     n = c.next()
     assert n == 19 and c.take_gap() == "crash" and c.take_gap() is None
-    # Disk refuses the counter: no number is handed out (a repeat would follow a restart).
-    d = SequenceCounter(tmp_path / "ro" / "seq.json", block=2)
-    (tmp_path / "ro").mkdir()
-    (tmp_path / "ro").chmod(0o500)
-    try:
-        from pouta.edge.sequence import SequenceError
+    # The counter cannot be saved (here: its folder is a file): no number is handed out,
+    # since one the file does not cover could be handed out again after a restart.
+    from pouta.edge.sequence import SequenceError
 
-        if (tmp_path / "ro").stat().st_mode & 0o200 == 0 and not _can_write(tmp_path / "ro"):
-            with pytest.raises(SequenceError, match="seq.json"):
-                d.next()
-    finally:
-        (tmp_path / "ro").chmod(0o700)
-    assert d.next() == 1
+    blocked = tmp_path / "blocked"
+    blocked.write_text("not a folder")
+    d = SequenceCounter(blocked / "seq.json", block=2)
+    with pytest.raises(SequenceError, match="seq.json"):
+        d.next()
+    blocked.unlink()
+    assert [d.next() for _ in range(3)] == [1, 2, 3]
 
 
-def _can_write(folder: Path) -> bool:
-    try:
-        (folder / ".probe").write_text("x")
-    except OSError:
-        return False
-    (folder / ".probe").unlink()
-    return True
+def test_unsaved_sequence_counter_is_a_fault_not_a_repeat(tmp_path: Path) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.write_text("not a folder")
+    rec = Recorder()
+    src = ArraySource(frames(6), fps=50, count=30)
+    pipe = pipeline(brightness(tmp_path), src, [rec], sequence=SequenceCounter(blocked / "seq.json", block=5))
+    pipe.start()
+    deadline = time.monotonic() + 10
+    while pipe.unnumbered < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pipe.fault == "sequence" and not rec.records
+    blocked.unlink()  # the disk accepts the counter again
+    pipe.join(30)
+    pipe.close()
+    s = pipe.summary()
+    # No part got a number the counter file did not cover; the unnumbered ones are counted.
+    assert [r["seq"] for r in rec.records] == list(range(1, 31 - s["unnumbered"]))
+    assert s["unnumbered"] >= 5
+    reasons, _ = fault_raised_and_cleared(rec)
+    assert reasons == {"sequence"}
+    assert json.loads((blocked / "seq.json").read_text()) == {"next": 31 - s["unnumbered"], "clean": True}
 
 
 def test_sigterm_under_load_loses_nothing_and_the_next_run_continues(tmp_path: Path) -> None:
