@@ -474,3 +474,269 @@ def test_sigterm_under_load_loses_nothing_and_the_next_run_continues(tmp_path: P
     seqs = [int(r["seq"]) for r in csv.DictReader((out / "results.csv").open())]
     # Every part of both runs exactly once, contiguous across the clean restart.
     assert seqs == list(range(1, s1["parts"] + 4))
+
+
+# -- network: unauthenticated and forged writes ------------------------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_opcua_anonymous_and_wrong_password_writes_refused_right_user_acks(tmp_path: Path) -> None:
+    pytest.importorskip("asyncua", reason="needs pouta-edge[plc]")
+    import asyncio
+
+    from asyncua import Client, ua
+    from asyncua.crypto.cert_gen import setup_self_signed_certificate
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+    from pouta.edge.auth import hash_password
+    from pouta.edge.opcua_server import OpcUaResultServer
+
+    users = tmp_path / "users.yaml"
+    users.write_text(
+        "users:\n"
+        f"  plc: {{password_hash: '{hash_password('right', 1000)}', role: operator}}\n"
+        f"  viewer: {{password_hash: '{hash_password('look', 1000)}', role: viewer}}\n"
+    )
+    url = f"opc.tcp://127.0.0.1:{free_port()}/pouta/"
+    pki = tmp_path / "pki"
+    server = OpcUaResultServer(url, handshake=True, ack_timeout_s=30.0, pki_dir=pki, users_file=users)
+    rec = Recorder()
+    # One part, held (handshake) until an authorised client acknowledges it.
+    pipe = pipeline(brightness(tmp_path), ArraySource(frames(1), count=1), [rec, server], policy="block")
+    ck, cc = tmp_path / "client_key.pem", tmp_path / "client_cert.der"
+    outcome: dict[str, str] = {}
+
+    async def session(who: str, user: str | None, password: str | None, mode: str | None) -> None:
+        c = Client(url)
+        c.application_uri = "urn:test:plc"
+        if mode is not None:
+            await c.set_security_string(f"Basic256Sha256,{mode},{cc},{ck}")
+        if user is not None:
+            c.set_user(user)
+            c.set_password(password or "")
+        try:
+            async with c:
+                ns = await c.get_namespace_index("urn:pouta-edge")
+                root = [f"{ns}:PoutaEdge"]
+                seq = await c.nodes.objects.get_child([*root, f"{ns}:Result", f"{ns}:SequenceNumber"])
+                verdict = await c.nodes.objects.get_child([*root, f"{ns}:Result", f"{ns}:Verdict"])
+                ack = await c.nodes.objects.get_child([*root, f"{ns}:Control", f"{ns}:AckSequence"])
+                control = await c.nodes.objects.get_child([*root, f"{ns}:Control"])
+                n = int(await seq.read_value())
+                results = [f"read {n}"]
+                for name, node, value in (
+                    ("verdict", verdict, ua.Variant("OK", ua.VariantType.String)),
+                    ("ack", ack, ua.Variant(n, ua.VariantType.UInt64)),
+                ):
+                    try:
+                        await node.write_value(value)
+                        results.append(f"{name} written")
+                    except ua.UaStatusCodeError as exc:
+                        results.append(f"{name} refused {type(exc).__name__}")
+                try:
+                    out = await control.call_method(f"{ns}:AckResult", ua.Variant(n, ua.VariantType.UInt64))
+                    results.append(f"call {out}")
+                except ua.UaStatusCodeError as exc:
+                    results.append(f"call refused {type(exc).__name__}")
+                outcome[who] = ", ".join(results)
+        except ua.UaStatusCodeError as exc:
+            outcome[who] = f"login refused {type(exc).__name__}"
+        except Exception as exc:  # the unencrypted endpoint does not exist
+            outcome[who] = f"no endpoint {type(exc).__name__}"
+
+    async def main() -> None:
+        await setup_self_signed_certificate(
+            ck, cc, "urn:test:plc", "localhost", [ExtendedKeyUsageOID.CLIENT_AUTH], {"commonName": "plc"}
+        )
+        for who, user, pw, mode in (
+            ("anonymous", None, None, "SignAndEncrypt"),
+            ("admin", "admin", "anything", "SignAndEncrypt"),
+            ("wrong", "plc", "wrong", "SignAndEncrypt"),
+            ("viewer", "viewer", "look", "Sign"),
+            ("plain", None, None, None),
+        ):
+            await session(who, user, pw, mode)
+        assert server.acks == 0
+        await session("plc", "plc", "right", "Sign")
+
+    pipe.start()
+    try:
+        deadline = time.monotonic() + 10
+        while server.written < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        asyncio.run(main())
+    finally:
+        pipe.join(30)
+        pipe.close()
+    assert (
+        outcome["anonymous"]
+        == "read 1, verdict refused BadUserAccessDenied, ack refused BadUserAccessDenied, call refused BadUserAccessDenied"
+    )
+    assert outcome["admin"] == "login refused BadUserAccessDenied"
+    assert outcome["wrong"] == "login refused BadUserAccessDenied"
+    assert outcome["viewer"].endswith("ack refused BadUserAccessDenied, call refused BadUserAccessDenied")
+    assert outcome["plain"].startswith("no endpoint")  # no NoSecurity endpoint unless asked for
+    # The operator's session: the result's value is the runtime's (not writable by anyone),
+    # the ack is accepted.
+    assert outcome["plc"].startswith("read 1, verdict refused BadUserAccessDenied, ack written")
+    assert server.acks == 1 and server.ack_timeouts == 0
+    check_contract(rec.records, 1)
+    assert rec.records[0]["verdict"] in ("OK", "NG")
+    # The self-signed certificate was made on first start; its key is private.
+    assert (pki / "server_cert.der").stat().st_size > 0 and (
+        pki / "server_key.pem"
+    ).stat().st_mode & 0o777 == 0o600
+
+
+def test_modbus_forged_write_from_unlisted_address_refused(tmp_path: Path) -> None:
+    pytest.importorskip("pymodbus", reason="needs pouta-edge[plc]")
+    from pouta.edge.modbus_server import ModbusResultServer
+    from pymodbus.client import ModbusTcpClient
+
+    # The PLC's address is 127.0.0.2; the forger connects from 127.0.0.1.
+    server = ModbusResultServer("127.0.0.1", 0, handshake=True, ack_timeout_s=0.2, allow_write=["127.0.0.2"])
+    assert server.host == "127.0.0.1"
+    forger = ModbusTcpClient("127.0.0.1", port=server.port)
+    assert forger.connect()
+    try:
+        assert forger.write_registers(20, [0, 666], device_id=1).isError()  # part id
+        assert forger.write_register(22, 1, device_id=1).isError()  # ack
+        assert not forger.read_holding_registers(0, count=16, device_id=1).isError()  # reading is open
+        assert forger.read_holding_registers(0, count=1, device_id=7).isError()  # one unit id only
+    finally:
+        forger.close()
+    rec = Recorder()
+    pipe = pipeline(brightness(tmp_path), ArraySource(frames(4), count=4), [rec, server], policy="block")
+    with pipe:
+        s = pipe.run()
+    check_contract(rec.records, 4)
+    assert all(r["part_id"] is None for r in rec.records)  # the forged id never reached a record
+    st = s["sinks"]["modbus"]
+    assert st["refused"] == 2 and st["acks"] == 0 and st["ack_timeouts"] == 3
+    # A listed address may write; its part id belongs to exactly one part.
+    server2 = ModbusResultServer("127.0.0.1", 0, allow_write=["127.0.0.0/8"])
+    plc = ModbusTcpClient("127.0.0.1", port=server2.port)
+    assert plc.connect()
+    assert not plc.write_registers(20, [0, 77], device_id=1).isError()
+    assert server2.part_id() == "77" and server2.part_id() is None
+    plc.close()
+    server2.close()
+
+
+def test_plc_that_never_acks_delays_only_its_own_sink(tmp_path: Path) -> None:
+    pytest.importorskip("pymodbus", reason="needs pouta-edge[plc]")
+    from pouta.edge.modbus_server import RESULT_AGE, ModbusResultServer
+    from pymodbus.client import ModbusTcpClient
+
+    server = ModbusResultServer("127.0.0.1", 0, handshake=True, ack_timeout_s=0.1)
+    plc = ModbusTcpClient("127.0.0.1", port=server.port)
+    assert plc.connect()
+    seen: list[list[int]] = []
+
+    def poll() -> None:  # a PLC that polls the registers but never writes the ack
+        while True:
+            try:
+                r = plc.read_holding_registers(0, count=16, device_id=1)
+            except Exception:
+                return
+            if r.isError():
+                return
+            seen.append(list(r.registers))
+            time.sleep(0.01)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    rec = Recorder()
+    out = tmp_path / "out"
+    pipe = pipeline(
+        brightness(tmp_path),
+        ArraySource(frames(5), fps=100, count=10),
+        [rec, ResultWriter(out, fsync=False), server],
+        policy="block",
+        close_timeout_s=10,
+    )
+    with pipe:
+        s = pipe.run()
+    poller.join(5)
+    plc.close()
+    check_contract(rec.records, 10)
+    st = s["sinks"]["modbus"]
+    # Every result was presented, each after the ack timeout; the files and the other sinks did not wait.
+    # (the last one waits at close, not counted as a timeout)
+    assert st["written"] == 10 and st["acks"] == 0 and st["ack_timeouts"] == 9
+    shown = [(r[2] << 16) | r[3] for r in seen if r[1] & 4]
+    assert shown and shown == sorted(shown) and shown[-1] == 10
+    # The shown result's age is served (seconds; the PLC compares it with its own limit).
+    assert all(r[RESULT_AGE] < 60 for r in seen)
+    assert s["sinks"]["files"]["written"] == 10 and s["records_lost"] == 0
+
+
+def test_live_view_token_required_except_health_and_secrets_not_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("aiohttp", reason="needs pouta-edge[ui]")
+    import urllib.error
+    import urllib.request
+
+    from pouta.edge.config import build_pipeline, load_config
+    from pouta.edge.liveview_server import attach_http
+
+    model = make_brightness_model(tmp_path / "model.onnx", SIZE, SIZE)
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    base = {"model": {"path": str(model)}, "output": {"dir": str(tmp_path / "o"), "fsync": False}}
+    http = {"enabled": True, "listen": "127.0.0.1:0", "token_file": str(token), "require_token": True}
+    cfg = load_config(None, {**base, "http": http})
+    pipe = build_pipeline(cfg, source=ArraySource(frames(4), count=4))
+    server = attach_http(pipe, cfg)
+
+    def status(path: str, headers: dict[str, str] | None = None) -> int:
+        try:
+            return urllib.request.urlopen(
+                urllib.request.Request(server.url + path, headers=headers or {}), timeout=5
+            ).status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        pipe.run()
+        assert status("healthz") == 200
+        for path in ("", "api/state", "metrics", "api/frame.jpg", "api/ng/1.jpg"):
+            assert status(path) == 401, path
+            assert status(path, {"Authorization": "Bearer wrong"}) == 401, path
+        assert status("api/state", {"Authorization": "Bearer s3cret-token"}) == 200
+        metrics = (
+            urllib.request.urlopen(
+                urllib.request.Request(
+                    server.url + "metrics", headers={"Authorization": "Bearer s3cret-token"}
+                ),
+                timeout=5,
+            )
+            .read()
+            .decode()
+        )
+        assert "pouta_fault 0.0" in metrics and "pouta_records_lost_total 0.0" in metrics
+    finally:
+        server.close()
+        pipe.close()
+    # A numeric token is a config error naming the field, not a 500 later.
+    cfg = load_config(None, {**base, "http": {"enabled": True, "listen": "127.0.0.1:0", "token": 1234}})
+    pipe = build_pipeline(cfg, source=ArraySource(frames(1), count=1))
+    with pytest.raises(ConfigError, match="http.token"):
+        attach_http(pipe, cfg)
+    pipe.close()
+    # Beyond loopback without a token: refused before anything listens.
+    from pouta.edge.liveview import LiveViewSink
+    from pouta.edge.liveview_server import LiveServer
+
+    view = LiveViewSink()
+    with pytest.raises(ConfigError, match="token"):
+        LiveServer(view, None, dict, listen="0.0.0.0:8080")
+    view.close()
+    # --print-config never shows a secret.
+    rc = cli.main(["run", "--model", str(model), "--set", "http.token=visible-secret", "--print-config"])
+    assert rc == 0 and "visible-secret" not in capsys.readouterr().out
