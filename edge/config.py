@@ -66,6 +66,7 @@ def make_source(scfg: dict[str, Any]) -> FrameSource:
 def make_backend(mcfg: dict[str, Any]) -> Backend:
     if not mcfg.get("path"):
         raise ConfigError("model.path: no model given (use --model/--engine FILE)")
+    check_artifact_hash(mcfg["path"], allow_modified=bool(mcfg.get("allow_modified")))
     backend = open_backend(
         mcfg["path"],
         providers=mcfg.get("providers"),
@@ -83,6 +84,31 @@ def make_backend(mcfg: dict[str, Any]) -> Backend:
         backend.close()
         raise
     return backend
+
+
+def check_artifact_hash(path: str | os.PathLike[str], allow_modified: bool = False) -> None:
+    """The model file must be the one its sidecar describes (``artifact_sha256``): a swapped
+    file would run with another model's thresholds and id. ``allow_modified`` only warns."""
+    import logging
+
+    from .errors import MetadataError
+    from .fsutil import sha256_file
+    from .metadata import load_for_model
+
+    p = Path(path)
+    if not p.is_file():
+        return  # the backend reports the missing file
+    want = load_for_model(p).artifact_sha256
+    if not want:
+        return  # older sidecars carry no hash; nothing to compare
+    got = sha256_file(p)
+    if got != want:
+        msg = f"{p}: sha256 {got[:12]}... differs from the sidecar's artifact_sha256 {want[:12]}..."
+        if not allow_modified:
+            raise MetadataError(
+                f"{msg}; the file was modified or swapped (--allow-modified-model to run it anyway)"
+            )
+        logging.getLogger("pouta.edge.config").warning("%s; running it anyway (allow_modified)", msg)
 
 
 def build_pipeline(cfg: dict[str, Any], source: FrameSource | None = None) -> Pipeline:

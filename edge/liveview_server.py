@@ -27,7 +27,7 @@ from importlib import resources
 from typing import Any
 
 from .auth import read_secret
-from .errors import ConfigError
+from .errors import ConfigError, UnavailableError
 from .liveview import LiveViewSink, is_loopback, parse_listen
 from .metrics import CONTENT_TYPE, MetricsSink
 
@@ -168,7 +168,7 @@ class LiveServer:
         self._thread.start()
         self._ready.wait(30.0)
         if self._error is not None:
-            raise ConfigError(
+            raise UnavailableError(
                 f"http.listen {self.host}:{self.port}: cannot serve the live view ({self._error})"
             )
         log.info("live view on %s", self.url)

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import ConfigError, PoutaError
+from .errors import ConfigError, UnavailableError
 from .handshake import ResultHandshake
 from .loop_thread import start_loop_thread
 from .postprocess import NG, NOT_INSPECTED, OK
@@ -209,7 +209,7 @@ class ModbusResultServer(ResultHandshake):
 
         self._thread, error = start_loop_thread(self._loop, serve, "pouta-modbus", start_timeout_s)
         if error is not None:
-            raise PoutaError(f"modbus: cannot listen on {self.host}:{self.port} ({error})")
+            raise UnavailableError(f"modbus: cannot listen on {self.host}:{self.port} ({error})")
         log.info("Modbus TCP server on %s:%d", self.host, self.port)
 
     # -- PLC side (server thread) -----------------------------------------

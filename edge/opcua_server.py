@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from .auth import Users
-from .errors import ConfigError, PoutaError
+from .errors import ConfigError, UnavailableError
 from .handshake import ResultHandshake
 from .loop_thread import start_loop_thread
 from .postprocess import NG, NOT_INSPECTED, OK
@@ -159,7 +159,7 @@ class OpcUaResultServer(ResultHandshake):
         self._write_lock: asyncio.Lock | None = None
         self._thread, error = start_loop_thread(self._loop, self._start, "pouta-opcua", start_timeout_s)
         if error is not None:
-            raise PoutaError(f"opcua: cannot serve {endpoint} ({error})")
+            raise UnavailableError(f"opcua: cannot serve {endpoint} ({error})")
         log.info("OPC UA server on %s", endpoint)
 
     async def _start(self) -> None:

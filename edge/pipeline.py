@@ -120,6 +120,8 @@ class Pipeline:
         self._faults: dict[str, str] = {}
         self._beat_now = threading.Event()
         self.unnumbered = 0  # parts seen while the sequence counter could not be saved
+        # When the inference thread last came round its loop (systemd's watchdog pings on it).
+        self.progress_at = time.monotonic()
         self.frames = FrameQueue(queue_size, policy, self.stats, on_drop=self._on_drop)
         self.results: queue.Queue[Any] = queue.Queue(maxsize=max(1, result_queue_size))
         self.model_id = backend.metadata.model_id
@@ -436,6 +438,7 @@ class Pipeline:
 
     def _infer_loop(self) -> None:
         while True:
+            self.progress_at = time.monotonic()
             # Taking a part and marking it current is one step under the emit lock: the
             # watchdog must never record younger parts while this one is between the two.
             with self._emit_lock:

@@ -740,3 +740,223 @@ def test_live_view_token_required_except_health_and_secrets_not_printed(
     # --print-config never shows a secret.
     rc = cli.main(["run", "--model", str(model), "--set", "http.token=visible-secret", "--print-config"])
     assert rc == 0 and "visible-secret" not in capsys.readouterr().out
+
+
+# -- service: unit, sd_notify, signals, exit codes ---------------------------------------------
+def test_unit_is_hardened_and_its_input_validated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from pouta.edge.service import install_service
+
+    model = make_brightness_model(tmp_path / "model.onnx", SIZE, SIZE)
+    config = tmp_path / "line3.yaml"
+    config.write_text(
+        f"model: {{path: {model}}}\nsource: {{kind: genicam, camera: '0'}}\noutput: {{dir: out}}\n"
+    )
+    unit = install_service(config, dry_run=True).splitlines()
+    for line in (
+        "Type=notify",
+        "User=pouta-edge",
+        "WatchdogSec=30",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        f"ReadWritePaths={tmp_path / 'out'}",
+        "CapabilityBoundingSet=",
+        "MemoryMax=4G",
+        "RestartPreventExitStatus=2",
+        "Restart=on-failure",
+    ):
+        assert line in unit, line
+    assert any(line.startswith("ProtectHome=") for line in unit)
+    assert not any(line.startswith("AmbientCapabilities") for line in unit)
+    # Port 502: the one capability it needs, nothing else.
+    config.write_text(config.read_text() + "modbus: {enabled: true, port: 502}\n")
+    unit = install_service(config, dry_run=True).splitlines()
+    assert (
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE" in unit
+        and "AmbientCapabilities=CAP_NET_BIND_SERVICE" in unit
+    )
+    # Input that would inject unit lines is a one-line error naming the option.
+    units = tmp_path / "units"
+    for args, field in (
+        (["--user", "pouta\nExecStartPre=/bin/sh -c id"], "--user"),
+        (["--name", "edge\n[Service]"], "--name"),
+        (["--memory-max", "4G\nUser=root"], "--memory-max"),
+    ):
+        rc = cli.main(["install-service", "--config", str(config), "--unit-dir", str(units), *args])
+        err = capsys.readouterr().err.strip()
+        assert rc == cli.EXIT_CONFIG and field in err and len(err.splitlines()) == 1, err
+    assert not units.exists()
+
+
+def test_sd_notify_ready_watchdog_and_stopping(tmp_path: Path) -> None:
+    import os
+    import socket
+
+    import cv2
+
+    model = make_brightness_model(tmp_path / "model.onnx", SIZE, SIZE)
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i, img in enumerate(frames(4)):
+        cv2.imwrite(str(images / f"{i}.png"), img)
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(0.2)
+    env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "600000"}
+    cmd = [sys.executable, "-m", "pouta.edge.cli", "run", "--model", str(model), "--images", str(images)]
+    cmd += ["--loop", "--fps", "30", "--out", str(tmp_path / "out"), "--no-fsync", "--quiet"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    got: list[str] = []
+    try:
+        deadline = time.monotonic() + 30
+        while got.count("WATCHDOG=1") < 3 and time.monotonic() < deadline:
+            try:
+                got.append(sock.recv(256).decode())
+            except TimeoutError:
+                continue
+        proc.send_signal(signal.SIGTERM)
+        end = time.monotonic() + 10
+        while "STOPPING=1" not in got and time.monotonic() < end:
+            try:
+                got.append(sock.recv(256).decode())
+            except TimeoutError:
+                continue
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sock.close()
+    assert proc.returncode == cli.EXIT_OK, err
+    assert got[0] == "READY=1" and got.count("WATCHDOG=1") >= 3 and "STOPPING=1" in got, got
+
+
+def test_watchdog_pings_only_while_inference_makes_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from pouta.edge.service import SystemdWatchdog
+
+    sock_path = tmp_path / "n.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(0.2)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+    monkeypatch.setenv("WATCHDOG_USEC", "300000")
+    wd = SystemdWatchdog()
+    wd.ping(alive=False)  # a stuck inference thread: systemd must not hear from us
+    with pytest.raises(TimeoutError):
+        sock.recv(64)
+    wd.ping(alive=True)
+    assert sock.recv(64) == b"WATCHDOG=1"
+    sock.close()
+
+
+def test_signals_during_model_load_are_handled_not_fatal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import os
+
+    import cv2
+    from pouta.edge import config as config_module
+
+    model = make_brightness_model(tmp_path / "model.onnx", SIZE, SIZE)
+    images = tmp_path / "imgs"
+    images.mkdir()
+    cv2.imwrite(str(images / "a.png"), frames(1)[0])
+    real_build = config_module.build_pipeline
+    delivered: list[str] = []
+
+    def slow_build(cfg: dict[str, Any], source: Any = None) -> Pipeline:
+        # SIGHUP and SIGTERM arrive while the model is loading (a TensorRT engine takes minutes).
+        os.kill(os.getpid(), signal.SIGHUP)
+        delivered.append("SIGHUP")
+        os.kill(os.getpid(), signal.SIGTERM)
+        delivered.append("SIGTERM")
+        return real_build(cfg, source)
+
+    monkeypatch.setattr(config_module, "build_pipeline", slow_build)
+    before = signal.getsignal(signal.SIGHUP)
+    rc = cli.main(
+        [
+            "run",
+            "--model",
+            str(model),
+            "--images",
+            str(images),
+            "--loop",
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
+    assert delivered == ["SIGHUP", "SIGTERM"]
+    # Stopped cleanly (exit 0: systemd does not restart a deliberate stop), never killed by SIGHUP.
+    assert rc == cli.EXIT_OK and "stopped by SIGTERM while loading" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGHUP) == before
+
+
+def test_corrupt_or_swapped_model_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import cv2
+    from pouta.edge.fsutil import sha256_file
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    cv2.imwrite(str(images / "a.png"), frames(1)[0])
+    model = make_brightness_model(tmp_path / "model.onnx", SIZE, SIZE)
+    base = ["run", "--images", str(images), "--out", str(tmp_path / "o"), "--quiet", "--no-fsync"]
+    # Truncated file.
+    data = model.read_bytes()
+    model.write_bytes(data[: len(data) // 2])
+    rc = cli.main([*base, "--model", str(model)])
+    err = capsys.readouterr().err.strip()
+    assert rc == cli.EXIT_CONFIG and str(model) in err and len(err.splitlines()) == 1, err
+    # Swapped: the sidecar's artifact_sha256 names another file.
+    model.write_bytes(data)
+    meta = load_for_model(model)
+    meta.artifact_sha256 = sha256_file(model)
+    meta.save(metadata_path(model))
+    assert cli.main([*base, "--model", str(model)]) == cli.EXIT_OK
+    capsys.readouterr()
+    make_brightness_model(model, SIZE, SIZE, level=0.9, with_metadata=False)
+    rc = cli.main([*base, "--model", str(model)])
+    err = capsys.readouterr().err.strip()
+    assert rc == cli.EXIT_CONFIG and "artifact_sha256" in err and len(err.splitlines()) == 1, err
+    assert cli.main([*base, "--model", str(model), "--allow-modified-model"]) == cli.EXIT_OK
+
+
+def test_port_not_bindable_yet_exits_5_for_a_restart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("pymodbus", reason="needs pouta-edge[plc]")
+    import socket
+
+    import cv2
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    cv2.imwrite(str(images / "a.png"), frames(1)[0])
+    model = make_brightness_model(tmp_path / "model.onnx", SIZE, SIZE)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc = cli.main(
+            [
+                "run",
+                "--model",
+                str(model),
+                "--images",
+                str(images),
+                "--out",
+                str(tmp_path / "o"),
+                "--quiet",
+                "--modbus",
+                str(port),
+            ]
+        )
+    err = capsys.readouterr().err.strip()
+    assert rc == cli.EXIT_UNAVAILABLE == 5 and "modbus" in err and len(err.splitlines()) == 1, err
