@@ -279,13 +279,25 @@ def test_nan_threshold_in_sidecar_or_config_is_a_one_line_error(
 
 
 # -- inference faults ----------------------------------------------------------------------
+class StrobedSource(ArraySource):
+    """A camera with a reject output: records what the pipeline signals for each part."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.strobes: list[bool] = []
+
+    def signal_verdict(self, ng: bool) -> None:
+        self.strobes.append(ng)
+
+
 def test_hung_backend_trips_the_watchdog_then_verdicts_flow_again(tmp_path: Path) -> None:
     backend = Hanging(brightness(tmp_path), at=4)
     rec = Recorder()
     n = 60
+    source = StrobedSource(frames(9), fps=60, count=n)
     pipe = pipeline(
         backend,
-        ArraySource(frames(9), fps=60, count=n),
+        source,
         [rec],
         verdict_timeout_s=0.3,
         queue_size=4,
@@ -315,6 +327,9 @@ def test_hung_backend_trips_the_watchdog_then_verdicts_flow_again(tmp_path: Path
     reasons, _ = fault_raised_and_cleared(rec)
     assert reasons == {"verdict_timeout"}
     assert s["parts"] == n and s["records_lost"] == 0
+    # The reject output fired for every part nobody judged (fail-safe), once per part.
+    assert source.strobes == [r["reject"] for r in rec.records]
+    assert all(r["reject"] for r in rec.records if r["verdict"] == "NOT_INSPECTED")
 
 
 def test_backend_that_raises_is_not_inspected_and_a_fault_not_a_crash(tmp_path: Path) -> None:
@@ -960,3 +975,21 @@ def test_port_not_bindable_yet_exits_5_for_a_restart(
         )
     err = capsys.readouterr().err.strip()
     assert rc == cli.EXIT_UNAVAILABLE == 5 and "modbus" in err and len(err.splitlines()) == 1, err
+
+
+def test_images_run_as_a_non_root_user() -> None:
+    root = Path(__file__).resolve().parents[1] / "docker"
+    files = sorted(root.glob("Dockerfile*"))
+    assert files
+    for f in files:
+        lines = [
+            ln.split(None, 1) for ln in f.read_text().splitlines() if ln.strip() and not ln.startswith("#")
+        ]
+        users = [i for i, ln in enumerate(lines) if ln[0] == "USER"]
+        assert users, f"{f.name}: no USER"
+        user = lines[users[-1]][1].split(":")[0].strip()
+        assert user not in ("root", "0"), f"{f.name}: runs as {user}"
+        # Nothing after the last USER switches back or runs as root.
+        assert not any(ln[0] == "RUN" for ln in lines[users[-1] :]), f.name
+        entry = next(i for i, ln in enumerate(lines) if ln[0] == "ENTRYPOINT")
+        assert entry > users[-1], f.name
