@@ -113,8 +113,10 @@ class SequenceCounter:
             if self._closed or self.path is None:
                 return True
             self._closed = True
+            # No number handed out since a crash: the file must keep saying so.
+            clean = self._gap is None
             try:
-                atomic_write_json(self.path, {"next": self._next, "clean": True})
+                atomic_write_json(self.path, {"next": self._next, "clean": clean})
             except OSError as exc:
                 log.error("%s: cannot save the sequence counter at shutdown (%s)", self.path, exc)
                 return False
