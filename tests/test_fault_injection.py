@@ -1031,3 +1031,30 @@ def test_mqtt_security_keys_checked_and_client_ids_unique(tmp_path: Path) -> Non
     finally:
         for s in (a, b):
             s.close(flush_timeout_s=0.1)
+
+
+def test_default_run_exposes_nothing_beyond_loopback(tmp_path: Path) -> None:
+    from urllib.parse import urlparse
+
+    from pouta.edge.config import load_config
+    from pouta.edge.liveview import is_loopback, parse_listen
+
+    cfg = load_config(None)
+    assert is_loopback(cfg["modbus"]["host"])
+    assert is_loopback(str(urlparse(cfg["opcua"]["endpoint"]).hostname))
+    assert is_loopback(parse_listen(cfg["http"]["listen"])[0])
+    assert "None" not in cfg["opcua"]["security"]
+    # Flags that switch a server on without naming an address keep it on loopback.
+    args = cli.build_parser().parse_args(["run", "--modbus", "5020", "--http", "8080"])
+    cfg = load_config(None, cli._run_overrides(args))
+    assert is_loopback(cfg["modbus"]["host"]) and is_loopback(parse_listen(cfg["http"]["listen"])[0])
+    # The real listening socket of a server built with its defaults.
+    pytest.importorskip("pymodbus", reason="needs pouta-edge[plc]")
+    from pouta.edge.modbus_server import ModbusResultServer
+
+    server = ModbusResultServer(port=0)
+    try:
+        bound = {s.getsockname()[0] for s in server._server.transport.sockets}
+        assert bound == {"127.0.0.1"}
+    finally:
+        server.close()
