@@ -150,6 +150,23 @@ def _guarded_server(
     return Server
 
 
+class _Mute(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+def _bind_error(host: str, port: int, error: BaseException) -> str:
+    """Why ``host:port`` cannot be bound (pymodbus reports only that it could not listen)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, port))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return str(error)
+
+
 def _u32(v: int) -> list[int]:
     v &= 0xFFFFFFFF
     return [v >> 16, v & 0xFFFF]
@@ -207,9 +224,18 @@ class ModbusResultServer(ResultHandshake):
             if sockets:
                 self.port = int(sockets[0].getsockname()[1])
 
-        self._thread, error = start_loop_thread(self._loop, serve, "pouta-modbus", start_timeout_s)
+        # pymodbus logs its own line for a failed bind; the one-line error below says it all.
+        quiet = logging.getLogger("pymodbus.logging")
+        mute = _Mute()
+        quiet.addFilter(mute)
+        try:
+            self._thread, error = start_loop_thread(self._loop, serve, "pouta-modbus", start_timeout_s)
+        finally:
+            quiet.removeFilter(mute)
         if error is not None:
-            raise UnavailableError(f"modbus: cannot listen on {self.host}:{self.port} ({error})")
+            raise UnavailableError(
+                f"modbus: cannot listen on {self.host}:{self.port} ({_bind_error(self.host, self.port, error)})"
+            )
         log.info("Modbus TCP server on %s:%d", self.host, self.port)
 
     # -- PLC side (server thread) -----------------------------------------
