@@ -133,6 +133,7 @@ class Pipeline:
         self.workers: list[SinkWorker] = []
         self.fatal: BaseException | None = None
         self._threads: list[threading.Thread] = []
+        self._aux_threads: list[threading.Thread] = []
         self._inflight = 0
         self._done = threading.Event()
         self._closed = False
@@ -165,6 +166,9 @@ class Pipeline:
         self._closed = True
         self.stop()
         self.join(self.close_timeout_s)
+        # Heartbeat and watchdog end once the records are out; nothing writes after close.
+        for t in self._aux_threads:
+            t.join(5.0)
         if not any(t.is_alive() for t in self._threads[:1]):
             # Acquisition has ended: no more numbers; the next run continues from here.
             self.sequence.close()
@@ -195,10 +199,14 @@ class Pipeline:
             t = threading.Thread(target=fn, name=name, daemon=True)
             t.start()
             self._threads.append(t)
+        aux = []
         if self.heartbeat_s > 0 and self.sinks:
-            threading.Thread(target=self._heartbeat_loop, name="pouta-heartbeat", daemon=True).start()
+            aux.append(threading.Thread(target=self._heartbeat_loop, name="pouta-heartbeat", daemon=True))
         if self.verdict_timeout_s:
-            threading.Thread(target=self._watchdog_loop, name="pouta-watchdog", daemon=True).start()
+            aux.append(threading.Thread(target=self._watchdog_loop, name="pouta-watchdog", daemon=True))
+        for t in aux:
+            t.start()
+        self._aux_threads = aux
 
     def join(self, timeout: float | None = None) -> bool:
         end = None if timeout is None else time.monotonic() + timeout
