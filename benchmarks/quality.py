@@ -36,7 +36,8 @@ from typing import Any
 from .accuracy import run_training
 from .common import Result, log
 
-KINDS = ("pouta", "vanilla", "prn", "features")
+KINDS = ("pouta", "vanilla", "prn", "features", "prn+defects")
+FEW_DEFECTS = 5  # real defective parts a "+defects" row trains on (taken out of the test set)
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
 SPLIT_METRICS = ("image_auroc", "recall_at_zero_fr")
 SPLITS = ("val", "report")
@@ -45,7 +46,7 @@ VALIDATION_SHARE = 3  # one test image in this many goes to the validation split
 
 def split_of(path: str) -> str:
     """``val`` or ``report`` for a test image, from the last three parts of its path
-    (category/defect type/file): the same on every machine and checkout."""
+    (test/defect type/file): the same on every machine and checkout."""
     key = "/".join(Path(path).parts[-3:]).encode()
     return "val" if int(hashlib.sha256(key).hexdigest(), 16) % VALIDATION_SHARE == 0 else "report"
 
@@ -91,9 +92,13 @@ def find_categories(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def commands(category: Path, kind: str, minutes: float, out: Path) -> tuple[list[str], list[str]]:
+def commands(
+    category: Path, kind: str, minutes: float, out: Path, defects: Path | None = None
+) -> tuple[list[str], list[str]]:
     train = [sys.executable, "-m", "pouta.trainer.train", "--data", str(category), "--kind", kind]
     train += ["--time-limit-min", f"{minutes:g}", "--out", str(out), "--no-progress"]
+    if defects is not None:
+        train += ["--defects", str(defects)]
     evaluate = [sys.executable, "-m", "pouta.trainer.evaluate", "--checkpoint", str(out / "model.pt")]
     evaluate += ["--data", str(category), "--out", str(out / "eval"), "--no-progress"]
     return train, evaluate
@@ -122,9 +127,42 @@ def reusable(row: Result, train_cmd: list[str], fingerprint: str) -> bool:
     return same_command and row.get("code") == fingerprint
 
 
-def run_one(category: Path, kind: str, minutes: float, out: Path) -> Result:
+FEW_DEFECTS_SUFFIX = "+defects"  # a kind name with this suffix trains with a few real defects
+
+
+def few_defects_split(category: Path, n: int, out: Path) -> tuple[Path, Path] | None:
+    """(category without them, folder of them): ``n`` defective test images with masks,
+    chosen from the validation split by path hash, moved (as symlinks) to a ``--defects``
+    folder in MVTec layout; the category copy links everything else, so they are never
+    scored. None for a category without masks."""
+    gt = category / "ground_truth"
+    if not gt.is_dir():
+        return None
+    candidates = sorted(
+        (p for p in (category / "test").glob("*/*") if p.parent.name != "good" and split_of(str(p)) == "val"),
+        key=lambda p: hashlib.sha256("/".join(p.parts[-3:]).encode()).hexdigest(),
+    )
+    chosen = [p for p in candidates if any((gt / p.parent.name).glob(f"{p.stem}*"))][:n]
+    data, defects = out / "data" / category.name, out / "defects"
+    for root in (data, defects):
+        if root.exists():
+            import shutil
+
+            shutil.rmtree(root)
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "good").symlink_to((category / "train" / "good").resolve())
+    (data / "ground_truth").symlink_to(gt.resolve())
+    for img in sorted((category / "test").glob("*/*")):
+        target = (defects if img in chosen else data) / "test" / img.parent.name / img.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(img.resolve())
+    (defects / "ground_truth").symlink_to(gt.resolve())
+    return data, defects
+
+
+def run_one(category: Path, kind: str, minutes: float, out: Path, defects: Path | None = None) -> Result:
     """Train and evaluate one (category, kind); reuse a finished run of the same command and code."""
-    train_cmd, eval_cmd = commands(category, kind, minutes, out)
+    train_cmd, eval_cmd = commands(category, kind, minutes, out, defects)
     fingerprint = code_fingerprint()
     done = out / "quality_row.json"
     if done.is_file():
@@ -197,13 +235,30 @@ def run_quality(root: Path, out: Path, minutes: float, kinds: tuple[str, ...] = 
     rows: list[Result] = []
     for category in categories:
         for kind in kinds:
-            rows.append(run_one(category, kind, minutes, out / category.name / kind))
+            if kind.endswith(FEW_DEFECTS_SUFFIX):
+                split = few_defects_split(category, FEW_DEFECTS, out / category.name / kind)
+                if split is None:
+                    log(f"quality: {category.name}/{kind}: no masks, no real defects to train on: skipped")
+                    continue
+                row = run_one(
+                    split[0],
+                    kind.removesuffix(FEW_DEFECTS_SUFFIX),
+                    minutes,
+                    out / category.name / kind,
+                    split[1],
+                )
+                row.update(category=category.name, kind=kind)
+                rows.append(row)
+            else:
+                rows.append(run_one(category, kind, minutes, out / category.name / kind))
             write_outputs(rows, out, minutes)
     return write_outputs(rows, out, minutes)
 
 
 def write_outputs(rows: list[Result], out: Path, minutes: float) -> Result:
     kinds = sorted({r["kind"] for r in rows}, key=lambda k: KINDS.index(k) if k in KINDS else 9)
+    # a "+defects" row is scored on a test set without its 5 training defects: compare it
+    # with its kind's row on the same categories only
     means = {k: {m: _mean(rows, k, m) for m in (*METRICS, *SPLIT_COLUMNS)} for k in kinds}
     res: Result = {"minutes": minutes, "rows": rows, "means": means}
     out.mkdir(parents=True, exist_ok=True)

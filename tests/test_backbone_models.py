@@ -189,6 +189,28 @@ def test_prn_prototypes_residuals_training_and_checkpoint(tmp_path: Path) -> Non
     assert torch.allclose(a.score, b.score, atol=1e-6)
     rep = export_onnx(loaded, lcfg, tmp_path / "prn.onnx", 128, 128)
     assert rep["max_abs_diff_map"] < 1e-4 and rep["max_abs_diff_score"] < 1e-4
+    # the torch-free runtime scores the exported PRN like PyTorch does
+    import csv
+    import subprocess
+    import sys
+
+    good = cat / "test" / "good"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pouta.edge.cli", "run", "--images", str(good), "--engine", str(tmp_path / "prn.onnx"),
+         "--out", str(tmp_path / "edge"), "--set", "postprocess.image_threshold=0.9",
+         "--set", "postprocess.pixel_threshold=0.9"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    runtime = {
+        Path(r["path"]).name: float(r["score"])
+        for r in csv.DictReader((tmp_path / "edge" / "results.csv").open())
+    }
+    with torch.no_grad():
+        torch_scores = loaded(_inputs(good, 128)).score
+    names = sorted(p.name for p in good.glob("*.png"))
+    assert len(runtime) == len(names)
+    assert max(abs(runtime[n] - float(t)) for n, t in zip(names, torch_scores, strict=True)) < 1e-3
 
 
 def test_registry_lists_every_kind_once() -> None:

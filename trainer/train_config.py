@@ -142,7 +142,7 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
     # The model identity picks the schema, so it is looked up through the layers first.
     identity = {
         "preset": args.config if args.config in PRESETS else "tiny",
-        "kind": "pouta",
+        "kind": None,
         "variant": "full",
     }
     for layer in (file_layer, sets, flags):
@@ -151,6 +151,8 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
             identity.update({k: model[k] for k in identity if model.get(k) is not None})
     if identity["preset"] not in PRESETS:
         raise ConfigError(f"model.preset: expected one of {', '.join(PRESETS)}, got {identity['preset']!r}")
+    if identity["kind"] is None:  # the preset's own kind: tiny -> features, paper -> pouta
+        identity["kind"] = packaged_config(str(identity["preset"]))["model"]["kind"]
     cfg = resolve(train_schema(**identity), config_file, args.set, flags)
     t = cfg["train"]
     if t["steps"] <= 0 or t["batch_size"] <= 0:
