@@ -329,6 +329,11 @@ def _run_pipeline(a: argparse.Namespace, cfg: dict[str, Any], overrides: dict[st
     signals = [signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
     previous = {s: signal.signal(s, on_signal) for s in signals}
     try:
+        from .metadata import operating_point_line
+
+        op = operating_point_line(pipe.backend.metadata.thresholds, pipe.post.image_threshold)
+        if op:
+            print(op, flush=True)
         pipe.start()
         interval = float(cfg["pipeline"]["status_interval"] or 1.0)
         live = not a.quiet and sys.stderr.isatty()
