@@ -35,6 +35,7 @@ from .guard import GuardReport, check_share, compare
 from .operating_point import HeldOut, defect_type, measure
 from .plots import save_score_histogram
 from .quantize import CPU_SUFFIX, DEFAULT_CALIB_METHOD, TRT_SUFFIX, artifact_path, quantize_pair
+from .report import write_report
 from .scoring import score_set
 from .thresholds import (
     DEFAULT_CONFIDENCE,
@@ -205,6 +206,9 @@ def calibrate_artifact(
             defect_in_sample=chose_on_holdout and rule in ("target-escape", "f1-optimal"),
         )
         thresholds.operating_point["measured"] = measure(thresholds.image, held, t.confidence)
+        _, page = write_report(artifact, thresholds, n.scores, held)
+        thresholds.operating_point["report"] = page.name
+        log(f"{artifact.name}: operating-point report {page}")
     if histogram is not None:
         save_score_histogram(histogram, n.scores, thresholds.image, d, title=f"{artifact.name}: {rule}")
     log(

@@ -210,6 +210,14 @@ def test_calibrate_to_a_false_reject_target_measures_the_holdout(
     lo, hi = m["escape"]["ci"]
     assert lo <= m["escape"]["rate"] <= hi
     assert "false rejects <= 10% at 95% confidence (score 30 of 30 good" in out
+    # The page to sign sits next to the model and says the same numbers.
+    assert op["report"] == "model.onnx.oppoint.html"
+    page = (tmp_path / op["report"]).read_text()
+    assert f"image threshold</th><td>{t.image:.6g} " in page
+    assert (
+        f"escapes: faint</td><td>{faint_escaped} / 5</td>" in page
+        and "escapes: spot</td><td>0 / 6</td>" in page
+    )
 
     # pouta-edge run says what was signed, on one line, before the first part.
     from pouta.edge import cli as edge_cli
@@ -276,3 +284,73 @@ def test_start_line_for_old_sidecars_and_overridden_thresholds() -> None:
         "the config overrides the threshold 0.42 with 0.6: these rates do not apply"
     )
     assert operating_point_line(None) == ""
+
+
+def _report_case(tmp_path: Path) -> tuple[Thresholds, np.ndarray, object]:
+    from pouta.calibration.operating_point import HeldOut, measure
+    from pouta.calibration.thresholds import calibrate_thresholds
+
+    rng = np.random.default_rng(3)
+    calib = rng.beta(20, 30, 120)
+    t = calibrate_thresholds(calib, rule="target-false-reject", target=0.05, scored_with="m.int8.onnx")
+    good_files = [_parts(tmp_path / "test" / "good", 10, seed=1) / f"p{i:03d}.png" for i in range(10)]
+    crack = _parts(tmp_path / "test" / "crack", 4, seed=2, defect=True)
+    spot = _parts(tmp_path / "test" / "spot", 5, seed=3, defect=True)
+    defect_files = [crack / f"p{i:03d}.png" for i in range(4)] + [spot / f"p{i:03d}.png" for i in range(5)]
+    good = np.array([0.30, 0.35, 0.52, 0.41, 0.62, 0.38, 0.44, 0.33, 0.47, 0.36])
+    defect = np.array([0.58, 0.71, 0.49, 0.80, 0.66, 0.61, 0.93, 0.55, 0.75])
+    held = HeldOut(
+        good=good,
+        defect=defect,
+        defect_types=["crack"] * 4 + ["spot"] * 5,
+        split="test (labelled split)",
+        good_files=good_files,
+        defect_files=defect_files,
+    )
+    t.image = 0.56  # a round threshold inside both sets, so both sides have a miss
+    t.operating_point["measured"] = measure(t.image, held, 0.95)
+    return t, calib, held
+
+
+def test_report_figure_puts_the_chosen_point_on_the_roc(tmp_path: Path) -> None:
+    from pouta.calibration.plots import operating_point_figure
+
+    t, calib, held = _report_case(tmp_path)
+    fig = operating_point_figure(t.image, calib, held, 0.95, ("false_reject", 0.05))  # type: ignore[arg-type]
+    lines = {ln.get_gid(): ln for ax in fig.axes for ln in ax.get_lines() if ln.get_gid()}
+    chosen = lines["chosen"].get_xydata()[0]
+    # 1 of 10 goods above 0.56 (0.62); 2 of 9 defects at or below it (0.49, 0.55).
+    assert tuple(chosen) == pytest.approx((0.1, 1 - 2 / 9))
+    roc_points = {tuple(np.round(p, 12)) for p in lines["roc"].get_xydata()}
+    assert tuple(np.round(chosen, 12)) in roc_points
+    fr = lines["false_reject"].get_xydata()
+    at = fr[np.argmin(np.abs(fr[:, 0] - t.image))]
+    assert at[1] == pytest.approx(float(np.mean(held.good > at[0])))  # type: ignore[attr-defined]
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_report_html_names_threshold_rates_and_nearest_misses(tmp_path: Path) -> None:
+    from pouta.calibration.report import write_report
+
+    t, calib, held = _report_case(tmp_path)
+    png, page = write_report(tmp_path / "m.int8.onnx", t, calib, held)  # type: ignore[arg-type]
+    assert (png.name, page.name) == ("m.int8.onnx.oppoint.png", "m.int8.onnx.oppoint.html")
+    img = cv2.imread(str(png))
+    assert img is not None and img.shape[1] > 900 and img.shape[0] > 700  # plots + two thumbnail rows
+    text = page.read_text()
+    op = t.operating_point
+    assert "image threshold</th><td>0.56 " in text
+    assert f"false rejects &le; 5% with 95% confidence (order statistic {op['rank']} of 120 good" in text
+    lo, hi = op["measured"]["false_reject"]["ci"]
+    assert f"<td>1 / 10</td><td>10%</td><td>{100 * lo:.3g}% - {100 * hi:.3g}%</td>" in text
+    assert "escapes: crack</td><td>1 / 4</td>" in text and "escapes: spot</td><td>1 / 5</td>" in text
+    rows = [r for r in text.split("<tr>") if r.startswith("<td>good</td>") or r.startswith("<td>defect</td>")]
+    # Worst first: the good part at 0.62 (rejected) then 0.52; the defect at 0.49 (escaped) then 0.55.
+    assert rows[0].startswith("<td>good</td><td>good</td><td>p004.png</td><td>0.62</td>") and "NG" in rows[0]
+    assert rows[1].startswith("<td>good</td><td>good</td><td>p002.png</td><td>0.52</td>")
+    defect_rows = [r for r in rows if r.startswith("<td>defect</td>")]
+    assert defect_rows[0].startswith("<td>defect</td><td>crack</td><td>p002.png</td><td>0.49</td>")
+    assert defect_rows[1].startswith("<td>defect</td><td>spot</td><td>p003.png</td><td>0.55</td>")
+    assert len(rows) == 12 and 'src="data:image/png;base64,' in text
