@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--expect-kind", help="refuse a model whose metadata model_kind differs")
     run.add_argument("--expect-precision", help="refuse a model whose metadata precision differs")
+    run.add_argument(
+        "--shadow",
+        metavar="FILE",
+        help="candidate model judged beside the live one, never deciding (shadow/)",
+    )
     _add_source_args(run)
     run.add_argument("--roi", help="x,y,width,height crop in source pixels")
     run.add_argument("--out", metavar="DIR", help="result folder")
@@ -192,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     svc.add_argument("--dry-run", action="store_true", help="print the unit, write nothing")
     svc.add_argument("--enable", action="store_true", help="then systemctl daemon-reload and enable --now")
 
+    prom = sub.add_parser(
+        "promote", help="swap the shadow model of a running 'run --shadow' in (again: roll back)"
+    )
+    prom.add_argument("--pid", type=int, required=True, help="process id of the running pouta-edge run")
+
     doc = sub.add_parser("doctor", help="check TensorRT/CUDA on this machine (run first on a new Jetson)")
     doc.add_argument("--plan", metavar="FILE", help="also try to open this .plan/.engine")
     return ap
@@ -216,6 +226,8 @@ def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
     s = _source_overrides(a)
     if s:
         o["source"] = s
+    if a.shadow:
+        o["shadow"] = {"path": a.shadow}
     if a.roi:
         o["preprocess"] = {"roi": a.roi}
     out = {
@@ -276,6 +288,10 @@ def _print_summary(s: dict[str, Any], out_dir: str) -> None:
             f"verdicts right {s['correct']} / {s['labelled']} ({100.0 * s['correct'] / s['labelled']:.1f}%), "
             f"wrong {s['labelled'] - s['correct']}"
         )
+    if "shadow" in s["sinks"]:
+        from .shadow import summary_line
+
+        lines.append(summary_line(s["sinks"]["shadow"]))
     lines.append(f"results in {out_dir}  (model {s['model_id']}, {s['backend']})")
     print("\n".join(lines), flush=True)
 
@@ -302,7 +318,7 @@ def _run_pipeline(a: argparse.Namespace, cfg: dict[str, Any], overrides: dict[st
     server: Any = None
 
     def on_signal(signum: int, _frame: Any) -> None:
-        if signum == getattr(signal, "SIGHUP", None):
+        if signum in (getattr(signal, "SIGHUP", None), getattr(signal, "SIGUSR1", None)):
             reloads.append(signum)  # handled in the main loop, outside the signal handler
             return
         stop_reason.append(signal.Signals(signum).name)
@@ -326,7 +342,8 @@ def _run_pipeline(a: argparse.Namespace, cfg: dict[str, Any], overrides: dict[st
         from .liveview_server import attach_http
 
         server = attach_http(pipe, cfg, reload)
-    signals = [signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+    signals = [signal.SIGINT, signal.SIGTERM]
+    signals += [getattr(signal, n) for n in ("SIGHUP", "SIGUSR1") if hasattr(signal, n)]
     previous = {s: signal.signal(s, on_signal) for s in signals}
     try:
         from .metadata import operating_point_line
@@ -340,8 +357,12 @@ def _run_pipeline(a: argparse.Namespace, cfg: dict[str, Any], overrides: dict[st
         while pipe.running:
             pipe.join(timeout=interval)
             while reloads:
-                reloads.pop()
                 try:
+                    if reloads.pop() == getattr(signal, "SIGUSR1", None):
+                        from .shadow import promote
+
+                        print(promote(pipe), file=sys.stderr, flush=True)
+                        continue
                     reload()
                 except PoutaError as exc:
                     print(f"pouta-edge: reload refused, thresholds unchanged: {exc}", file=sys.stderr)
@@ -455,6 +476,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_capture(args)
         if args.command == "install-service":
             return cmd_install_service(args)
+        if args.command == "promote":
+            from .shadow import signal_promote
+
+            print(signal_promote(args.pid))
+            return EXIT_OK
         if args.command == "doctor":
             from .doctor import run_doctor
 

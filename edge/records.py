@@ -67,6 +67,7 @@ class PartResult:
     part_id: str | None = None
     reason: str | None = None  # one of REASONS when not inspected
     not_inspected_is_ng: bool = True  # fail-safe: a part nobody judged is rejected
+    previous_model_id: str | None = None  # set on the first part after a model change
     _record: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
@@ -145,6 +146,8 @@ class PartResult:
             "latency_ms": {k: round(val, 3) for k, val in self.latency_ms.items()},
             "model_id": self.model_id,
         }
+        if self.previous_model_id is not None:
+            d["model_change"] = {"from": self.previous_model_id, "to": self.model_id}
         self._record = d
         return d
 

@@ -1,0 +1,165 @@
+"""Shadow mode on a replayed folder: live verdicts unchanged by the shadow, the disagreement
+folder holds exactly the parts the two models judge differently, and a promotion through
+``pouta-edge promote`` changes the model id at one sequence number with no part lost."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+from contract_models import make_brightness_model
+from pouta.edge import cli
+from pouta.edge.fsutil import sha256_file
+from pouta.edge.metadata import load_for_model, metadata_path
+
+SIZE = 64
+
+
+def _parts(root: Path) -> Path:
+    """Dark parts, bright spots (both models see them) and faint spots (only the sensitive one)."""
+    rng = np.random.default_rng(5)
+    yy, xx = np.ogrid[:SIZE, :SIZE]
+    for kind, level, n in (("good", None, 6), ("spot", 240, 4), ("faint", 105, 5)):
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = rng.integers(20, 50, size=(SIZE, SIZE, 3), dtype=np.uint8)
+            if level is not None:
+                cy, cx = rng.integers(20, 44, size=2)
+                img[(yy - cy) ** 2 + (xx - cx) ** 2 <= 100] = level
+            cv2.imwrite(str(root / kind / f"{i:03d}.png"), img)
+    return root
+
+
+def _model(path: Path, level: float) -> Path:
+    """A brightness model whose id carries its file hash, so two of them tell apart in records."""
+    make_brightness_model(path, SIZE, SIZE, level=level)
+    meta = load_for_model(path)
+    meta.artifact_sha256 = sha256_file(path)
+    meta.save(metadata_path(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def line(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("shadow")
+    return {
+        "images": _parts(d / "test"),
+        "live": _model(d / "live.onnx", 0.5),
+        "candidate": _model(d / "candidate.onnx", 0.3),
+        "dir": d,
+    }
+
+
+def _run(line: dict[str, Path], out: Path, model: str, *extra: str) -> dict[str, str]:
+    args = ["run", "--model", str(line[model]), "--images", str(line["images"]), "--out", str(out)]
+    assert cli.main([*args, "--quiet", "--no-fsync", *extra]) == cli.EXIT_OK
+    return {r["path"]: r["verdict"] for r in csv.DictReader((out / "results.csv").open())}
+
+
+def test_shadow_leaves_live_verdicts_alone_and_keeps_exactly_the_disagreements(
+    line: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    live_alone = _run(line, tmp_path / "a", "live")
+    cand_alone = _run(line, tmp_path / "b", "candidate")
+    disagree = {p for p in live_alone if live_alone[p] != cand_alone[p]}
+    # The test is only as good as its data: some parts agree, some do not.
+    assert 0 < len(disagree) < len(live_alone) and all("faint" in p for p in disagree)
+    capsys.readouterr()
+
+    out = tmp_path / "s"
+    with_shadow = _run(line, out, "live", "--shadow", str(line["candidate"]))
+    assert with_shadow == live_alone
+    summary = capsys.readouterr().out
+    assert f"disagree {len(disagree)} " in summary and f"compared {len(live_alone)}" in summary
+
+    kept = sorted((out / "shadow" / "disagreements").glob("*.json"))
+    assert {json.loads(p.read_text())["live"]["path"] for p in kept} == disagree
+    assert len(list((out / "shadow" / "disagreements").glob("*.png"))) == len(disagree)
+    for p in kept:
+        rec = json.loads(p.read_text())
+        assert rec["live"]["verdict"] == live_alone[rec["live"]["path"]]
+        assert rec["shadow"]["verdict"] == cand_alone[rec["live"]["path"]]
+        frame = cv2.imread(str(p.with_suffix(".png")))
+        assert np.array_equal(frame, cv2.imread(rec["live"]["path"]))  # the frame the models saw
+    rows = list(csv.DictReader((out / "shadow" / "shadow.csv").open()))
+    assert len(rows) == len(live_alone)
+    assert {r["path"] for r in rows if r["agree"] == "0"} == disagree
+    s = json.loads((out / "shadow" / "summary.json").read_text())
+    assert s["compared"] == len(live_alone) and s["disagree"] == len(disagree) and s["skipped"] == 0
+    assert sum(s["score_over_threshold_hist"].values()) == len(live_alone)
+    # The live records do not mention the shadow; no model change happened.
+    assert all("model_change" not in json.loads(p.read_text()) for p in (out / "parts").rglob("*.json"))
+
+
+def test_promote_swaps_the_model_at_one_sequence_number_and_loses_no_part(
+    line: dict[str, Path], tmp_path: Path
+) -> None:
+    live_alone = _run(line, tmp_path / "a", "live")
+    cand_alone = _run(line, tmp_path / "b", "candidate")
+    out = tmp_path / "p"
+    summary = tmp_path / "summary.json"
+    cmd = [sys.executable, "-m", "pouta.edge.cli", "run", "--model", str(line["live"])]
+    cmd += ["--images", str(line["images"]), "--loop", "--fps", "40", "--out", str(out), "--no-fsync"]
+    cmd += ["--shadow", str(line["candidate"]), "--summary-json", str(summary), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+
+        def parts_written() -> int:
+            csv_path = out / "results.csv"
+            return len(csv_path.read_text().splitlines()) - 1 if csv_path.exists() else 0
+
+        deadline = time.monotonic() + 60
+        while parts_written() < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cli.main(["promote", "--pid", str(proc.pid)]) == cli.EXIT_OK
+        seen = parts_written()
+        while parts_written() < seen + 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == cli.EXIT_OK, stderr
+    assert "promoting test-brightness-fp32-" in stderr
+
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    seqs = [int(r["seq"]) for r in rows]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # every part, once, in order
+    assert json.loads(summary.read_text())["processed"] == len(rows)
+    ids = [r["model_id"] for r in rows]
+    change = next(i for i in range(1, len(ids)) if ids[i] != ids[i - 1])
+    assert len(set(ids[:change])) == 1 and len(set(ids[change:])) == 1 and ids[0] != ids[-1]
+    # Before the change the live model's verdicts, after it the candidate's.
+    assert all(r["verdict"] == live_alone[r["path"]] for r in rows[:change])
+    assert all(r["verdict"] == cand_alone[r["path"]] for r in rows[change:])
+    records = {
+        json.loads(p.read_text())["seq"]: json.loads(p.read_text()) for p in (out / "parts").rglob("*.json")
+    }
+    changed = [s for s, r in records.items() if "model_change" in r]
+    assert changed == [seqs[change]]
+    assert records[seqs[change]]["model_change"] == {"from": ids[0], "to": ids[-1]}
+    # The old live model is now the shadow: rows after the change compare against it.
+    shadow_rows = list(csv.DictReader((out / "shadow" / "shadow.csv").open()))
+    after = [r for r in shadow_rows if int(r["seq"]) >= seqs[change]]
+    assert after and all(r["live_model_id"] == ids[-1] and r["shadow_model_id"] == ids[0] for r in after)
+
+
+def test_promote_needs_a_running_process_and_a_shadow(
+    line: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["promote", "--pid", "999999999"]) == cli.EXIT_CONFIG
+    assert "promote --pid 999999999: no such process" in capsys.readouterr().err
+
+    from pouta.edge.shadow import promote
+
+    assert "has no shadow model" in promote(SimpleNamespace(sinks=[], model_id="m"))
