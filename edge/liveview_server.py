@@ -21,11 +21,14 @@ import threading
 import time
 from collections.abc import Callable
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 from .liveview import LiveViewSink, parse_listen
+from .metadata import operating_point_line
 from .metrics import CONTENT_TYPE, MetricsSink
+from .shadow import find_shadow
 
 log = logging.getLogger("pouta.edge.liveview")
 
@@ -102,6 +105,7 @@ class LiveServer:
         listen: str = "127.0.0.1:8080",
         token: str | None = None,
         reload: Callable[[], dict[str, Any]] | None = None,
+        report: Callable[[], Path | None] | None = None,
     ) -> None:
         try:
             import aiohttp  # noqa: F401
@@ -115,6 +119,7 @@ class LiveServer:
         self.host, self.port = parse_listen(listen)
         self.token = token or None
         self.reload = reload
+        self.report = report  # the live model's operating-point page, when it has one
         self.static = {
             name: resources.files("pouta.edge").joinpath("liveview_static", name).read_bytes()
             for name in STATIC_FILES
@@ -176,6 +181,7 @@ class LiveServer:
         app.router.add_get("/api/ng/{seq}/thumb.jpg", self._ng)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/api/oppoint.html", self._oppoint)
         app.router.add_post("/api/reload", self._reload)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
@@ -256,6 +262,16 @@ class LiveServer:
             charset="utf-8",
             headers={"Cache-Control": "no-cache"},
         )
+
+    async def _oppoint(self, request: Any) -> Any:
+        from aiohttp import web
+
+        page = self.report() if self.report is not None else None
+        if page is None or not page.is_file():
+            raise web.HTTPNotFound(
+                text="the live model has no operating-point report (calibrate with --holdout)"
+            )
+        return web.Response(body=page.read_bytes(), content_type="text/html", charset="utf-8")
 
     async def _state(self, request: Any) -> Any:
         from aiohttp import web
@@ -372,11 +388,26 @@ def pipeline_status(pipe: Any, out_dir: str | None) -> Callable[[], dict[str, An
                 "image_threshold": post.image_threshold,
                 "pixel_threshold": post.pixel_threshold,
                 "rule": thr.rule if thr is not None else "config",
+                "operating_point": operating_point_line(thr, post.image_threshold),
+                "report": report_file(pipe) is not None,
             },
+            "shadow": shadow.summary() if shadow is not None else None,
             "health": health(s, pipe.running),
         }
 
+    shadow = find_shadow(pipe.sinks)
     return status
+
+
+def report_file(pipe: Any) -> Path | None:
+    """The operating-point page written beside the live model's artifact, if it exists."""
+    thr = pipe.backend.metadata.thresholds
+    name = (thr.operating_point or {}).get("report") if thr is not None else None
+    path = getattr(pipe.backend, "path", None)
+    if not name or path is None:
+        return None
+    page = Path(path).with_name(Path(name).name)  # a name from the sidecar, never a path
+    return page if page.is_file() else None
 
 
 def attach_http(
@@ -406,6 +437,7 @@ def attach_http(
         listen=str(h["listen"]),
         token=h["token"],
         reload=reload,
+        report=lambda: report_file(pipe),
     )
     try:
         server.start()

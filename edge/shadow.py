@@ -208,6 +208,29 @@ def summary_line(s: dict[str, Any]) -> str:
     )
 
 
+def metric_families(s: dict[str, Any]) -> list[Any]:
+    """Prometheus families of the shadow's summary (``/metrics`` beside the pipeline's)."""
+    from prometheus_client.core import CounterMetricFamily, InfoMetricFamily
+
+    parts = CounterMetricFamily(
+        "pouta_shadow_parts",
+        "Parts the shadow model saw, by outcome against the live verdict",
+        labels=["outcome"],
+    )
+    for key in ("agree", "live_ok_shadow_ng", "live_ng_shadow_ok", "skipped", "errors"):
+        parts.add_metric([key], float(s.get(key, 0)))
+    ratio = CounterMetricFamily(
+        "pouta_shadow_score_over_threshold",
+        "Shadow model scores by score / its own threshold (1 = its threshold)",
+        labels=["bin"],
+    )
+    for label, n in s.get("score_over_threshold_hist", {}).items():
+        ratio.add_metric([label], float(n))
+    info = InfoMetricFamily("pouta_shadow_model", "The shadow (candidate) model")
+    info.add_metric([], {"model_id": str(s.get("shadow_model_id", ""))})
+    return [parts, ratio, info]
+
+
 def find_shadow(sinks: list[Any]) -> ShadowSink | None:
     return next((s for s in sinks if isinstance(s, ShadowSink)), None)
 

@@ -163,3 +163,80 @@ def test_promote_needs_a_running_process_and_a_shadow(
     from pouta.edge.shadow import promote
 
     assert "has no shadow model" in promote(SimpleNamespace(sinks=[], model_id="m"))
+
+
+def test_shadow_counts_reach_prometheus(line: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("prometheus_client")
+    from pouta.edge.config import build_pipeline, load_config
+    from pouta.edge.metrics import PipelineCollector
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    live_alone = _run(line, tmp_path / "a", "live")
+    cand_alone = _run(line, tmp_path / "b", "candidate")
+    n_disagree = sum(live_alone[p] != cand_alone[p] for p in live_alone)
+    cfg = load_config(
+        None,
+        {
+            "model": {"path": str(line["live"])},
+            "shadow": {"path": str(line["candidate"])},
+            "source": {"kind": "images", "path": str(line["images"])},
+            "output": {"dir": str(tmp_path / "m"), "fsync": False},
+        },
+    )
+    with build_pipeline(cfg) as pipe:
+        pipe.start()
+        assert pipe.join(60)
+        registry = CollectorRegistry()
+        registry.register(PipelineCollector(pipe.summary))
+        text = generate_latest(registry).decode()
+    assert f'pouta_shadow_parts_total{{outcome="agree"}} {float(len(live_alone) - n_disagree)}' in text
+    live_ok_shadow_ng = sum(live_alone[p] == "OK" and cand_alone[p] == "NG" for p in live_alone)
+    assert f'pouta_shadow_parts_total{{outcome="live_ok_shadow_ng"}} {float(live_ok_shadow_ng)}' in text
+    assert 'pouta_shadow_model_info{model_id="test-brightness-fp32-' in text
+
+
+def test_live_view_shows_operating_point_report_and_shadow(line: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("aiohttp")
+    import urllib.request
+
+    from pouta.calibration import cli as calib_cli
+    from pouta.edge.config import build_pipeline, load_config
+    from pouta.edge.liveview_server import attach_http
+    from pouta.edge.metadata import operating_point_line
+
+    model = _model(tmp_path / "model.onnx", 0.5)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(9)
+    for i in range(30):
+        cv2.imwrite(str(calib / f"{i:03d}.png"), rng.integers(20, 50, size=(SIZE, SIZE, 3), dtype=np.uint8))
+    args = [str(model), "--calib", str(calib), "--min-calib", "8", "--holdout", str(line["images"])]
+    assert calib_cli.calibrate_main([*args, "--target-false-reject", "0.1"]) == 0
+    thr = load_for_model(model).thresholds
+    cfg = load_config(
+        None,
+        {
+            "model": {"path": str(model)},
+            "shadow": {"path": str(line["candidate"])},
+            "source": {"kind": "images", "path": str(line["images"])},
+            "output": {"dir": str(tmp_path / "out"), "fsync": False},
+            "http": {"enabled": True, "listen": "127.0.0.1:0"},
+        },
+    )
+    with build_pipeline(cfg) as pipe:
+        server = attach_http(pipe, cfg)
+        try:
+            pipe.start()
+            assert pipe.join(60)
+            with urllib.request.urlopen(server.url + "api/state", timeout=5) as r:
+                state = json.loads(r.read())
+            with urllib.request.urlopen(server.url + "api/oppoint.html", timeout=5) as r:
+                page = r.read().decode()
+        finally:
+            server.close()
+    assert state["model"]["operating_point"] == operating_point_line(thr, thr.image)
+    assert state["model"]["operating_point"].startswith("operating point: threshold")
+    assert state["model"]["report"] is True and f"image threshold</th><td>{thr.image:.6g} " in page
+    assert state["shadow"]["compared"] == 15 and state["shadow"]["shadow_model_id"].startswith(
+        "test-brightness"
+    )
