@@ -122,9 +122,7 @@ class Holdout:
 
     good: ImageSet | None
     defect: ImageSet | None
-    split: str
-    # The calibration set itself stands in when nothing was held out: rates on it are in-sample.
-    good_in_sample: bool = False
+    split: str  # the calibration set itself stands in when nothing was held out (in-sample)
 
 
 @dataclass
@@ -169,14 +167,14 @@ def calibrate_artifact(
         h_good = n.scores if holdout.good is normal else score(holdout.good, "held-out normal").scores
     if holdout is not None and holdout.defect is not None:
         h_def = score(holdout.defect, "held-out defect").scores
+    # Without --holdout the --defects set is also the held-out one: score it once.
+    shared = holdout is not None and defects is not None and holdout.defect is defects
     d = np.zeros(0)
-    chose_on_holdout = False
     if defects is not None:
-        d = h_def if holdout is not None and holdout.defect is defects and h_def is not None else None
-        d = score(defects, "defect").scores if d is None else d
-        chose_on_holdout = holdout is not None and holdout.defect is defects
+        d = h_def if shared and h_def is not None else score(defects, "defect").scores
     elif rule == "target-escape" and h_def is not None:
-        d, chose_on_holdout = h_def, True
+        d = h_def
+    defects_chose = rule in ("target-escape", "f1-optimal") and (shared or (defects is None and d.size > 0))
     t = opts
     thresholds = calibrate_thresholds(
         n.scores,
@@ -202,8 +200,8 @@ def calibrate_artifact(
             split=holdout.split,
             good_files=list(holdout.good.files) if holdout.good is not None else [],
             defect_files=list(holdout.defect.files) if holdout.defect is not None else [],
-            good_in_sample=holdout.good_in_sample or holdout.good is normal,
-            defect_in_sample=chose_on_holdout and rule in ("target-escape", "f1-optimal"),
+            good_in_sample=holdout.good is normal,
+            defect_in_sample=defects_chose,
         )
         thresholds.operating_point["measured"] = measure(thresholds.image, held, t.confidence)
         _, page = write_report(artifact, thresholds, n.scores, held)
