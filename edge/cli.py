@@ -361,7 +361,7 @@ def _run_pipeline(a: argparse.Namespace, cfg: dict[str, Any], overrides: dict[st
                     if reloads.pop() == getattr(signal, "SIGUSR1", None):
                         from .shadow import promote
 
-                        print(promote(pipe), file=sys.stderr, flush=True)
+                        print(promote(pipe)[1], file=sys.stderr, flush=True)
                         continue
                     reload()
                 except PoutaError as exc:

@@ -3,7 +3,7 @@
 Updates go out as server-sent events through a bounded queue per client (a slow client
 loses intermediate states, never the newest); the picture is fetched by the page when an
 event says a new one exists, one fetch at a time. Read-only by default: requests that
-change state (``POST /api/reload``) need ``http.token`` as ``Authorization: Bearer``.
+change state (``POST /api/reload``, ``POST /api/promote``) need ``http.token`` as ``Authorization: Bearer``.
 
 Longer than ~350 lines on purpose: one aiohttp application whose routes, event
 fan-out and token check share its loop and bounded queues.
@@ -28,7 +28,7 @@ from .errors import ConfigError
 from .liveview import LiveViewSink, parse_listen
 from .metadata import operating_point_line
 from .metrics import CONTENT_TYPE, MetricsSink
-from .shadow import find_shadow
+from .shadow import find_shadow, promote
 
 log = logging.getLogger("pouta.edge.liveview")
 
@@ -95,7 +95,7 @@ class _Health:
 
 class LiveServer:
     """aiohttp on its own thread and event loop: the page, its event stream, pictures,
-    ``/metrics``, ``/healthz``; ``POST /api/reload`` with the token."""
+    ``/metrics``, ``/healthz``; ``POST /api/reload`` and ``POST /api/promote`` with the token."""
 
     def __init__(
         self,
@@ -106,6 +106,7 @@ class LiveServer:
         token: str | None = None,
         reload: Callable[[], dict[str, Any]] | None = None,
         report: Callable[[], Path | None] | None = None,
+        promote: Callable[[], tuple[bool, str]] | None = None,
     ) -> None:
         try:
             import aiohttp  # noqa: F401
@@ -120,6 +121,7 @@ class LiveServer:
         self.token = token or None
         self.reload = reload
         self.report = report  # the live model's operating-point page, when it has one
+        self.promote = promote  # swap in the shadow model (as ``pouta-edge promote``)
         self.static = {
             name: resources.files("pouta.edge").joinpath("liveview_static", name).read_bytes()
             for name in STATIC_FILES
@@ -183,6 +185,7 @@ class LiveServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/api/oppoint.html", self._oppoint)
         app.router.add_post("/api/reload", self._reload)
+        app.router.add_post("/api/promote", self._promote)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
         try:
@@ -355,7 +358,7 @@ class LiveServer:
 
         return web.json_response({"ok": True, "finished": self.view.finished})
 
-    async def _reload(self, request: Any) -> Any:
+    def _authorise(self, request: Any) -> None:
         from aiohttp import web
 
         if self.token is None:
@@ -363,6 +366,20 @@ class LiveServer:
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), self.token.encode()):
             raise web.HTTPUnauthorized(text="wrong or missing token (Authorization: Bearer <http.token>)")
+
+    async def _promote(self, request: Any) -> Any:
+        from aiohttp import web
+
+        self._authorise(request)
+        if self.promote is None:
+            raise web.HTTPNotImplemented(text="no promotion available")
+        ok, message = self.promote()
+        return web.json_response({"ok": ok, "message": message}, status=200 if ok else 409)
+
+    async def _reload(self, request: Any) -> Any:
+        from aiohttp import web
+
+        self._authorise(request)
         if self.reload is None:
             raise web.HTTPNotImplemented(text="no reload available")
         try:
@@ -438,6 +455,7 @@ def attach_http(
         token=h["token"],
         reload=reload,
         report=lambda: report_file(pipe),
+        promote=lambda: promote(pipe),
     )
     try:
         server.start()

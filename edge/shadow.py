@@ -235,13 +235,18 @@ def find_shadow(sinks: list[Any]) -> ShadowSink | None:
     return next((s for s in sinks if isinstance(s, ShadowSink)), None)
 
 
-def promote(pipe: Any) -> str:
-    """Ask a running pipeline to swap in its shadow model before the next part; one line to log."""
+def promote(pipe: Any) -> tuple[bool, str]:
+    """Ask a running pipeline to swap in its shadow model before the next part: (done, one line)."""
     shadow = find_shadow(pipe.sinks)
     if shadow is None:
-        return "pouta-edge: promote refused: this run has no shadow model (start it with --shadow FILE)"
+        return (
+            False,
+            "pouta-edge: promote refused: this run has no shadow model (start it with --shadow FILE)",
+        )
     pipe.request_swap(shadow.exchange)
-    return f"pouta-edge: promoting {shadow.slot.model_id} (live {pipe.model_id} becomes the shadow) before the next part"
+    return True, (
+        f"pouta-edge: promoting {shadow.slot.model_id} (live {pipe.model_id} becomes the shadow) before the next part"
+    )
 
 
 def signal_promote(pid: int) -> str:

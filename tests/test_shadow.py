@@ -162,7 +162,8 @@ def test_promote_needs_a_running_process_and_a_shadow(
 
     from pouta.edge.shadow import promote
 
-    assert "has no shadow model" in promote(SimpleNamespace(sinks=[], model_id="m"))
+    ok, message = promote(SimpleNamespace(sinks=[], model_id="m"))
+    assert not ok and "has no shadow model" in message
 
 
 def test_shadow_counts_reach_prometheus(line: dict[str, Path], tmp_path: Path) -> None:
@@ -240,3 +241,62 @@ def test_live_view_shows_operating_point_report_and_shadow(line: dict[str, Path]
     assert state["shadow"]["compared"] == 15 and state["shadow"]["shadow_model_id"].startswith(
         "test-brightness"
     )
+
+
+def test_live_view_promote_needs_the_token_and_swaps_mid_run(line: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("aiohttp")
+    import urllib.error
+    import urllib.request
+
+    from pouta.edge.config import build_pipeline, load_config
+    from pouta.edge.liveview_server import attach_http
+
+    cand_alone = _run(line, tmp_path / "b", "candidate")
+    live_alone = _run(line, tmp_path / "a", "live")
+    out = tmp_path / "out"
+    cfg = load_config(
+        None,
+        {
+            "model": {"path": str(line["live"])},
+            "shadow": {"path": str(line["candidate"])},
+            "source": {"kind": "images", "path": str(line["images"]), "fps": 40, "loop": True},
+            "output": {"dir": str(out), "fsync": False},
+            "http": {"enabled": True, "listen": "127.0.0.1:0", "token": "s3cret"},
+        },
+    )
+
+    def post(url: str, token: str | None) -> tuple[int, dict[str, object]]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        req = urllib.request.Request(url, method="POST", headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, {}
+
+    with build_pipeline(cfg) as pipe:
+        server = attach_http(pipe, cfg)
+        try:
+            pipe.start()
+            deadline = time.monotonic() + 60
+            while pipe.summary()["processed"] < 10 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert post(server.url + "api/promote", None)[0] == 401
+            assert post(server.url + "api/promote", "wrong")[0] == 401
+            assert pipe.model_id == load_for_model(line["live"]).model_id  # nothing changed
+            status, body = post(server.url + "api/promote", "s3cret")
+            assert status == 200 and body["ok"] is True
+            seen = pipe.summary()["processed"]
+            while pipe.summary()["processed"] < seen + 10 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            pipe.stop()
+            assert pipe.join(30)
+        finally:
+            server.close()
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    ids = [r["model_id"] for r in rows]
+    change = next(i for i in range(1, len(ids)) if ids[i] != ids[i - 1])
+    assert ids[-1] == load_for_model(line["candidate"]).model_id and len(set(ids[change:])) == 1
+    assert all(r["verdict"] == live_alone[r["path"]] for r in rows[:change])
+    assert all(r["verdict"] == cand_alone[r["path"]] for r in rows[change:])
+    assert [int(r["seq"]) for r in rows] == list(range(int(rows[0]["seq"]), int(rows[0]["seq"]) + len(rows)))
