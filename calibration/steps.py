@@ -26,13 +26,13 @@ from .calibset import (
     DEFAULT_SYNTHETIC_FRACTION,
     ImageSet,
     ImageSetReader,
-    list_images,
     load_image_set,
 )
 from .errors import CalibrationError
 from .fp16 import FP16_SUFFIX, convert_to_fp16
 from .guard import GuardReport, check_share, compare
-from .operating_point import HeldOut, defect_type, measure
+from .holdout import Holdout, defect_types, prepare_holdout
+from .operating_point import HeldOut, measure
 from .plots import save_score_histogram
 from .quantize import CPU_SUFFIX, DEFAULT_CALIB_METHOD, TRT_SUFFIX, artifact_path, quantize_pair
 from .report import write_report
@@ -45,7 +45,6 @@ from .thresholds import (
     DEFAULT_PIXEL_QUANTILE,
     DEFAULT_QUANTILE,
     calibrate_thresholds,
-    check_enough,
     check_target,
 )
 
@@ -117,24 +116,11 @@ def load_sets(meta: ModelMetadata, opts: CalibOptions, log: Log = print) -> tupl
 
 
 @dataclass
-class Holdout:
-    """Labelled parts for the measured operating point (and the accuracy guard)."""
-
-    good: ImageSet | None
-    defect: ImageSet | None
-    split: str  # the calibration set itself stands in when nothing was held out (in-sample)
-
-
-@dataclass
 class Calibrated:
     thresholds: Thresholds
     normal: np.ndarray
     defect: np.ndarray
     held: HeldOut | None = None  # this artifact's scores of the holdout
-
-
-def _defect_types(images: ImageSet) -> list[str]:
-    return [defect_type(p, images.folder) for p in images.files]
 
 
 def calibrate_artifact(
@@ -196,7 +182,7 @@ def calibrate_artifact(
         held = HeldOut(
             good=h_good if h_good is not None else np.zeros(0),
             defect=h_def if h_def is not None else np.zeros(0),
-            defect_types=_defect_types(holdout.defect) if holdout.defect is not None else [],
+            defect_types=defect_types(holdout.defect) if holdout.defect is not None else [],
             split=holdout.split,
             good_files=list(holdout.good.files) if holdout.good is not None else [],
             defect_files=list(holdout.defect.files) if holdout.defect is not None else [],
@@ -218,20 +204,9 @@ def calibrate_artifact(
     return Calibrated(thresholds, n.scores, d, held)
 
 
-def check_objective(opts: ThresholdOptions, n_normal: int, escape_defects: ImageSet | None) -> None:
-    """Refuse an objective the parts cannot support before minutes of conversion and scoring."""
-    rule, target = opts.objective()
-    if rule == "target-false-reject" and target is not None:
-        check_enough(n_normal, target, opts.confidence, "--target-false-reject", "good calibration parts")
-    if rule == "target-escape" and target is not None:
-        if escape_defects is None:
-            raise CalibrationError(
-                "--target-escape needs labelled defect images (--defects DIR, or --holdout DIR with a "
-                "good/ subfolder and one folder per defect type)"
-            )
-        check_enough(
-            len(escape_defects), target, opts.confidence, "--target-escape", "labelled defective parts"
-        )
+def _objective(t: ThresholdOptions) -> tuple[str, float | None, float]:
+    rule, target = t.objective()
+    return rule, target, t.confidence
 
 
 def calibration_record(normal: ImageSet, method: str | None, **extra: Any) -> dict[str, Any]:
@@ -264,20 +239,6 @@ def write_sidecar(
     return meta.save(metadata_path(artifact))
 
 
-def prepare_holdout(
-    meta: ModelMetadata,
-    normal: ImageSet,
-    defects: ImageSet | None,
-    holdout_dir: Path | None,
-    opts: ThresholdOptions,
-    log: Log = print,
-) -> Holdout:
-    """The holdout, after checking that the parts can support the objective at all."""
-    h_norm, h_def, split = holdout_sets(meta, normal, defects, holdout_dir, log)
-    check_objective(opts, len(normal), defects if defects is not None else h_def)
-    return Holdout(h_norm, h_def, split)
-
-
 def calibrate_model(
     model: str | os.PathLike[str], opts: CalibOptions, log: Log = print, holdout_dir: Path | None = None
 ) -> Thresholds:
@@ -287,7 +248,7 @@ def calibrate_model(
         raise CalibrationError(f"{model}: model file not found")
     meta = load_for_model(model)
     normal, defects = load_sets(meta, opts, log)
-    holdout = prepare_holdout(meta, normal, defects, holdout_dir, opts.thresholds, log)
+    holdout = prepare_holdout(meta, normal, defects, holdout_dir, _objective(opts.thresholds), log)
     hist = model.with_name(model.name + ".scores.png")
     thresholds = calibrate_artifact(
         model, meta, normal, defects, opts.thresholds, opts.batch_size, hist, log, holdout
@@ -304,43 +265,6 @@ class PortableResult:
     artifacts: dict[str, Path]  # precision tag -> path ("fp32", "fp16", "int8-cpu", "int8-trt")
     thresholds: dict[str, Thresholds]
     guard: GuardReport | None = None
-
-
-def holdout_sets(
-    meta: ModelMetadata,
-    normal: ImageSet,
-    defects: ImageSet | None,
-    holdout_dir: Path | None,
-    log: Log = print,
-) -> tuple[ImageSet | None, ImageSet | None, str]:
-    """(held-out normals, held-out defects, description).
-
-    ``--holdout DIR`` with a ``good``/``normal`` subfolder is a labelled test split
-    (MVTec layout: every other subfolder holds defects); without one, DIR holds normals
-    and defects come from ``--defects``. Without ``--holdout`` the calibration folder's
-    images that the sample did not use are the held-out normals.
-    """
-    pre = normal.preprocessor
-    if holdout_dir is not None:
-        good = next((holdout_dir / n for n in ("good", "normal") if (holdout_dir / n).is_dir()), None)
-        if good is not None:
-            h_norm = load_image_set(good, pre, n=None, min_images=1, what="held-out normal")
-            bad_files = [p for p in list_images(holdout_dir, "held-out") if good not in p.parents]
-            h_def = (
-                load_image_set(
-                    holdout_dir, pre, n=None, min_images=1, what="held-out defect", exclude=h_norm.files
-                )
-                if bad_files
-                else None
-            )
-            return h_norm, h_def, f"{holdout_dir} (labelled split)"
-        h_norm = load_image_set(holdout_dir, pre, n=None, min_images=1, what="held-out normal")
-        return h_norm, defects, f"{holdout_dir} + defects"
-    if normal.n_found > len(normal):
-        rest = load_image_set(normal.folder, pre, n=None, min_images=1, exclude=normal.files)
-        return rest, defects, "calibration images not in the sample + defects"
-    log("no held-out normals (all calibration images were used); the guard reuses the calibration set")
-    return normal, defects, "calibration set (not held out)"
 
 
 def build_portable(
@@ -364,7 +288,7 @@ def build_portable(
     check_share(max_flip_rate, "--max-flip-rate")  # before minutes of work, not after
     meta = load_for_model(model)
     normal, defects = load_sets(meta, opts, log)
-    holdout = prepare_holdout(meta, normal, defects, holdout_dir, opts.thresholds, log)
+    holdout = prepare_holdout(meta, normal, defects, holdout_dir, _objective(opts.thresholds), log)
     arts: dict[str, Path] = {"fp32": model}
     builds: dict[str, dict[str, Any]] = {}
     calibs: dict[str, dict[str, Any]] = {}
