@@ -169,7 +169,7 @@ def operating_point_figure(
         c.false_reject_band[:, 1],
         color=GOOD_COLOUR,
         alpha=0.2,
-        label=f"{confidence:.0%} interval",
+        label=f"{100 * confidence:.3g}% interval",
     )
     if bad.size:
         ax.plot(c.thresholds, c.escape, color=DEFECT_COLOUR, label="escape rate", gid="escape")

@@ -94,7 +94,7 @@ def render_html(
         what = "false rejects" if op["objective"] == "false_reject" else "escapes"
         parts = "good" if op["objective"] == "false_reject" else "defective"
         objective = (
-            f"{what} &le; {100 * op['target']:.3g}% with {op['confidence']:.0%} confidence "
+            f"{what} &le; {100 * op['target']:.3g}% with {100 * op['confidence']:.3g}% confidence "
             f"(order statistic {op['rank']} of {op['n']} {parts} calibration parts; "
             f"at most {op['allowed']} on the wrong side; guaranteed bound {100 * op['bound']:.3g}%)"
         )
@@ -136,7 +136,7 @@ td,th{{border:1px solid #bbb;padding:2px 8px;text-align:left}}img{{max-width:100
 <tr><th>calibration</th><td>{t.n_normal} good parts scored with {e(t.scored_with)}</td></tr>
 <tr><th>held out</th><td>{e(held.split)}</td></tr>
 </table>
-<h2>Measured on held-out parts ({conf:.0%} Clopper-Pearson intervals)</h2>
+<h2>Measured on held-out parts ({100 * conf:.3g}% Clopper-Pearson intervals)</h2>
 <table><tr><th></th><th>parts</th><th>rate</th><th>interval</th></tr>
 {"".join(rows)}</table>
 <img src="data:image/png;base64,{img}" alt="score distributions, ROC with the chosen point, rates against the threshold, nearest misses">

@@ -209,7 +209,7 @@ def operating_point_line(t: Thresholds | None, active_threshold: float | None = 
         what = "false rejects" if op["objective"] == "false_reject" else "escapes"
         parts = "good" if op["objective"] == "false_reject" else "defective"
         head = (
-            f"{what} <= {_pct(op['target'])} at {op['confidence']:.0%} confidence (score {op['rank']} of "
+            f"{what} <= {_pct(op['target'])} at {_pct(op['confidence'])} confidence (score {op['rank']} of "
             f"{op['n']} {parts} calibration parts, bound {_pct(op['bound'])})"
         )
     else:
@@ -224,7 +224,7 @@ def operating_point_line(t: Thresholds | None, active_threshold: float | None = 
             rates.append(
                 "escapes by type " + ", ".join(f"{k} {v['count']}/{v['n']}" for k, v in by_type.items())
             )
-        head += f"; held out ({m['split']}, {m['confidence']:.0%} intervals): " + ", ".join(rates)
+        head += f"; held out ({m['split']}, {_pct(m['confidence'])} intervals): " + ", ".join(rates)
     else:
         head += "; no held-out rates (calibrate with --holdout)"
     if active_threshold is not None and abs(active_threshold - t.image) > 1e-12 * max(1.0, abs(t.image)):
