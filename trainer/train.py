@@ -343,8 +343,9 @@ def _fit_only(
         f"{len(held)} held-out ones",
         flush=True,
     )
-    model = model.to(device)
-    seen = model.fit(_batches(fit, device), _batches(held, device), seed, tick)  # type: ignore[operator]
+    model = model.to(device, memory_format=torch.channels_last)  # faster CPU convolutions
+    nhwc = torch.channels_last
+    seen = model.fit(_batches(fit, device, nhwc), _batches(held, device, nhwc), seed, tick)  # type: ignore[operator]
     mcfg: ModelConfig = model.cfg  # type: ignore[assignment]
     cfg["model"] = mcfg.to_dict()
     seconds = time.monotonic() - t0
