@@ -15,7 +15,8 @@ reused through ONNX Runtime's calibration cache):
   ``cpu_format="qoperator"`` remains available. ONNX Runtime runs the TensorRT file
   unfused (``edge.backend``), as a float emulation of TensorRT's int8.
 
-Never quantized (``exclusions``): the detection head. The anomaly map is a probability
+Never quantized (``exclusions``): the nearest-neighbour distance of the pretrained-backbone
+kinds to their memory of normal features (``memory_distance_exclusions``), and the detection head. The anomaly map is a probability
 that the image score and both thresholds are read from; int8 would put it on a grid of
 1/127 (or 1/255) and move scores that sit near the threshold across it. Concretely:
 the Softmax/Sigmoid producing ``anomaly_map``, every node between it and the outputs
@@ -188,6 +189,31 @@ def head_exclusions(model: onnx.ModelProto) -> dict[str, str]:
     return excluded
 
 
+def memory_distance_exclusions(model: onnx.ModelProto) -> dict[str, str]:
+    """MatMul/Gemm nodes with a constant operand, by name, with the reason: in the kinds that
+    have them (``features``, ``prn``) they compare patch features with a memory of normal
+    ones, d^2 = |q|^2 - 2 q.m + |m|^2, where the two large terms cancel: int8 rounding of
+    q.m moves the small distances of good parts most, which is where the threshold sits.
+    (Attention products between activations have no constant operand and are quantized.)
+    """
+    constants = {t.name for t in model.graph.initializer}
+    constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    producers = {out: node for node in model.graph.node for out in node.output}
+
+    def constant(name: str) -> bool:
+        # a transposed memory (Transpose of an initializer) is still the memory
+        node = producers.get(name)
+        return name in constants or (
+            node is not None and node.op_type == "Transpose" and node.input[0] in constants
+        )
+
+    return {
+        node.name: "nearest-neighbour distance to the normal-feature memory (|q|^2 - 2 q.m + |m|^2 cancels)"
+        for node in model.graph.node
+        if node.op_type in ("MatMul", "Gemm") and any(constant(i) for i in node.input)
+    }
+
+
 def input_conv_exclusions(model: onnx.ModelProto) -> dict[str, str]:
     """The first Conv/ConvTranspose on every path from the image input, by name, with the reason.
 
@@ -321,7 +347,7 @@ def quantize_pair(
     with tempfile.TemporaryDirectory(prefix="pouta-quant-") as tmp:
         prepared = prepare_model(fp32_model, Path(tmp) / "prepared.onnx")
         model = onnx.load(str(prepared))
-        excluded = head_exclusions(model)
+        excluded = {**memory_distance_exclusions(model), **head_exclusions(model)}
         cache = Path(tmp) / "calibration_cache.json" if _supports_cache() else None
         # (file, target, format, activation type, 7-bit weights, extra options, nodes kept in float)
         jobs: list[tuple[Path, str, QuantFormat, QuantType, bool, dict[str, Any], dict[str, str]]] = []

@@ -89,7 +89,12 @@ class OnnxRuntimeBackend:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = int(threads)
-        if wanted[0] == "CPUExecutionProvider" and has_signed_int8_activations(self.path):
+        try:
+            signed_int8 = wanted[0] == "CPUExecutionProvider" and has_signed_int8_activations(self.path)
+        except Exception as exc:  # onnx's DecodeError and friends: a truncated or corrupt file
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise MetadataError(f"{self.path}: not a readable ONNX model ({first})") from None
+        if signed_int8:
             # ONNX Runtime's CPU fusion of signed-int8 Q/DQ into integer kernels computes
             # wrong maps on CPUs without AVX-512 (microsoft/onnxruntime#24711); unfused, the
             # Q/DQ pairs run as float rounding, which is also what TensorRT's int8 computes.
@@ -102,7 +107,8 @@ class OnnxRuntimeBackend:
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=wanted)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise MetadataError(f"{self.path}: ONNX Runtime cannot load the model ({exc})") from None
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise MetadataError(f"{self.path}: ONNX Runtime cannot load the model ({first})") from None
         inputs = {i.name: i for i in self.session.get_inputs()}
         if INPUT_NAME not in inputs:
             raise MetadataError(f"{self.path}: has no input '{INPUT_NAME}' (inputs: {sorted(inputs)})")

@@ -1,12 +1,17 @@
-"""``pouta-edge``: run | capture | cameras | install-service | doctor.
+"""``pouta-edge``: run | capture | cameras | install-service | hash-password | doctor.
 
-Exit codes (documented in ``--help`` too):
+Exit codes (documented in ``--help`` and docs/security.md too; the systemd unit restarts
+on every one but 0 and 2):
   0  finished (end of input, --max-frames/--duration reached, or stopped by SIGINT/SIGTERM
      after flushing every pending result)
   1  unexpected internal error
-  2  invalid usage, config or model (metadata mismatch, missing file, bad value)
+  2  invalid usage, config or model (metadata mismatch, missing/corrupt/modified file, bad value)
   3  the frame source could not be opened (camera not found, no producer, no images)
   4  finished, but some result files could not be written (kept in memory, counted)
+  5  a port could not be bound (network not up yet, port taken): retried by the unit
+
+Signal handlers are installed before the model loads: SIGTERM/SIGINT during a slow load
+end the run cleanly (exit 0) once it is built, SIGHUP then is a reload, never a kill.
 
 Longer than ~350 lines on purpose: argparse for every command plus the run loop's
 signal handling; the pieces are small and only the CLI uses them.
@@ -24,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import PoutaError
+from .errors import PoutaError, UnavailableError
 from .sources import SourceError
 
 EXIT_OK = 0
@@ -32,6 +37,7 @@ EXIT_INTERNAL = 1
 EXIT_CONFIG = 2
 EXIT_SOURCE = 3
 EXIT_WRITE_ERRORS = 4
+EXIT_UNAVAILABLE = 5
 
 EPILOG = """exit codes:
   0  finished, or stopped by SIGINT/SIGTERM after flushing pending results
@@ -39,6 +45,7 @@ EPILOG = """exit codes:
   2  invalid usage, config or model (e.g. metadata mismatch)
   3  frame source could not be opened
   4  finished, but some result files could not be written
+  5  a port could not be bound (network not up yet, port taken); worth a restart
 """
 
 
@@ -142,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--expect-kind", help="refuse a model whose metadata model_kind differs")
     run.add_argument("--expect-precision", help="refuse a model whose metadata precision differs")
+    run.add_argument(
+        "--allow-modified-model",
+        dest="allow_modified",
+        action="store_true",
+        default=None,
+        help="run a model whose sha256 differs from its sidecar's artifact_sha256 (warns)",
+    )
     _add_source_args(run)
     run.add_argument("--roi", help="x,y,width,height crop in source pixels")
     run.add_argument("--out", metavar="DIR", help="result folder")
@@ -153,10 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--duration", type=float, help="seconds")
     run.add_argument("--quiet", action="store_true", help="no live status line")
     run.add_argument(
-        "--modbus", type=int, metavar="PORT", help="serve results as Modbus TCP on PORT (pip '.[plc]')"
+        "--modbus",
+        type=int,
+        metavar="PORT",
+        help="serve results as Modbus TCP on modbus.host (127.0.0.1 unless set):PORT (pip '.[plc]')",
     )
     run.add_argument(
-        "--opcua", metavar="URL", help="serve results over OPC UA, e.g. opc.tcp://0.0.0.0:4840/pouta/"
+        "--opcua",
+        metavar="URL",
+        help="serve results over OPC UA, e.g. opc.tcp://127.0.0.1:4840/pouta/ (docs/security.md)",
     )
     run.add_argument(
         "--mqtt", metavar="HOST[:PORT]", help="publish results to an MQTT broker (pip '.[mqtt]')"
@@ -166,10 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--http",
         metavar="HOST:PORT",
-        help="serve the live view and /metrics, e.g. 0.0.0.0:8080 (pip '.[ui]')",
+        help="serve the live view and /metrics, e.g. 127.0.0.1:8080; beyond loopback needs a token (pip '.[ui]')",
     )
     run.add_argument(
-        "--http-token", metavar="TOKEN", help="token for state-changing HTTP requests (default read-only)"
+        "--http-token-file",
+        metavar="FILE",
+        help="file holding the live view token (never the token itself on the command line: ps shows it)",
     )
     run.add_argument(
         "--http-hold", type=float, metavar="S", help="keep serving S seconds after the input ends (replays)"
@@ -188,9 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     svc.add_argument("--config", required=True, metavar="YAML", help="run config naming model and source")
     svc.add_argument("--unit-dir", default="/etc/systemd/system", metavar="DIR")
     svc.add_argument("--name", default="pouta-edge", help="unit name (default pouta-edge)")
-    svc.add_argument("--user", help="run as this user (default root)")
+    svc.add_argument(
+        "--user",
+        default="pouta-edge",
+        help="run as this system user (default pouta-edge; 'root' not recommended)",
+    )
+    svc.add_argument("--memory-max", default="4G", help="MemoryMax of the unit (default 4G)")
     svc.add_argument("--dry-run", action="store_true", help="print the unit, write nothing")
     svc.add_argument("--enable", action="store_true", help="then systemctl daemon-reload and enable --now")
+
+    sub.add_parser(
+        "hash-password",
+        help="read a password (stdin or prompt) and print its hash for an OPC UA users file",
+    )
 
     doc = sub.add_parser("doctor", help="check TensorRT/CUDA on this machine (run first on a new Jetson)")
     doc.add_argument("--plan", metavar="FILE", help="also try to open this .plan/.engine")
@@ -207,6 +238,7 @@ def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
             ("spin", a.spin),
             ("expect_kind", a.expect_kind),
             ("expect_precision", a.expect_precision),
+            ("allow_modified", a.allow_modified),
             ("providers", a.providers.split(",") if a.providers else None),
         )
         if v is not None
@@ -248,7 +280,7 @@ def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
             o["mqtt"]["topic_prefix"] = a.mqtt_topic
     http = {
         k: v
-        for k, v in (("listen", a.http), ("token", a.http_token), ("hold_s", a.http_hold))
+        for k, v in (("listen", a.http), ("token_file", a.http_token_file), ("hold_s", a.http_hold))
         if v is not None
     }
     if a.http:
@@ -268,7 +300,10 @@ def _print_summary(s: dict[str, Any], out_dir: str) -> None:
         f"p99 {lat['p99']:.1f} ms (capture to result, queueing included)",
         f"dropped {s['dropped']}  corrupt {s['corrupt']}  timeouts {s['timeouts']}  reconnects "
         f"{s['reconnects']}  frame errors {s['frame_errors']}  write errors {s['write_errors']}",
-        f"not inspected {s['not_inspected']}  backlog dropped {s['backlog_dropped']}  sinks "
+        f"not inspected {s['not_inspected']}  backlog dropped {s['backlog_dropped']}  "
+        f"records lost {s['records_lost']}  late verdicts {s['late_verdicts']}  faults {s['faults']}"
+        + (f" (active: {s['fault']})" if s["fault"] else "")
+        + "  sinks "
         + "  ".join(f"{k}: {v['delivered']} delivered" for k, v in s["sinks"].items()),
     ]
     if s["labelled"]:
@@ -280,6 +315,16 @@ def _print_summary(s: dict[str, Any], out_dir: str) -> None:
     print("\n".join(lines), flush=True)
 
 
+SECRET_KEYS = frozenset({"token", "password"})
+
+
+def redacted(cfg: Any) -> Any:
+    """The config with secret values hidden (what --print-config shows)."""
+    if isinstance(cfg, dict):
+        return {k: "<hidden>" if k in SECRET_KEYS and v is not None else redacted(v) for k, v in cfg.items()}
+    return cfg
+
+
 def cmd_run(a: argparse.Namespace) -> int:
     from .config import build_pipeline, load_config
 
@@ -288,26 +333,55 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.print_config:
         from .settings import dump
 
-        print(dump(cfg), end="")
+        print(dump(redacted(cfg)), end="")
         return EXIT_OK
-    with build_pipeline(cfg) as pipe:
-        return _run_pipeline(a, cfg, overrides, pipe)
+    # Before the model loads (which can take minutes for an engine): a SIGHUP then must be
+    # a reload request, not a kill that systemd counts as a clean exit.
+    sig = _Signals()
+    try:
+        with build_pipeline(cfg) as pipe:
+            sig.pipe = pipe
+            if sig.stopped.is_set():
+                print(f"pouta-edge: stopped by {sig.stop_reason[0]} while loading", file=sys.stderr)
+                return EXIT_OK
+            return _run_pipeline(a, cfg, overrides, pipe, sig)
+    finally:
+        sig.restore()
 
 
-def _run_pipeline(a: argparse.Namespace, cfg: dict[str, Any], overrides: dict[str, Any], pipe: Any) -> int:
-    """Run an open pipeline until its input ends or a signal stops it; print the summary."""
-    stop_reason: list[str] = []
-    reloads: list[int] = []
-    stopped = threading.Event()
-    server: Any = None
+class _Signals:
+    """SIGINT/SIGTERM stop the pipeline (once it exists); SIGHUP asks for a reload."""
 
-    def on_signal(signum: int, _frame: Any) -> None:
+    def __init__(self) -> None:
+        self.stop_reason: list[str] = []
+        self.reloads: list[int] = []
+        self.stopped = threading.Event()
+        self.pipe: Any = None
+        signals = [signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+        self.previous = {s: signal.signal(s, self._on_signal) for s in signals}
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
         if signum == getattr(signal, "SIGHUP", None):
-            reloads.append(signum)  # handled in the main loop, outside the signal handler
+            self.reloads.append(signum)  # handled in the main loop, outside the signal handler
             return
-        stop_reason.append(signal.Signals(signum).name)
-        pipe.stop()
-        stopped.set()
+        self.stop_reason.append(signal.Signals(signum).name)
+        self.stopped.set()
+        if self.pipe is not None:
+            self.pipe.stop()
+
+    def restore(self) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+def _run_pipeline(
+    a: argparse.Namespace, cfg: dict[str, Any], overrides: dict[str, Any], pipe: Any, sig: _Signals
+) -> int:
+    """Run an open pipeline until its input ends or a signal stops it; print the summary."""
+    from .service import SystemdWatchdog, sd_notify
+
+    stop_reason, reloads, stopped = sig.stop_reason, sig.reloads, sig.stopped
+    server: Any = None
 
     def reload() -> dict[str, Any]:
         from .service import reload_thresholds
@@ -326,21 +400,29 @@ def _run_pipeline(a: argparse.Namespace, cfg: dict[str, Any], overrides: dict[st
         from .liveview_server import attach_http
 
         server = attach_http(pipe, cfg, reload)
-    signals = [signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
-    previous = {s: signal.signal(s, on_signal) for s in signals}
+    watchdog = SystemdWatchdog()
     try:
         pipe.start()
+        sd_notify("READY=1")  # model loaded, every server listening
         interval = float(cfg["pipeline"]["status_interval"] or 1.0)
         live = not a.quiet and sys.stderr.isatty()
+        next_status = 0.0
         while pipe.running:
-            pipe.join(timeout=interval)
+            due = watchdog.due_in()
+            pipe.join(timeout=interval if due is None else max(0.05, min(interval, due)))
+            # Only while the inference thread comes round: a hung one stops the pings.
+            stale_after = watchdog.limit_s / 2 if watchdog.limit_s else 0.0
+            watchdog.ping(time.monotonic() - pipe.progress_at < stale_after)
             while reloads:
                 reloads.pop()
                 try:
                     reload()
                 except PoutaError as exc:
                     print(f"pouta-edge: reload refused, thresholds unchanged: {exc}", file=sys.stderr)
-            if not a.quiet:
+            if stopped.is_set():
+                sd_notify("STOPPING=1")
+            if not a.quiet and time.monotonic() >= next_status:
+                next_status = time.monotonic() + interval
                 line = pipe.status_line()
                 # One updating line on a terminal, plain lines in a log file.
                 sys.stderr.write(f"\r{line}\033[K" if live else line + "\n")
@@ -352,8 +434,6 @@ def _run_pipeline(a: argparse.Namespace, cfg: dict[str, Any], overrides: dict[st
         while not stopped.is_set() and time.monotonic() < end:
             stopped.wait(0.2)
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
         if server is not None:
             server.close()
     summary = pipe.summary()
@@ -372,14 +452,37 @@ def cmd_install_service(a: argparse.Namespace) -> int:
     from .service import install_service
 
     out = install_service(
-        a.config, unit_dir=a.unit_dir, name=a.name, user=a.user, dry_run=a.dry_run, enable=a.enable
+        a.config,
+        unit_dir=a.unit_dir,
+        name=a.name,
+        user=a.user,
+        dry_run=a.dry_run,
+        enable=a.enable,
+        memory_max=a.memory_max,
     )
     if a.dry_run:
         print(out, end="")
     else:
         print(f"wrote {out}")
+        if a.user and a.user != "root":
+            print(f"the unit runs as '{a.user}': useradd --system --no-create-home {a.user} (once)")
         if not a.enable:
             print(f"next: systemctl daemon-reload && systemctl enable --now {a.name}.service")
+    return EXIT_OK
+
+
+def cmd_hash_password() -> int:
+    from .auth import hash_password
+
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass("password: ")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if not password:
+        raise PoutaError("hash-password: empty password")
+    print(hash_password(password))
     return EXIT_OK
 
 
@@ -450,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_capture(args)
         if args.command == "install-service":
             return cmd_install_service(args)
+        if args.command == "hash-password":
+            return cmd_hash_password()
         if args.command == "doctor":
             from .doctor import run_doctor
 
@@ -458,6 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     except SourceError as exc:
         print(f"pouta-edge: {exc}", file=sys.stderr)
         return EXIT_SOURCE
+    except UnavailableError as exc:
+        print(f"pouta-edge: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except PoutaError as exc:
         print(f"pouta-edge: {exc}", file=sys.stderr)
         return EXIT_CONFIG

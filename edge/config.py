@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from .auth import read_secret
 from .backend import Backend, open_backend
 from .errors import ConfigError
 from .geometry import Roi
@@ -65,6 +66,7 @@ def make_source(scfg: dict[str, Any]) -> FrameSource:
 def make_backend(mcfg: dict[str, Any]) -> Backend:
     if not mcfg.get("path"):
         raise ConfigError("model.path: no model given (use --model/--engine FILE)")
+    check_artifact_hash(mcfg["path"], allow_modified=bool(mcfg.get("allow_modified")))
     backend = open_backend(
         mcfg["path"],
         providers=mcfg.get("providers"),
@@ -82,6 +84,31 @@ def make_backend(mcfg: dict[str, Any]) -> Backend:
         backend.close()
         raise
     return backend
+
+
+def check_artifact_hash(path: str | os.PathLike[str], allow_modified: bool = False) -> None:
+    """The model file must be the one its sidecar describes (``artifact_sha256``): a swapped
+    file would run with another model's thresholds and id. ``allow_modified`` only warns."""
+    import logging
+
+    from .errors import MetadataError
+    from .fsutil import sha256_file
+    from .metadata import load_for_model
+
+    p = Path(path)
+    if not p.is_file():
+        return  # the backend reports the missing file
+    want = load_for_model(p).artifact_sha256
+    if not want:
+        return  # older sidecars carry no hash; nothing to compare
+    got = sha256_file(p)
+    if got != want:
+        msg = f"{p}: sha256 {got[:12]}... differs from the sidecar's artifact_sha256 {want[:12]}..."
+        if not allow_modified:
+            raise MetadataError(
+                f"{msg}; the file was modified or swapped (--allow-modified-model to run it anyway)"
+            )
+        logging.getLogger("pouta.edge.config").warning("%s; running it anyway (allow_modified)", msg)
 
 
 def build_pipeline(cfg: dict[str, Any], source: FrameSource | None = None) -> Pipeline:
@@ -124,6 +151,9 @@ def build_pipeline(cfg: dict[str, Any], source: FrameSource | None = None) -> Pi
         sequence=SequenceCounter(seq_file),
         not_inspected_is_ng=bool(pl["not_inspected_is_ng"]),
         heartbeat_s=float(pl["heartbeat_s"] or 0),
+        verdict_timeout_s=None if pl["verdict_timeout_s"] is None else float(pl["verdict_timeout_s"]),
+        close_timeout_s=float(pl["close_timeout_s"]),
+        sink_queue=int(pl["sink_queue"]),
     )
 
 
@@ -138,6 +168,17 @@ def make_postprocessor(cfg: dict[str, Any], thresholds: Thresholds | None) -> Po
         pixel_threshold=oc["pixel_threshold"],
         border_margin=oc["border_margin"],
     )
+
+
+def parse_umask(value: Any) -> int:
+    """``"022"`` (octal digits, as for the shell's umask) -> 0o022."""
+    try:
+        mask = int(str(value), 8)
+    except ValueError:
+        mask = -1
+    if not 0 <= mask <= 0o777:
+        raise ConfigError(f"output.umask: expected octal digits such as '022', got {value!r}")
+    return mask
 
 
 def make_sinks(cfg: dict[str, Any]) -> list[ResultSink]:
@@ -159,6 +200,7 @@ def make_sinks(cfg: dict[str, Any]) -> list[ResultSink]:
         raw_ng=out["raw_ng"],
         ng_keep_files=out["ng_keep_files"],
         ng_keep_mb=out["ng_keep_mb"],
+        umask=parse_umask(out["umask"]),
     )
     sinks: list[ResultSink] = [files]
     mb, ua, mq = cfg["modbus"], cfg["opcua"], cfg["mqtt"]
@@ -172,6 +214,9 @@ def make_sinks(cfg: dict[str, Any]) -> list[ResultSink]:
                     int(mb["port"]),
                     handshake=bool(mb["handshake"]),
                     ack_timeout_s=float(mb["ack_timeout_s"]),
+                    unit_id=mb["unit_id"],
+                    allow_write=mb["allow_write"],
+                    allow_read=mb["allow_read"],
                 )
             )
         if ua["enabled"]:
@@ -182,6 +227,12 @@ def make_sinks(cfg: dict[str, Any]) -> list[ResultSink]:
                     str(ua["endpoint"]),
                     handshake=bool(ua["handshake"]),
                     ack_timeout_s=float(ua["ack_timeout_s"]),
+                    security=ua["security"],
+                    certificate=ua["certificate"],
+                    private_key=ua["private_key"],
+                    pki_dir=ua["pki_dir"] or Path(out["dir"]) / "opcua-pki",
+                    users_file=ua["users_file"],
+                    write_role=str(ua["write_role"]),
                 )
             )
         if mq["enabled"]:
@@ -196,6 +247,12 @@ def make_sinks(cfg: dict[str, Any]) -> list[ResultSink]:
                     keepalive_s=int(mq["keepalive_s"]),
                     buffer=int(mq["buffer"]),
                     replay_s=float(mq["replay_s"]),
+                    username=mq["username"],
+                    password=read_secret("mqtt.password", None, mq["password_file"], mq["password_env"]),
+                    tls=bool(mq["tls"]),
+                    ca_file=mq["ca_file"],
+                    cert_file=mq["cert_file"],
+                    key_file=mq["key_file"],
                 )
             )
     except BaseException:

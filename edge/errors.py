@@ -21,3 +21,8 @@ class MetadataError(PoutaError):
 
 class ConfigError(PoutaError):
     """A config file or CLI value is invalid."""
+
+
+class UnavailableError(PoutaError):
+    """Something the runtime needs is not there yet (a port cannot be bound: the NIC is
+    not up, another process holds it); a restart later can succeed."""

@@ -41,6 +41,7 @@ class SinkWorker:
         self.errors = 0
         self.dropped = 0
         self.evidence_skipped = 0
+        self.lost_at_close = 0
         # A PLC reads a gap in the sequence as a part its reject gate never saw: records
         # must reach every sink in sequence order, and a break of that is counted here.
         self.out_of_order = 0
@@ -110,7 +111,11 @@ class SinkWorker:
             self._closing = True
             self._cond.notify()
         self._thread.join(timeout)
-        return not self._thread.is_alive()
+        if self._thread.is_alive():
+            # Still queued (plus the one being written) when the process goes: lost, counted.
+            self.lost_at_close = self.queued + 1
+            return False
+        return True
 
     def stats(self) -> dict[str, Any]:
         try:
@@ -125,5 +130,6 @@ class SinkWorker:
             "dropped": self.dropped,
             "evidence_skipped": self.evidence_skipped,
             "out_of_order": self.out_of_order,
+            "lost_at_close": self.lost_at_close,
             **own,
         }

@@ -27,6 +27,8 @@ class PendingPart:
     frame: Frame | None  # None: nothing usable was acquired (corrupt frame, trigger timeout)
     reason: str | None = None
     wall_time: float = field(default_factory=time.time)
+    t0: float = field(default_factory=time.monotonic)  # acquisition, for the verdict watchdog
+    gap: str | None = None  # why the sequence jumps before this part ("crash")
 
 
 class FrameQueue:
@@ -84,3 +86,35 @@ class FrameQueue:
 
     def empty(self) -> bool:
         return self.q.empty()
+
+    def get_nowait(self) -> Any:
+        return self.q.get_nowait()
+
+    def wait_item(self, timeout: float) -> None:
+        """Return when the queue holds an item or ``timeout`` passed (the item stays queued)."""
+        with self.q.not_empty:
+            if not self.q._qsize():
+                self.q.not_empty.wait(timeout)
+
+    def oldest(self) -> Any:
+        """The item that would be got next, or None; it stays queued."""
+        with self.q.mutex:
+            return self.q.queue[0] if self.q.queue else None
+
+    def drain(self) -> list[Any]:
+        """Take every queued item out (END is put back: the consumer must still see it)."""
+        out: list[Any] = []
+        end = False
+        with self._drop_lock:
+            while True:
+                try:
+                    item = self.q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is END:
+                    end = True
+                else:
+                    out.append(item)
+        if end:
+            self.q.put(END)
+        return out

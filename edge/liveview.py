@@ -22,7 +22,9 @@ It can never slow inspection:
   event says a new one exists, one fetch at a time.
 
 Read-only by default: requests that change state (``POST /api/reload``: reload the
-thresholds, like SIGHUP) need ``http.token`` as ``Authorization: Bearer <token>``.
+thresholds, like SIGHUP) need the token (``http.token_file``/``token_env``) as
+``Authorization: Bearer <token>``. Bound beyond loopback, every request except
+``/healthz`` needs it (a browser opens ``/?token=...`` once and gets a cookie).
 
 Longer than ~350 lines on purpose: one sink class whose counters, picture hand-off and
 render thread share one lock; the HTTP side is in ``liveview_server``.
@@ -53,17 +55,29 @@ JPEG_QUALITY = 85
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (or ``:PORT`` / ``PORT``: all interfaces) -> (host, port)."""
+    """``HOST:PORT`` (or ``:PORT`` / ``PORT``: loopback only) -> (host, port)."""
     host, sep, port = str(value).rpartition(":")
     if not sep:
-        host, port = "0.0.0.0", str(value)
+        host, port = "127.0.0.1", str(value)
     try:
         p = int(port)
     except ValueError:
         p = -1
     if not 0 <= p <= 65535:
         raise ConfigError(f"http.listen: expected HOST:PORT, e.g. 0.0.0.0:8080, got {value!r}")
-    return host.strip("[]") or "0.0.0.0", p
+    return host.strip("[]") or "127.0.0.1", p
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass

@@ -3,7 +3,10 @@
 Updates go out as server-sent events through a bounded queue per client (a slow client
 loses intermediate states, never the newest); the picture is fetched by the page when an
 event says a new one exists, one fetch at a time. Read-only by default: requests that
-change state (``POST /api/reload``) need ``http.token`` as ``Authorization: Bearer``.
+change state (``POST /api/reload``) need the token as ``Authorization: Bearer``. Bound
+beyond loopback, every request but ``/healthz`` needs the token (header, or the cookie a
+browser gets from opening ``/?token=...`` once) and a token must be configured; with
+``tls_cert``/``tls_key`` the page is served over HTTPS.
 
 Longer than ~350 lines on purpose: one aiohttp application whose routes, event
 fan-out and token check share its loop and bounded queues.
@@ -23,14 +26,17 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
-from .errors import ConfigError
-from .liveview import LiveViewSink, parse_listen
+from .auth import read_secret
+from .errors import ConfigError, UnavailableError
+from .liveview import LiveViewSink, is_loopback, parse_listen
 from .metrics import CONTENT_TYPE, MetricsSink
 
 log = logging.getLogger("pouta.edge.liveview")
 
 STATIC_FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
 MAX_CLIENTS = 32
+COOKIE = "pouta_token"
+OPEN_PATHS = frozenset({"/healthz"})
 CLIENT_QUEUE = 4  # states per event-stream client; the oldest goes first when it is full
 
 
@@ -102,6 +108,9 @@ class LiveServer:
         listen: str = "127.0.0.1:8080",
         token: str | None = None,
         reload: Callable[[], dict[str, Any]] | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        require_token: bool | None = None,
     ) -> None:
         try:
             import aiohttp  # noqa: F401
@@ -114,6 +123,27 @@ class LiveServer:
         self.status = status
         self.host, self.port = parse_listen(listen)
         self.token = token or None
+        # Beyond loopback, product images and metrics are for people holding the token.
+        self.private = not is_loopback(self.host) if require_token is None else bool(require_token)
+        if self.private and self.token is None:
+            raise ConfigError(
+                f"http.token_file: a token is required (http.listen {self.host} is beyond loopback, or "
+                "http.require_token is set); give token_file or token_env"
+            )
+        self.ssl: Any = None
+        if tls_cert or tls_key:
+            import ssl
+
+            if not (tls_cert and tls_key):
+                raise ConfigError("http.tls_cert/tls_key: give both or neither")
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            try:
+                ctx.load_cert_chain(str(tls_cert), str(tls_key))
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"http.tls_cert/tls_key: cannot load {tls_cert} / {tls_key} ({exc})"
+                ) from None
+            self.ssl = ctx
         self.reload = reload
         self.static = {
             name: resources.files("pouta.edge").joinpath("liveview_static", name).read_bytes()
@@ -131,14 +161,14 @@ class LiveServer:
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
-        return f"http://{host}:{self.port}/"
+        return f"{'https' if self.ssl else 'http'}://{host}:{self.port}/"
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="pouta-http", daemon=True)
         self._thread.start()
         self._ready.wait(30.0)
         if self._error is not None:
-            raise ConfigError(
+            raise UnavailableError(
                 f"http.listen {self.host}:{self.port}: cannot serve the live view ({self._error})"
             )
         log.info("live view on %s", self.url)
@@ -166,7 +196,7 @@ class LiveServer:
         from aiohttp import web
 
         self._stop = asyncio.Event()
-        app = web.Application()
+        app = web.Application(middlewares=[self._middleware()])
         app.router.add_get("/", self._index)
         app.router.add_get("/static/{name}", self._static)
         app.router.add_get("/api/state", self._state)
@@ -180,7 +210,7 @@ class LiveServer:
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+            site = web.TCPSite(runner, self.host, self.port, reuse_address=True, ssl_context=self.ssl)
             await site.start()
         except OSError as exc:
             self._error = OSError(exc.strerror or str(exc))
@@ -236,6 +266,41 @@ class LiveServer:
         return s
 
     # -- handlers ----------------------------------------------------------
+    def _token_ok(self, request: Any) -> bool:
+        if self.token is None:
+            return False
+        header = request.headers.get("Authorization", "")
+        given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        given = given or request.cookies.get(COOKIE, "")
+        return hmac.compare_digest(given.encode(), self.token.encode())
+
+    def _middleware(self) -> Any:
+        from aiohttp import web
+
+        @web.middleware
+        async def auth(request: Any, handler: Any) -> Any:
+            if not self.private or request.path in OPEN_PATHS:
+                return await handler(request)
+            query = request.query.get("token")
+            if (
+                query is not None
+                and self.token is not None
+                and hmac.compare_digest(query.encode(), self.token.encode())
+            ):
+                # A browser opens /?token=... once; the cookie carries it from then on.
+                resp = web.HTTPFound(request.path)
+                resp.set_cookie(
+                    COOKIE, self.token, httponly=True, samesite="Strict", secure=self.ssl is not None
+                )
+                raise resp
+            if not self._token_ok(request):
+                raise web.HTTPUnauthorized(
+                    text="token required (Authorization: Bearer <token>, or open /?token=...)"
+                )
+            return await handler(request)
+
+        return auth
+
     async def _index(self, request: Any) -> Any:
         return self._file("index.html")
 
@@ -343,10 +408,10 @@ class LiveServer:
         from aiohttp import web
 
         if self.token is None:
-            raise web.HTTPForbidden(text="read-only: set http.token to allow state changes")
+            raise web.HTTPForbidden(text="read-only: set http.token_file or token_env to allow state changes")
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), self.token.encode()):
-            raise web.HTTPUnauthorized(text="wrong or missing token (Authorization: Bearer <http.token>)")
+            raise web.HTTPUnauthorized(text="wrong or missing token (Authorization: Bearer <token>)")
         if self.reload is None:
             raise web.HTTPNotImplemented(text="no reload available")
         try:
@@ -366,6 +431,7 @@ def pipeline_status(pipe: Any, out_dir: str | None) -> Callable[[], dict[str, An
         post = pipe.post
         thr = pipe.backend.metadata.thresholds
         return {
+            "fault": s["fault"],
             "model": {
                 "id": s["model_id"],
                 "backend": s["backend"],
@@ -404,8 +470,11 @@ def attach_http(
         metrics,
         pipeline_status(pipe, cfg["output"]["dir"]),
         listen=str(h["listen"]),
-        token=h["token"],
+        token=read_secret("http.token", h["token"], h["token_file"], h["token_env"]),
         reload=reload,
+        tls_cert=h["tls_cert"],
+        tls_key=h["tls_key"],
+        require_token=h["require_token"],
     )
     try:
         server.start()

@@ -32,7 +32,7 @@ SCORE_POOL_SIZE = 21  # image score = max of the 21x21 (stride 1) average-pooled
 COLOR_ORDER = "RGB"
 VALUE_RANGE = (0.0, 1.0)
 
-MODEL_KINDS = ("pouta", "vanilla", "test")
+MODEL_KINDS = ("pouta", "vanilla", "prn", "features", "test")  # "test": the suite's contract models
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -144,8 +144,13 @@ class ModelMetadata:
         if tuple(i.value_range) != VALUE_RANGE:
             raise MetadataError(f"{source}: input.value_range must be [0, 1], got {list(i.value_range)}")
         t = self.thresholds
-        if t is not None and not (0.0 <= t.pixel <= 1.0):
-            raise MetadataError(f"{source}: thresholds.pixel must lie in [0, 1], got {t.pixel}")
+        for name in ("image", "pixel") if t is not None else ():
+            value = getattr(t, name)
+            # Written so that NaN fails too (every comparison with NaN is False).
+            if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
+                raise MetadataError(
+                    f"{source}: thresholds.{name} must be a finite number in [0, 1], got {value}"
+                )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         if not self.created_utc:

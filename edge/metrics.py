@@ -149,6 +149,28 @@ class PipelineCollector:
         ):
             yield CounterMetricFamily(name, doc, value=float(s.get(key, 0)))
         yield GaugeMetricFamily(
+            "pouta_fault",
+            "1 while the runtime is in its fault state (parts recorded NOT_INSPECTED, ready off)",
+            value=float(bool(s.get("fault"))),
+        )
+        for key, name, doc in (
+            ("faults", "pouta_faults", "Times the fault state was raised"),
+            ("verdict_timeouts", "pouta_verdict_timeouts", "Parts recorded NOT_INSPECTED by the watchdog"),
+            ("non_finite", "pouta_non_finite_outputs", "Parts whose model output was NaN/inf"),
+            (
+                "records_lost",
+                "pouta_records_lost",
+                "Records that never reached a sink (queues, backlog, exit)",
+            ),
+            ("part_id_rejected", "pouta_part_id_rejected", "Part ids refused (too long, not printable)"),
+            (
+                "unnumbered",
+                "pouta_unnumbered_parts",
+                "Parts seen while the sequence counter could not be saved",
+            ),
+        ):
+            yield CounterMetricFamily(name, doc, value=float(s.get(key, 0)))
+        yield GaugeMetricFamily(
             "pouta_backlog_records",
             "Records waiting for the disk",
             value=float(s.get("unsaved_in_memory", 0)),

@@ -22,6 +22,12 @@ published again, oldest first (all counted: ``resent``); the buffer follows in o
 Delivery is at least once: a consumer de-duplicates by ``seq`` (keeping the first copy
 of each ``seq`` gives every record once, in order). The buffer survives a broker outage,
 not a restart of this process.
+
+Security: ``tls`` (with ``ca_file``, or the system CAs; ``cert_file``/``key_file`` for
+brokers that authenticate clients by certificate), ``username``/``password`` (the
+password from a file or an environment variable, see ``auth.read_secret``). The client
+id defaults to ``pouta-edge-<hostname>-<random>``: two runtimes on one box must not
+take each other's session (a broker disconnects the older client of an id).
 """
 
 from __future__ import annotations
@@ -31,9 +37,11 @@ import contextlib
 import itertools
 import json
 import logging
+import secrets
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -60,6 +68,12 @@ class MqttPublisher:
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = 10.0,
         replay_s: float = 1.0,
+        username: str | None = None,
+        password: str | None = None,
+        tls: bool = False,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
     ) -> None:
         try:
             import paho.mqtt.client as mqtt
@@ -99,7 +113,20 @@ class MqttPublisher:
         self.buffer_dropped = 0
         self.connects = 0
         self.disconnects = 0
-        cid = client_id or f"pouta-edge-{socket.gethostname()}"
+        self.unacked_at_close = 0
+        for field, path in (
+            ("mqtt.ca_file", ca_file),
+            ("mqtt.cert_file", cert_file),
+            ("mqtt.key_file", key_file),
+        ):
+            if path is not None and not Path(str(path)).is_file():
+                raise ConfigError(f"{field}: {path} not found")
+        if (cert_file is None) != (key_file is None):
+            raise ConfigError("mqtt.cert_file/key_file: give both or neither")
+        if password is not None and not username:
+            raise ConfigError("mqtt.username: a password is set but no username")
+        cid = client_id or f"pouta-edge-{socket.gethostname()}-{secrets.token_hex(4)}"
+        self.client_id = cid
         c = mqtt.Client(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
             client_id=cid,
@@ -112,6 +139,14 @@ class MqttPublisher:
         c.reconnect_delay_set(
             min_delay=max(1, round(reconnect_min_s)), max_delay=max(1, round(reconnect_max_s))
         )
+        if username:
+            c.username_pw_set(str(username), password)
+        if tls or ca_file or cert_file:
+            c.tls_set(
+                ca_certs=str(ca_file) if ca_file else None,
+                certfile=str(cert_file) if cert_file else None,
+                keyfile=str(key_file) if key_file else None,
+            )
         c.will_set(self.topic_status, json.dumps({"state": "offline"}), qos=1, retain=True)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
@@ -253,6 +288,7 @@ class MqttPublisher:
             "buffer_dropped": self.buffer_dropped,
             "connects": self.connects,
             "disconnects": self.disconnects,
+            "unacked_at_close": self.unacked_at_close,
         }
 
     def flush(self, timeout: float) -> bool:
@@ -268,6 +304,7 @@ class MqttPublisher:
 
     def close(self, flush_timeout_s: float = 10.0) -> None:
         if not self.flush(flush_timeout_s):
+            self.unacked_at_close = len(self._pending)
             log.error("mqtt: %d records not acknowledged by the broker at shutdown", len(self._pending))
         self._closing = True
         self._wake.set()

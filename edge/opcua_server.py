@@ -3,9 +3,17 @@
 Node names follow the result concepts of the OPC UA Machine Vision companion
 specification (OPC 40100: a result with an id, creation time, state and the part it
 belongs to) where that is practical; this is not a certified implementation of its
-information model. The tree (namespace ``urn:pouta-edge``) is in README ("OPC UA node
-tree"). Every write of ``Result/ResultJson`` is one part's complete record; a client
-that subscribes to it with a queue (``queuesize``) receives every part.
+information model. The tree (namespace ``urn:pouta-edge``) is built in ``_start`` below. Every
+write of ``Result/ResultJson`` is one part's complete record; a client that subscribes
+to it with a queue (``queuesize``) receives every part.
+
+Security (docs/security.md): endpoints are ``Basic256Sha256`` Sign and SignAndEncrypt
+with the given certificate, or a self-signed one created on first start in ``pki_dir``;
+an unencrypted endpoint exists only when ``security`` lists ``None``. Users and password
+hashes come from a users file (``auth.Users``); anonymous clients read and subscribe but
+never write; writes (``PartIdIn``, ``AckSequence``) and ``AckResult`` are for users of
+``write_role`` only. asyncua's default user manager (user ``admin`` with any password is
+Admin, and Admin bypasses every write check) is replaced, and no session is ever Admin.
 
 Handshake (``handshake=True``): ``Result/ResultValid`` stays true until the client
 calls ``Control/AckResult(seq)`` or writes ``seq`` to ``Control/AckSequence``; only then
@@ -27,9 +35,14 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import os
+import socket
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, PoutaError
+from .auth import Users
+from .errors import ConfigError, UnavailableError
 from .handshake import ResultHandshake
 from .loop_thread import start_loop_thread
 from .postprocess import NG, NOT_INSPECTED, OK
@@ -40,6 +53,59 @@ log = logging.getLogger("pouta.edge.opcua")
 NAMESPACE = "urn:pouta-edge"
 VERDICT_CODES = {OK: 1, NG: 2, NOT_INSPECTED: 3}
 CLOSE_LINGER_S = 2.0
+SECURITY_MODES = ("Basic256Sha256_SignAndEncrypt", "Basic256Sha256_Sign", "None")
+DEFAULT_SECURITY = ("Basic256Sha256_SignAndEncrypt", "Basic256Sha256_Sign")
+APP_URI = "urn:pouta-edge:server"
+
+
+def _user_manager(users: Users | None, write_role: str) -> Any:
+    """asyncua user manager: anonymous -> Anonymous; a right password -> User (named);
+    a wrong one -> refused. Never Admin."""
+    from asyncua.crypto.permission_rules import User, UserRole
+
+    class Manager:
+        def get_user(
+            self,
+            iserver: Any,
+            username: str | None = None,
+            password: str | None = None,
+            certificate: Any = None,
+        ) -> Any:
+            # ``certificate`` is the secure channel's client certificate: it identifies the
+            # application, not a user (X509 user tokens are not offered).
+            if username is None:
+                return User(role=UserRole.Anonymous)
+            account = users.check(username, password) if users is not None else None
+            if account is None:
+                log.warning("opcua: refused login for user %r", username)
+                return None
+            return User(role=UserRole.User, name=f"{account.name}:{account.role}")
+
+    return Manager()
+
+
+def _ruleset(write_role: str) -> Any:
+    """Request-level permissions: everyone reads, browses and subscribes; writes and method
+    calls only for users of ``write_role``; the address space never changes over the network."""
+    from asyncua import ua
+    from asyncua.crypto.permission_rules import USER_TYPES, PermissionRuleset, UserRole
+
+    changing = {
+        ua.NodeId(ua.ObjectIds.WriteRequest_Encoding_DefaultBinary),
+        ua.NodeId(ua.ObjectIds.CallRequest_Encoding_DefaultBinary),
+    }
+    everyone = {ua.NodeId(t) for t in USER_TYPES} - changing
+
+    class Rules(PermissionRuleset):  # type: ignore[misc]
+        def check_validity(self, user: Any, action_type_id: Any, body: Any) -> bool:
+            if action_type_id in everyone:
+                return True
+            if action_type_id in changing:
+                name = getattr(user, "name", None) or ""
+                return user.role == UserRole.User and name.rpartition(":")[2] == write_role
+            return False
+
+    return Rules()
 
 
 class OpcUaResultServer(ResultHandshake):
@@ -50,10 +116,16 @@ class OpcUaResultServer(ResultHandshake):
 
     def __init__(
         self,
-        endpoint: str = "opc.tcp://0.0.0.0:4840/pouta/",
+        endpoint: str = "opc.tcp://127.0.0.1:4840/pouta/",
         handshake: bool = False,
         ack_timeout_s: float = 2.0,
         start_timeout_s: float = 30.0,
+        security: Sequence[str] = DEFAULT_SECURITY,
+        certificate: str | os.PathLike[str] | None = None,
+        private_key: str | os.PathLike[str] | None = None,
+        pki_dir: str | os.PathLike[str] = "opcua-pki",
+        users_file: str | os.PathLike[str] | None = None,
+        write_role: str = "operator",
     ) -> None:
         try:
             from asyncua import Server, ua
@@ -61,18 +133,33 @@ class OpcUaResultServer(ResultHandshake):
             raise ConfigError("opcua: needs asyncua: pip install 'pouta-edge[plc]'") from None
         self._ua = ua
         self.endpoint = endpoint
+        modes = [security] if isinstance(security, str) else list(security)
+        bad = [m for m in modes if m not in SECURITY_MODES]
+        if bad or not modes:
+            raise ConfigError(f"opcua.security: expected a list of {SECURITY_MODES}, got {list(modes)!r}")
+        if (certificate is None) != (private_key is None):
+            raise ConfigError("opcua.certificate/private_key: give both or neither")
+        for field, path in (("opcua.certificate", certificate), ("opcua.private_key", private_key)):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{field}: {path} not found")
+        self.security = modes
+        self.certificate = Path(certificate) if certificate is not None else None
+        self.private_key = Path(private_key) if private_key is not None else None
+        self.pki_dir = Path(pki_dir)
+        self.users = Users.load(users_file) if users_file else None
+        self.write_role = str(write_role)
         super().__init__(handshake, ack_timeout_s)
         self._seq = 0
         self._part_id_in: str | None = None
         self.written = 0
         self.nodes: dict[str, Any] = {}
         self._loop = asyncio.new_event_loop()
-        self._server = Server()
+        self._server = Server(user_manager=_user_manager(self.users, self.write_role))
         self._poll: asyncio.Task[None] | None = None
         self._write_lock: asyncio.Lock | None = None
         self._thread, error = start_loop_thread(self._loop, self._start, "pouta-opcua", start_timeout_s)
         if error is not None:
-            raise PoutaError(f"opcua: cannot serve {endpoint} ({error})")
+            raise UnavailableError(f"opcua: cannot serve {endpoint} ({error})")
         log.info("OPC UA server on %s", endpoint)
 
     async def _start(self) -> None:
@@ -82,8 +169,22 @@ class OpcUaResultServer(ResultHandshake):
         await server.init()
         server.set_endpoint(self.endpoint)
         server.set_server_name("pouta-edge")
-        # Plain TCP on a machine network; certificates are a deployment step (README).
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        await server.set_application_uri(APP_URI)
+        server.allow_remote_admin(False)
+        secure = [m for m in self.security if m != "None"]
+        if secure:
+            cert, key = await self._certificate()
+            await server.load_certificate(str(cert))
+            await server.load_private_key(str(key))
+        policies = {
+            "None": ua.SecurityPolicyType.NoSecurity,
+            "Basic256Sha256_Sign": ua.SecurityPolicyType.Basic256Sha256_Sign,
+            "Basic256Sha256_SignAndEncrypt": ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
+        }
+        server.set_security_policy(
+            [policies[m] for m in self.security], permission_ruleset=_ruleset(self.write_role)
+        )
+        server.set_identity_tokens([ua.AnonymousIdentityToken, ua.UserNameIdentityToken])
         idx = await server.register_namespace(NAMESPACE)
         self.ns = idx
         root = await server.nodes.objects.add_object(idx, "PoutaEdge")
@@ -128,6 +229,30 @@ class OpcUaResultServer(ResultHandshake):
         await server.start()
         self._poll = asyncio.ensure_future(self._poll_inputs())
 
+    async def _certificate(self) -> tuple[Path, Path]:
+        """The user's certificate and key, or a self-signed pair made on first start (and
+        renewed by asyncua when it expires)."""
+        if self.certificate is not None and self.private_key is not None:
+            return self.certificate, self.private_key
+        from asyncua.crypto.cert_gen import setup_self_signed_certificate
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+
+        self.pki_dir.mkdir(parents=True, exist_ok=True)
+        key, cert = self.pki_dir / "server_key.pem", self.pki_dir / "server_cert.der"
+        new = not key.exists()
+        await setup_self_signed_certificate(
+            key,
+            cert,
+            APP_URI,
+            socket.gethostname(),
+            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+            {"commonName": "pouta-edge", "organizationName": "pouta-edge"},
+        )
+        key.chmod(0o600)
+        if new:
+            log.warning("opcua: created a self-signed server certificate %s (trust it in the clients)", cert)
+        return cert, key
+
     # -- client side (server thread) ----------------------------------------
     def _ack(self, seq: int) -> bool:
         with self._cond:
@@ -153,8 +278,11 @@ class OpcUaResultServer(ResultHandshake):
                 if ack and self._ack(ack):
                     await self._show_valid()
                 pid = await pid_node.read_value()
-                with self._cond:
-                    self._part_id_in = str(pid) if pid else None
+                if pid:
+                    # Latched here and cleared on the node: one part consumes it (part_id).
+                    with self._cond:
+                        self._part_id_in = str(pid)
+                    await self._set({"PartIdIn": ""})
             except Exception as exc:  # keep polling; a bad client write must not end it
                 log.debug("opcua: polling inputs: %s", exc)
             await asyncio.sleep(0.01)
@@ -187,8 +315,10 @@ class OpcUaResultServer(ResultHandshake):
 
     # -- runtime side ---------------------------------------------------------
     def part_id(self) -> str | None:
+        """The id a client wrote for the next part, consumed: one part latches it."""
         with self._cond:
-            return self._part_id_in
+            pid, self._part_id_in = self._part_id_in, None
+            return pid
 
     def write(self, result: PartResult) -> bool:
         d = result.to_dict()

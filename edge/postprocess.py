@@ -7,6 +7,7 @@ an operator gets coordinates in the camera image.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -62,8 +63,30 @@ class Verdict:
         }
 
 
+class NonFiniteOutput(ValueError):
+    """The model produced a NaN/inf score or map: no verdict can be earned from it."""
+
+
+def check_threshold(field: str, value: object) -> float:
+    """``value`` as a float if it is finite and inside the map's range [0, 1], else a one-line
+    ``ConfigError`` naming ``field``. NaN compares False with every score, so a NaN threshold
+    would pass every part; one above 1 could never be exceeded by a [0, 1] map."""
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{field}: expected a number in [0, 1], got {value!r}") from None
+    if not math.isfinite(v) or not 0.0 <= v <= 1.0:
+        raise ConfigError(f"{field}: expected a finite number in [0, 1] (the anomaly map's range), got {v}")
+    return v
+
+
 class PostProcessor:
-    """Turns (anomaly_map [H,W], score) into a ``Verdict``."""
+    """Turns (anomaly_map [H,W], score) into a ``Verdict``.
+
+    Fail-safe: a non-finite score or map raises ``NonFiniteOutput`` (the pipeline records
+    the part ``NOT_INSPECTED``, reason ``non_finite_score``); ``score > threshold`` alone
+    would call a NaN score OK.
+    """
 
     def __init__(
         self,
@@ -81,8 +104,13 @@ class PostProcessor:
                 "thresholds: the model's metadata has none; calibrate the model or set "
                 "postprocess.image_threshold and postprocess.pixel_threshold"
             )
-        self.image_threshold = float(img_t)
-        self.pixel_threshold = float(pix_t)
+        where = "the model's sidecar thresholds"
+        self.image_threshold = check_threshold(
+            "postprocess.image_threshold" if image_threshold is not None else f"{where}.image", img_t
+        )
+        self.pixel_threshold = check_threshold(
+            "postprocess.pixel_threshold" if pixel_threshold is not None else f"{where}.pixel", pix_t
+        )
         self.min_area = int(min_area)
         self.max_regions = int(max_regions)
         if border_margin < 0:
@@ -127,6 +155,8 @@ class PostProcessor:
         """Backend outputs for one frame's inputs (``geometry.n_tiles`` of them) -> verdict."""
         a = geometry.stitch(tile_maps)
         s = geometry.image_score(a, tile_scores)
+        if not (math.isfinite(s) and np.isfinite(a).all()):
+            raise NonFiniteOutput(f"the model's output is not finite (score {s})")
         ng = s > self.image_threshold
         return Verdict(
             verdict=NG if ng else OK,

@@ -21,7 +21,41 @@ from .sources import Frame
 
 VERDICTS = (OK, NG, NOT_INSPECTED)
 # Why a part was not inspected; the numbers are the Modbus reason codes.
-REASONS = {"dropped": 1, "corrupt_frame": 2, "inference_error": 3, "timeout_after_trigger": 4}
+REASONS = {
+    "dropped": 1,
+    "corrupt_frame": 2,
+    "inference_error": 3,
+    "timeout_after_trigger": 4,
+    "non_finite_score": 5,
+    "verdict_timeout": 6,
+}
+PART_ID_MAX = 64  # characters; a PLC's part id is a serial number, not a document
+
+
+def clean_part_id(value: object) -> str | None:
+    """A part id fit for records, file names of evidence, CSV and registers, or None.
+
+    Bounded length and printable characters only: an id comes from a network client
+    (Modbus, OPC UA) and ends up in every record of that part.
+    """
+    if value is None:
+        return None
+    text = str(value)
+    if not text or len(text) > PART_ID_MAX or not text.isprintable():
+        return None
+    return text
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula (CSV injection).
+_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: Any) -> Any:
+    """A string cell that a spreadsheet would run as a formula gets a leading quote."""
+    if isinstance(value, str) and value.startswith(_FORMULA_PREFIXES):
+        return "'" + value
+    return value
+
 
 CSV_COLUMNS = (
     "wall_time",
@@ -67,6 +101,7 @@ class PartResult:
     part_id: str | None = None
     reason: str | None = None  # one of REASONS when not inspected
     not_inspected_is_ng: bool = True  # fail-safe: a part nobody judged is rejected
+    gap: str | None = None  # "crash": numbers before this one were reserved by a run that crashed
     _record: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
@@ -145,6 +180,8 @@ class PartResult:
             "latency_ms": {k: round(val, 3) for k, val in self.latency_ms.items()},
             "model_id": self.model_id,
         }
+        if self.gap:
+            d["sequence_gap"] = self.gap
         self._record = d
         return d
 
@@ -175,7 +212,7 @@ class PartResult:
 def csv_row(values: list[Any] | tuple[Any, ...]) -> str:
     """One CSV line (the stdlib's minimal quoting), newline included."""
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="\n").writerow(values)
+    csv.writer(buf, lineterminator="\n").writerow([csv_safe(v) for v in values])
     return buf.getvalue()
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -93,6 +94,7 @@ class ResultWriter:
         raw_ng: str = "png",
         ng_keep_files: int = 10000,
         ng_keep_mb: float = 2048.0,
+        umask: int = 0o022,
     ) -> None:
         if overlays not in OVERLAY_MODES:
             raise ConfigError(f"output.overlays: expected one of {OVERLAY_MODES}, got {overlays!r}")
@@ -120,6 +122,8 @@ class ResultWriter:
         self.csv_max_bytes = int(csv_max_mb * 1024 * 1024)
         self.csv_keep = int(csv_keep)
         self.fsync = fsync
+        self.mode = 0o666 & ~int(umask)
+        self.unwritten_at_close = 0
         self.write_errors = 0
         self.written = 0
         self.evidence_lost = 0
@@ -174,9 +178,16 @@ class ResultWriter:
 
     # -- writing -----------------------------------------------------------
     def _append(self, path: Path, line: str) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, self.mode)
         try:
-            os.write(fd, line.encode("utf-8"))
+            data = memoryview(line.encode("utf-8"))
+            # A short write (a full disk mid-line) writes the rest, or fails loudly: never
+            # a silently broken line.
+            while data:
+                n = os.write(fd, data)
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, "short write", str(path))
+                data = data[n:]
             if self.fsync:
                 os.fsync(fd)
         finally:
@@ -224,7 +235,7 @@ class ResultWriter:
             if step == "json":
                 data = (json.dumps(r.to_dict(), indent=1) + "\n").encode("utf-8")
                 path = atomic_write_bytes(
-                    self._dated(self.parts_dir, r) / f"{r.stem}.json", data, fsync=self.fsync
+                    self._dated(self.parts_dir, r) / f"{r.stem}.json", data, fsync=self.fsync, mode=self.mode
                 )
                 self._pool(r).track(path, len(data))
             elif step == "csv":
@@ -232,7 +243,10 @@ class ResultWriter:
                 self._append(self.csv_path, r.csv_line())
             elif step == "latest":
                 atomic_write_text(
-                    self.latest_path, json.dumps(r.to_dict(), indent=1) + "\n", fsync=self.fsync
+                    self.latest_path,
+                    json.dumps(r.to_dict(), indent=1) + "\n",
+                    fsync=self.fsync,
+                    mode=self.mode,
                 )
             p.steps.pop(0)
 
@@ -267,7 +281,7 @@ class ResultWriter:
             img = to_bgr8(img, r.frame.color_order)
         data = self._encode(img, "." + self.raw_ng)
         path = atomic_write_bytes(
-            self._dated(self.raw_dir, r) / f"{r.stem}.{self.raw_ng}", data, fsync=self.fsync
+            self._dated(self.raw_dir, r) / f"{r.stem}.{self.raw_ng}", data, fsync=self.fsync, mode=self.mode
         )
         self._pool(r).track(path, len(data))
 
@@ -286,7 +300,9 @@ class ResultWriter:
         pic = draw_overlay(img, amap, v.verdict, v.score, v.pixel_threshold, r.frame.color_order, label=label)
         ext = "." + self.overlay_format
         data = self._encode(pic, ext)
-        path = atomic_write_bytes(self._dated(self.overlay_dir, r) / f"{r.stem}{ext}", data, fsync=self.fsync)
+        path = atomic_write_bytes(
+            self._dated(self.overlay_dir, r) / f"{r.stem}{ext}", data, fsync=self.fsync, mode=self.mode
+        )
         self._pool(r).track(path, len(data))
 
     def write(self, result: PartResult) -> bool:
@@ -327,7 +343,9 @@ class ResultWriter:
         # Not under the write lock: a hung disk must not stop the heartbeat thread, and
         # status.json is its own atomic file.
         with contextlib.suppress(OSError):
-            atomic_write_text(self.status_path, json.dumps({"heartbeat": beat, **state}) + "\n", fsync=False)
+            atomic_write_text(
+                self.status_path, json.dumps({"heartbeat": beat, **state}) + "\n", fsync=False, mode=self.mode
+            )
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -336,9 +354,15 @@ class ResultWriter:
             "backlog": self.backlog,
             "backlog_dropped": self.backlog_dropped,
             "evidence_lost": self.evidence_lost,
+            "unwritten_at_close": self.unwritten_at_close,
         }
 
     def close(self) -> None:
         with self._lock:
             if self._ready or self._prepare():
                 self._flush()
+            if self._backlog:
+                self.unwritten_at_close = len(self._backlog)
+                log.error(
+                    "%s: %d records could not be written before exit", self.out, self.unwritten_at_close
+                )

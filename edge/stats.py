@@ -37,6 +37,11 @@ class Stats:
     frame_errors: int = 0
     labelled: int = 0
     correct: int = 0
+    non_finite: int = 0  # parts whose model output was NaN/inf
+    verdict_timeouts: int = 0  # parts the watchdog recorded NOT_INSPECTED
+    late_verdicts: int = 0  # verdicts that came after the watchdog had recorded their part
+    faults: int = 0  # times the fault state was raised
+    part_id_rejected: int = 0  # part ids refused (too long, not printable)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     latency: dict[str, collections.deque[float]] = field(default_factory=dict, repr=False)
     _done_times: collections.deque[float] = field(
@@ -81,6 +86,11 @@ class Stats:
                     "frame_errors",
                     "labelled",
                     "correct",
+                    "non_finite",
+                    "verdict_timeouts",
+                    "late_verdicts",
+                    "faults",
+                    "part_id_rejected",
                 )
             }
         elapsed = time.perf_counter() - self.started

@@ -258,3 +258,38 @@ def test_tiling_cost_compares_the_auto_tiling_with_the_whole_image(tmp_path: Pat
     widths = {k: load_for_model(p).model_config["disc_widths"] for k, p in paths.items()}
     assert widths == {"whole": [16, 16, 32, 32], "tiled": [16, 16, 32, 32], "tiled_auto": [32, 32, 64, 64]}
     assert res["tiled_auto"]["tiles_per_frame"] == 21 and res["tiled_auto_over_tiled"] > 0
+
+
+def test_quality_splits_and_recall_at_zero_false_rejects() -> None:
+    from pouta.benchmarks.quality import split_metrics, split_of
+
+    paths = [f"/d/cat/test/{t}/{i:03d}.png" for t in ("good", "crack") for i in range(60)]
+    assert {split_of(p) for p in paths} == {"val", "report"}
+    assert split_of("/elsewhere/cat/test/good/001.png") == split_of("/d/cat/test/good/001.png")
+    rows = [
+        {"path": p, "label": int("crack" in p), "score": (0.5 if "crack" in p else 0.2) + (0.01 * (i % 7))}
+        for i, p in enumerate(paths)
+    ]
+    rows[0]["score"] = 0.9  # one good part above every defect
+    m = split_metrics(rows)
+    which = split_of(paths[0])
+    assert m[which]["recall_at_zero_fr"] == 0.0  # rejecting no good part catches nothing
+    other = "report" if which == "val" else "val"
+    assert m[other]["recall_at_zero_fr"] == 1.0 and m[other]["image_auroc"] == 1.0
+    assert m["all"]["n_good"] == 60 and m["all"]["n_defective"] == 60
+
+
+def test_few_defects_rows_never_score_their_training_defects(tmp_path: Path) -> None:
+    from pouta.benchmarks.quality import few_defects_split, split_of
+    from pouta.edge.preprocess import Preprocessor
+    from pouta.trainer.demo_data import make_demo_dataset
+    from pouta.trainer.training_set import real_defects
+
+    cat = make_demo_dataset(tmp_path / "src", n_train=4, n_test_good=4, n_test_defect=8, size=64)
+    data, defects = few_defects_split(cat, 3, tmp_path / "row")
+    moved = sorted(p.relative_to(defects / "test") for p in (defects / "test").glob("*/*"))
+    assert len(moved) == 3 and all(split_of(str(defects / "test" / m)) == "val" for m in moved)
+    kept = sorted(p.relative_to(data / "test") for p in (data / "test").glob("*/*"))
+    assert not set(moved) & set(kept) and len(kept) + 3 == len(list((cat / "test").glob("*/*")))
+    assert len(real_defects(str(defects), Preprocessor(64, 64))) == 3
+    assert few_defects_split(tmp_path / "row" / "data" / "nomask", 3, tmp_path / "x") is None

@@ -368,7 +368,7 @@ def test_install_service_writes_a_systemd_unit(tmp_path: Path, capsys: pytest.Ca
         == 0
     )
     unit = (units / "pouta-edge.service").read_text()
-    assert unit.replace("User=pouta\n", "") == printed
+    assert unit.replace("User=pouta\nGroup=pouta\n", "User=pouta-edge\nGroup=pouta-edge\n") == printed
     lines = unit.splitlines()
     exec_start = next(line for line in lines if line.startswith("ExecStart="))
     assert exec_start == f"ExecStart={sys.executable} -m pouta.edge.cli run --config {config} --quiet"
@@ -387,7 +387,7 @@ def test_install_service_writes_a_systemd_unit(tmp_path: Path, capsys: pytest.Ca
         "WantedBy=multi-user.target",
     ):
         assert line in lines, line
-    assert "User=" not in printed  # no --user in the dry run: root
+    assert "User=pouta-edge" in printed  # no --user in the dry run: the dedicated user, not root
     # A config that cannot run alone is refused with the field named.
     bad = tmp_path / "bad.yaml"
     bad.write_text("source: {kind: genicam}\n")

@@ -26,12 +26,21 @@ torch.set_num_threads(2)
 
 
 def _args(**kw: object) -> argparse.Namespace:
-    """The trainer's own parser on the command line these keyword arguments spell."""
+    """The trainer's own parser on the command line these keyword arguments spell (POUTA
+    unless a kind is given: these tests are about the from-scratch trainer)."""
+    kw.setdefault("kind", "pouta")
     argv: list[str] = []
     for key, value in kw.items():
         for item in value if isinstance(value, list) else [value]:
             argv += [f"--{key.replace('_', '-')}", str(item)]
     return parser().parse_args(argv)
+
+
+def test_default_kind_is_the_presets() -> None:
+    assert build_config(parser().parse_args([]))["model"]["kind"] == "features"
+    assert build_config(parser().parse_args([]))["model"]["height"] == 256
+    assert build_config(parser().parse_args(["--preset", "paper"]))["model"]["kind"] == "pouta"
+    assert build_config(parser().parse_args(["--kind", "prn"]))["train"]["weight_decay"] == 1e-2
 
 
 def test_config_overrides_and_errors() -> None:

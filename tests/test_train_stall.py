@@ -28,6 +28,8 @@ def _train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
     return [
         "--data",
         str(data),
+        "--kind",
+        "pouta",
         "--steps",
         "3",
         "--out",

@@ -82,7 +82,7 @@ def load_model(
     """(model in eval mode on ``device``, its ModelConfig, info dict incl. step and train config)."""
     ck = read_checkpoint(path)
     cfg = ModelConfig.from_dict(ck["model_config"], source=f"{path}: model_config")
-    model = build_model(cfg)
+    model = build_model(cfg, pretrained=False)  # the checkpoint carries every weight
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as exc:

@@ -95,7 +95,7 @@ def export_onnx(
     artifact_sha = sha256_file(path)
     meta = ModelMetadata(
         model_kind=cfg.kind,
-        variant=cfg.variant if cfg.kind == "pouta" else "vanilla",
+        variant=cfg.variant if cfg.kind == "pouta" else cfg.kind,
         preset=cfg.preset,
         model_config=cfg.with_(height=height, width=width).to_dict(),
         input=InputSpec(

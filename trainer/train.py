@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ from .checkpoint import read_checkpoint, save_checkpoint
 from .evaluate import progress_bar
 from .geometry import preprocessor_for_training
 from .losses import total_loss
-from .models import EQUAL_CUE_WEIGHTS, ModelConfig, build_model, fit_cue_scales
+from .models import EQUAL_CUE_WEIGHTS, KINDS, MODEL_KINDS, ModelConfig, build_model, fit_cue_scales
+from .models.prn import prn_loss
 from .train_config import build_config, model_config_from, resume_config
 from .train_log import plot_losses, truncate_log
 from .training_set import (
@@ -48,6 +50,10 @@ FINAL = "model.pt"
 LOG = "train_log.jsonl"
 CUE_FIT_INPUTS = 64  # normal inputs that fix the cue scales (seconds on a CPU)
 CUE_FIT_BATCH = 8
+# Normal inputs a pretrained-backbone kind fills its memories from, and those held out
+# (other images) that fix its normalisers.
+MEMORY_FIT_INPUTS = 256
+MEMORY_HELD_OUT_INPUTS = 64
 # The time budget is re-planned from the pace of the most recent steps: a slow spell early
 # in a run (another process, a checkpoint write) must not shorten the whole schedule.
 PACE_WINDOW_STEPS = 200
@@ -127,14 +133,25 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
     device = resolve_device(str(tc["device"]))
     seed = int(tc["seed"])
     torch.manual_seed(seed)
-    model = build_model(mcfg).to(device)
+    model = build_model(mcfg, pretrained=ck is None)
+    dataset, data_info = build_training_set(cfg, mcfg, paths)
+    tick = lambda: watchdog.beat(0)  # noqa: E731 - fitting a memory is progress, not a stall
+    if not KINDS[mcfg.kind].trains:
+        return _fit_only(model, cfg, dataset, data_info, out, device, tick, watchdog)
+    if ck is None and mcfg.kind == "prn":
+        mcfg = _fit_prototypes(model, dataset, seed, tick)
+        cfg["model"] = mcfg.to_dict()
+    model = model.to(device)
     # channels_last: oneDNN's convolutions (forward and backward) are ~20-30% faster on CPU.
     memory_format = torch.channels_last if tc["channels_last"] else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    opt = torch.optim.Adam(model.parameters(), lr=float(tc["lr"]))
+    opt = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=float(tc["lr"]),
+        weight_decay=float(tc["weight_decay"]),
+    )
     use_amp = bool(tc["amp"]) and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    dataset, data_info = build_training_set(cfg, mcfg, paths)
     if ck is None:
         grids = dataset.save_grids(out)
         print(f"pouta-train: synthetic defects: {', '.join(p.name for p in grids)} in {out}", flush=True)
@@ -196,8 +213,12 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
                 )
             with torch.autocast(device.type, enabled=use_amp):
                 o = model(image)
-            assert o.reconstruction is not None
-            parts = total_loss(o.reconstruction, original, o.logits, mask, o.side_logits)
+            assert o.logits is not None
+            if mcfg.kind == "prn":
+                parts = prn_loss(o.logits, mask)
+            else:
+                assert o.reconstruction is not None
+                parts = total_loss(o.reconstruction, original, o.logits, mask, o.side_logits)
             if not torch.isfinite(parts.total):
                 raise TrainingError(
                     f"step {step}: loss is {float(parts.total)} ({parts.as_floats()}); lower train.lr"
@@ -233,7 +254,10 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
         pbar.close()
     seconds = time.monotonic() - t0
     save(out / LAST, status, seconds)
-    if mcfg.reconstruction_cue:
+    if mcfg.kind == "prn":
+        mcfg = _fit_prn_cues(model, dataset, device, memory_format, seed)
+        cfg["model"] = mcfg.to_dict()
+    elif mcfg.reconstruction_cue:
         mcfg = _fit_cues(model, dataset, device, memory_format)
         cfg["model"] = mcfg.to_dict()
     final = save_final(out / FINAL, model, mcfg, cfg, {**data_info, "status": status, "steps": step}, seconds)
@@ -244,6 +268,7 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
         "seconds_this_run": round(seconds, 1),
         "checkpoint": str(final),
     }
+    watchdog.close()
     if tc["eval_at_end"]:
         summary["eval"] = _evaluate(model, mcfg, cfg, out, device)
     atomic_write_json(out / "train_summary.json", summary)
@@ -284,6 +309,90 @@ def _fit_cues(
         flush=True,
     )
     return mcfg
+
+
+def _batches(x: torch.Tensor, device: torch.device, memory_format: torch.memory_format | None = None) -> list:
+    return [
+        x[i : i + CUE_FIT_BATCH].to(device).contiguous(memory_format=memory_format or torch.contiguous_format)
+        for i in range(0, len(x), CUE_FIT_BATCH)
+    ]
+
+
+def _memory_inputs(dataset: Any, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    fit, held = dataset.normal_split(MEMORY_FIT_INPUTS, MEMORY_HELD_OUT_INPUTS)
+    return torch.from_numpy(fit), torch.from_numpy(held)
+
+
+def _fit_only(
+    model: torch.nn.Module,
+    cfg: dict,
+    dataset: Any,
+    data_info: dict,
+    out: Path,
+    device: torch.device,
+    tick: Callable[[], None],
+    watchdog: StallWatchdog,
+) -> Path:
+    """A kind without gradient training: fill its memory from good parts, fit its normaliser
+    on good parts the memory has not seen, save, evaluate when asked."""
+    t0 = time.monotonic()
+    seed = int(cfg["train"]["seed"])
+    fit, held = _memory_inputs(dataset, seed)
+    print(
+        f"pouta-train: {cfg['model']['kind']}: memory from {len(fit)} normal inputs, normaliser from "
+        f"{len(held)} held-out ones",
+        flush=True,
+    )
+    model = model.to(device)
+    seen = model.fit(_batches(fit, device), _batches(held, device), seed, tick)  # type: ignore[operator]
+    mcfg: ModelConfig = model.cfg  # type: ignore[assignment]
+    cfg["model"] = mcfg.to_dict()
+    seconds = time.monotonic() - t0
+    print(
+        f"pouta-train: memory of {mcfg.memory_size} patch features chosen from {seen}; distance scale "
+        f"{mcfg.distance_scale:.4g} ({seconds:.0f} s)",
+        flush=True,
+    )
+    info = {**data_info, "status": "done", "steps": 0}
+    final = save_final(out / FINAL, model, mcfg, cfg, info, seconds)
+    summary: dict[str, Any] = {
+        "status": "done",
+        "steps": 0,
+        "seconds_this_run": round(seconds, 1),
+        "checkpoint": str(final),
+    }
+    watchdog.close()
+    if cfg["train"]["eval_at_end"]:
+        summary["eval"] = _evaluate(model, mcfg, cfg, out, device)
+    atomic_write_json(out / "train_summary.json", summary)
+    print(f"pouta-train: done ({seconds:.0f} s) -> {final}", flush=True)
+    return final
+
+
+def _fit_prototypes(model: torch.nn.Module, dataset: Any, seed: int, tick: Callable[[], None]) -> ModelConfig:
+    fit, _ = _memory_inputs(dataset, seed)
+    t0 = time.monotonic()
+    model.fit_prototypes(_batches(fit, torch.device("cpu")), seed, tick)  # type: ignore[operator]
+    mcfg: ModelConfig = model.cfg  # type: ignore[assignment]
+    print(
+        f"pouta-train: prn: {mcfg.prototypes} prototypes per scale and a memory of {mcfg.memory_size} "
+        f"patch features from {len(fit)} normal inputs ({time.monotonic() - t0:.0f} s)",
+        flush=True,
+    )
+    return mcfg
+
+
+def _fit_prn_cues(
+    model: torch.nn.Module, dataset: Any, device: torch.device, memory_format: torch.memory_format, seed: int
+) -> ModelConfig:
+    _, held = _memory_inputs(dataset, seed)
+    (k_a, k_d), (w_a, w_d) = model.fit_cues(_batches(held, device, memory_format))  # type: ignore[operator]
+    print(
+        f"pouta-train: cues fitted on {len(held)} held-out normal inputs: learned map scale {k_a:.4g} "
+        f"weight {w_a:.2f}, patch distance scale {k_d:.4g} weight {w_d:.2f}",
+        flush=True,
+    )
+    return model.cfg  # type: ignore[return-value]
 
 
 class StepPace:
@@ -353,9 +462,18 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", help="YAML config file, or a packaged one: tiny | paper")
     ap.add_argument("--data", help="category folder of training data (data.root)")
     ap.add_argument("--category", help="category inside a multi-category root (data.category)")
+    ap.add_argument(
+        "--defects",
+        help="a few real defective parts with masks (MVTec layout), trained on with the synthetic "
+        "anomalies (data.defects); kinds that learn from anomalies (prn, pouta, vanilla) use them",
+    )
     ap.add_argument("--preset", choices=["tiny", "paper"], help="width preset (and default config)")
     ap.add_argument("--variant", choices=["full", "base", "hsg", "mss"], help="POUTA ablation variant")
-    ap.add_argument("--kind", choices=["pouta", "vanilla"], help="model kind")
+    ap.add_argument(
+        "--kind",
+        choices=MODEL_KINDS,
+        help="model kind: " + "; ".join(f"{k}: {spec.summary}" for k, spec in KINDS.items()),
+    )
     ap.add_argument("--steps", type=int, help="optimizer steps")
     ap.add_argument("--batch-size", type=int)
     ap.add_argument(

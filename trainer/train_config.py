@@ -18,10 +18,14 @@ from pouta.edge.errors import ConfigError
 from pouta.edge.settings import Schema, merge, parse_hw, parse_sets, read_yaml, resolve
 
 from .geometry import AUTO_WIDTHS, cue_setting, map_blur_setting, width_setting
-from .models import ModelConfig, preset_config
+from .models import BACKBONE_KINDS, ModelConfig, preset_config
 from .synthesis import SynthesisConfig
 
 PRESETS = ("tiny", "paper")
+# Training defaults a kind needs other than the preset's (PRN: the paper's weight decay).
+KIND_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "prn": {"batch_size": 4, "lr": 5.0e-4, "weight_decay": 1.0e-2},
+}
 # Settings a resumed run may change: where and how fast it runs, not what it computes.
 RESUMABLE_OVERRIDES: tuple[str, ...] = (
     "device",
@@ -44,13 +48,18 @@ def train_schema(preset: str = "tiny", kind: str = "pouta", variant: str = "full
     """Every key the trainer reads, with its default, for one model identity."""
     defaults = packaged_config(preset)
     model = preset_config(preset, kind, variant).to_dict()
+    packaged_model = dict(defaults.get("model", {}))
+    if kind in BACKBONE_KINDS:  # the preset's size is for the from-scratch kinds
+        packaged_model.pop("height", None)
+        packaged_model.pop("width", None)
     defaults["model"] = {
         **model,
-        **defaults.get("model", {}),
+        **packaged_model,
         "preset": preset,
         "kind": kind,
         "variant": variant,
     }
+    defaults["train"] = {**defaults["train"], **KIND_TRAIN_DEFAULTS.get(kind, {})}
     defaults["synthesis"] = {**dataclasses.asdict(SynthesisConfig()), **(defaults.get("synthesis") or {})}
     return Schema(
         defaults,
@@ -63,6 +72,7 @@ def train_schema(preset: str = "tiny", kind: str = "pouta", variant: str = "full
             "train.time_limit_min": (float,),
             "train.threads": (int,),  # null = torch's default
             "synthesis.texture_dir": (str,),
+            "data.defects": (str,),
         },
         free_form=frozenset({"synthesis.modes"}),
     )
@@ -98,6 +108,7 @@ def _flag_layer(args: argparse.Namespace) -> dict[str, Any]:
     for section, key, value in (
         ("data", "root", args.data),
         ("data", "category", args.category),
+        ("data", "defects", args.defects),
         ("model", "preset", args.preset),
         ("model", "variant", args.variant),
         ("model", "kind", args.kind),
@@ -131,7 +142,7 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
     # The model identity picks the schema, so it is looked up through the layers first.
     identity = {
         "preset": args.config if args.config in PRESETS else "tiny",
-        "kind": "pouta",
+        "kind": None,
         "variant": "full",
     }
     for layer in (file_layer, sets, flags):
@@ -140,6 +151,8 @@ def build_config(args: argparse.Namespace) -> dict[str, Any]:
             identity.update({k: model[k] for k in identity if model.get(k) is not None})
     if identity["preset"] not in PRESETS:
         raise ConfigError(f"model.preset: expected one of {', '.join(PRESETS)}, got {identity['preset']!r}")
+    if identity["kind"] is None:  # the preset's own kind: tiny -> features, paper -> pouta
+        identity["kind"] = packaged_config(str(identity["preset"]))["model"]["kind"]
     cfg = resolve(train_schema(**identity), config_file, args.set, flags)
     t = cfg["train"]
     if t["steps"] <= 0 or t["batch_size"] <= 0:

@@ -36,8 +36,10 @@ def plot_losses(log_path: Path, png: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in rows]
-    for key in ("total", "mse", "ssim", "pre", "mss"):
-        ax.plot(steps, [r[key] for r in rows], label=key)
+    # every loss part the kind logs (POUTA: mse, ssim, pre, mss; PRN: smooth_l1, focal)
+    keys = [k for k in rows[-1] if k not in ("step", "lr", "elapsed_s")]
+    for key in keys:
+        ax.plot(steps, [r.get(key, float("nan")) for r in rows], label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")

@@ -34,6 +34,10 @@ from .synthesis import AnomalySynthesizer, SynthesisConfig
 from .train_config import resolve_auto_model
 
 MIN_SAMPLES_PER_EPOCH = 128  # small sets: fewer worker restarts (one per epoch)
+HELD_OUT_SHARE = 0.15
+# Share of training samples drawn from the real defects (``--defects``) when there are any;
+# the rest keep the synthetic anomalies that cover what the few real ones do not.
+REAL_DEFECT_PROBABILITY = 0.3  # good images kept out of a memory to fit its normalisers on
 
 
 class TrainingSet(Dataset):
@@ -50,7 +54,12 @@ class TrainingSet(Dataset):
     """
 
     def __init__(
-        self, paths: Sequence[Path], pre: Preprocessor, synth: AnomalySynthesizer, seed: int
+        self,
+        paths: Sequence[Path],
+        pre: Preprocessor,
+        synth: AnomalySynthesizer,
+        seed: int,
+        real_defects: Sequence[tuple[np.ndarray, np.ndarray]] = (),
     ) -> None:
         if (pre.height, pre.width) != (synth.height, synth.width):
             raise ConfigError(
@@ -80,6 +89,8 @@ class TrainingSet(Dataset):
         if not self.originals:
             raise ImageReadError(f"training set: none of the {len(paths)} given images could be read")
         self.paths = kept
+        # (work-size [3,h,w] float32 image, [h,w] bool mask) of each real defective part
+        self.real_defects = list(real_defects)
 
     def __len__(self) -> int:
         return max(len(self.paths), MIN_SAMPLES_PER_EPOCH)
@@ -103,6 +114,24 @@ class TrainingSet(Dataset):
         k = n if self.pre.tiling is not None else min(n, len(order))
         return np.stack([self.original(int(order[i % len(order)]), rng).transpose(2, 0, 1) for i in range(k)])
 
+    def normal_split(self, n_fit: int, n_held: int) -> tuple[np.ndarray, np.ndarray]:
+        """Normal model inputs from two disjoint sets of images, no synthesis: (fit [k,3,H,W],
+        held out [j,3,H,W]). The held-out images are a share ``HELD_OUT_SHARE`` of the good
+        images (at least one; all images when there is only one). Whole images: each image
+        at most once; tiles: ``n_fit`` / ``n_held`` random crops."""
+        rng = np.random.default_rng([self.seed, 0x5B11])
+        order = rng.permutation(len(self.originals))
+        n_out = max(1, round(HELD_OUT_SHARE * len(order))) if len(order) > 1 else 0
+        held, fit = (order[:n_out], order[n_out:]) if n_out else (order, order)
+
+        def take(images: np.ndarray, n: int) -> np.ndarray:
+            k = n if self.pre.tiling is not None else min(n, len(images))
+            return np.stack(
+                [self.original(int(images[i % len(images)]), rng).transpose(2, 0, 1) for i in range(k)]
+            )
+
+        return take(fit, n_fit), take(held, n_held)
+
     def save_grids(self, out_dir: Path, n: int = 12) -> list[Path]:
         """``synthesis_<mode>.png`` for every mode with a weight: what training is taught."""
         rng = np.random.default_rng([self.seed, 0xC0FFEE])
@@ -121,8 +150,40 @@ class TrainingSet(Dataset):
         c = self.synth.cfg
         if c.rotate_original_prob > 0 and rng.random() < c.rotate_original_prob:
             original = rotate_image(original, rng.uniform(-90, 90))
+        if self.real_defects and rng.random() < REAL_DEFECT_PROBABILITY:
+            aug, mask = self.real_defect(original, rng)
+            return aug, original, mask, bool(mask.any())
         aug, mask, has = self.synth(original, rng)
         return aug, original, mask, has
+
+    def real_defect(self, original: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """A real defect, as PRN's "seen" anomalies: half the time the defective part itself
+        (a model-size window on its defect), half the time its defect region, flipped and
+        rotated by a quarter turn at random, pasted onto this good ``original`` ("extended").
+        Returns (image HxWx3 float32, mask HxW float32)."""
+        h, w = original.shape[:2]
+        image, mask = self.real_defects[int(rng.integers(len(self.real_defects)))]
+        ys, xs = np.nonzero(mask)
+        cy, cx = (int(ys.mean()), int(xs.mean())) if len(ys) else (mask.shape[0] // 2, mask.shape[1] // 2)
+        y0 = int(np.clip(cy - h // 2 + rng.integers(-h // 4, h // 4 + 1), 0, max(0, mask.shape[0] - h)))
+        x0 = int(np.clip(cx - w // 2 + rng.integers(-w // 4, w // 4 + 1), 0, max(0, mask.shape[1] - w)))
+        win = image[:, y0 : y0 + h, x0 : x0 + w].transpose(1, 2, 0)
+        m = mask[y0 : y0 + h, x0 : x0 + w]
+        if win.shape[:2] != (h, w):  # a defective part smaller than the input
+            win = cv2.resize(np.ascontiguousarray(win), (w, h), interpolation=cv2.INTER_LINEAR)
+            m = cv2.resize(m.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+        if rng.random() < 0.5:
+            return np.ascontiguousarray(win, dtype=np.float32), m.astype(np.float32)
+        if rng.random() < 0.5:
+            win, m = win[:, ::-1], m[:, ::-1]
+        if h == w:
+            k = int(rng.integers(4))
+            win, m = np.rot90(win, k), np.rot90(m, k)
+        dy, dx = (int(v) for v in rng.integers(-h // 4, h // 4 + 1, size=2))
+        win, m = np.roll(win, (dy, dx), axis=(0, 1)), np.roll(m, (dy, dx), axis=(0, 1))
+        mf = m.astype(np.float32)[..., None]
+        pasted = original * (1.0 - mf) + win * mf
+        return np.ascontiguousarray(pasted, dtype=np.float32), np.ascontiguousarray(m, dtype=np.float32)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         aug, original, mask, has = self.sample(i)
@@ -217,7 +278,9 @@ def resolve_geometry(cfg: dict[str, Any], paths: list[Path]) -> None:
     tiled = geo.tiling is not None
     asked = {key: m.get(key) for key in ("reconstruction_cue", "map_sigma_hw", *AUTO_WIDTHS)}
     resolve_auto_model(m, tiled, None if tiled else geo.axis_downscale)
-    if tiled and asked["reconstruction_cue"] == "auto":
+    if m["kind"] not in ("pouta", "vanilla"):
+        pass  # the reconstruction cue and discriminator widths are the autoencoder kinds'
+    elif tiled and asked["reconstruction_cue"] == "auto":
         print(
             "pouta-train: reconstruction cue: off for tiled input "
             "(--set model.reconstruction_cue=true turns it on)",
@@ -243,6 +306,34 @@ def resolve_geometry(cfg: dict[str, Any], paths: list[Path]) -> None:
         print(f"pouta-train: warning: {warning}", flush=True)
 
 
+def real_defects(folder: str | None, pre: Preprocessor) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every defective image with a mask under ``folder`` (MVTec layout: ``test/<type>/`` or
+    ``<type>/`` with ``ground_truth/<type>/<name>_mask.png``), at work size."""
+    if not folder:
+        return []
+    from .data import open_dataset
+
+    root = Path(folder)
+    ds = (
+        open_dataset(root, split="test")
+        if (root / "test").is_dir()
+        else open_dataset(root.parent, split="test", category=root.name)
+    )
+    out = []
+    for i, rec in enumerate(ds.records):
+        if rec.label != 1:
+            continue
+        image, mask = ds.load(i, pre)
+        if mask is not None and mask.any():
+            out.append((image, mask))
+    if not out:
+        raise ConfigError(
+            f"data.defects: {folder} has no defective image with a mask (expected MVTec layout: "
+            "test/<defect>/<name>.png and ground_truth/<defect>/<name>_mask.png)"
+        )
+    return out
+
+
 def build_training_set(
     cfg: dict[str, Any], mcfg: ModelConfig, paths: list[Path]
 ) -> tuple[Any, dict[str, Any]]:
@@ -255,7 +346,15 @@ def build_training_set(
     synth = AnomalySynthesizer(scfg, mcfg.height, mcfg.width)
     seed = int(cfg["train"]["seed"])
     info = {"data": str(d["root"]), "category": d["category"], "n_train_images": len(paths)}
-    dataset = TrainingSet(paths, pre, synth, seed)
+    real = real_defects(d.get("defects"), pre)
+    if real:
+        info["n_real_defects"] = len(real)
+        print(
+            f"pouta-train: {len(real)} real defective parts from {d['defects']}: "
+            f"{REAL_DEFECT_PROBABILITY:.0%} of samples (as they are, or their defect pasted on good parts)",
+            flush=True,
+        )
+    dataset = TrainingSet(paths, pre, synth, seed, real)
     if pre.tiling is not None:
         work = {o.shape[:2] for o in dataset.originals}
         print(

@@ -40,6 +40,10 @@ class StallWatchdog:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop watching (training is over: what follows, e.g. an evaluation, is no step)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

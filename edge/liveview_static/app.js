@@ -83,6 +83,7 @@ function render(s) {
 
   renderDrift(s.drift);
   if (s.health) renderHealth(s.health);
+  renderFault(s.fault);
 
   if (s.picture && s.picture.seq !== null && s.picture.version !== pictureVersion) {
     pictureVersion = s.picture.version;
@@ -90,6 +91,17 @@ function render(s) {
     loadPicture();
   }
   renderStrip(s.ng);
+}
+
+function renderFault(fault) {
+  // The runtime's fault state (watchdog, NaN output, camera, counter): parts are NOT_INSPECTED.
+  const banner = $("fault-banner");
+  if (fault) {
+    banner.textContent = "FAULT: " + fault + " (parts are recorded NOT_INSPECTED and rejected; ready is off)";
+    banner.classList.remove("hidden");
+  } else {
+    banner.classList.add("hidden");
+  }
 }
 
 function renderDrift(d) {

@@ -12,8 +12,14 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from pouta.edge.errors import ConfigError
+from pouta.edge.metadata import MODEL_KINDS as EDGE_MODEL_KINDS
 
-MODEL_KINDS: tuple[str, ...] = ("pouta", "vanilla")
+MODEL_KINDS: tuple[str, ...] = tuple(k for k in EDGE_MODEL_KINDS if k != "test")
+# Kinds built on a frozen pretrained backbone (``backbone.py``): their input sides are
+# multiples of ``BACKBONE_SIZE_MULTIPLE`` and their preset size is ``BACKBONE_SIZE``.
+BACKBONE_KINDS: tuple[str, ...] = ("prn", "features")
+BACKBONE_SIZE = 256
+BACKBONE_SIZE_MULTIPLE = 32
 VARIANTS: tuple[str, ...] = ("full", "base", "hsg", "mss")
 MSS_HEADS: tuple[str, ...] = ("conv1x1", "conv3x3")
 CUE_ERRORS: tuple[str, ...] = ("ssim", "squared")
@@ -69,6 +75,12 @@ class ModelConfig:
     cue_scales: tuple[float, float] | None = None
     cue_weights: tuple[float, float] | None = None
     cue_error: str = "ssim"
+    backbone: str = "efficientnet_lite0"
+    backbone_weights: str | None = None
+    memory_size: int = 2048
+    distance_scale: float | None = None
+    prn_width: int = 32
+    prototypes: int = 0
 
     def __post_init__(self) -> None:
         self.ae_widths = tuple(int(v) for v in self.ae_widths)  # type: ignore[assignment]
@@ -122,7 +134,34 @@ class ModelConfig:
             )
         if self.fusion_width <= 0 or self.unet_base <= 0:
             raise ConfigError("model.fusion_width / model.unet_base: expected positive integers")
-        check_input_size(self.height, self.width, "model.height/width")
+        for name in ("memory_size", "prn_width"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"model.{name}: expected a positive integer, got {v!r}")
+        if not isinstance(self.prototypes, int) or self.prototypes < 0:
+            raise ConfigError(f"model.prototypes: expected a non-negative integer, got {self.prototypes!r}")
+        ds = self.distance_scale
+        if ds is not None and not (
+            isinstance(ds, (int, float)) and not isinstance(ds, bool) and 0 < ds < float("inf")
+        ):
+            raise ConfigError(f"model.distance_scale: expected null or a positive number, got {ds!r}")
+        if self.backbone_weights is not None and not isinstance(self.backbone_weights, str):
+            raise ConfigError(
+                f"model.backbone_weights: expected null or a file path, got {self.backbone_weights!r}"
+            )
+        if self.kind in BACKBONE_KINDS:
+            from .backbone import BACKBONES
+
+            if self.backbone not in BACKBONES:
+                raise ConfigError(f"model.backbone: expected one of {BACKBONES}, got {self.backbone!r}")
+            check_input_size(self.height, self.width, "model.height/width", self.size_multiple)
+        else:
+            check_input_size(self.height, self.width, "model.height/width")
+
+    @property
+    def size_multiple(self) -> int:
+        """What both input sides must be a multiple of."""
+        return BACKBONE_SIZE_MULTIPLE if self.kind in BACKBONE_KINDS else SIZE_MULTIPLE
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -164,19 +203,19 @@ def _number_pair(value: object, ok: Callable[[float], bool]) -> bool:
     )
 
 
-def check_input_size(height: int, width: int, what: str = "input") -> None:
-    """Both sides must be positive multiples of 16 (four 2x down-samplings)."""
+def check_input_size(height: int, width: int, what: str = "input", multiple: int = SIZE_MULTIPLE) -> None:
+    """Both sides must be positive multiples of ``multiple`` (16: four 2x down-samplings)."""
     if (
         not isinstance(height, int)
         or not isinstance(width, int)
-        or height < SIZE_MULTIPLE
-        or width < SIZE_MULTIPLE
-        or height % SIZE_MULTIPLE
-        or width % SIZE_MULTIPLE
+        or height < multiple
+        or width < multiple
+        or height % multiple
+        or width % multiple
     ):
         raise ConfigError(
             f"{what}: size {height}x{width} (HxW) is not supported, both sides must be "
-            f"positive multiples of {SIZE_MULTIPLE}"
+            f"positive multiples of {multiple}"
         )
 
 
@@ -240,11 +279,13 @@ def preset_config(
         raise ConfigError(f"model.preset: expected one of {sorted(PRESETS)}, got {preset!r}")
     p = PRESETS[preset]
     values = {**p.values, **overrides}
+    # One pretrained trunk serves every preset: its input is the size it sees detail at.
+    side = BACKBONE_SIZE if kind in BACKBONE_KINDS else None
     return ModelConfig(
         kind=kind,
         variant=variant,
         preset=preset,
-        height=p.height if height is None else height,
-        width=p.width if width is None else width,
+        height=(side or p.height) if height is None else height,
+        width=(side or p.width) if width is None else width,
         **values,
     )

@@ -24,7 +24,7 @@ from .config import VARIANTS, ModelConfig, check_input_size, preset_config
 
 def model_cost(cfg: ModelConfig, height: int, width: int) -> dict[str, Any]:
     """Params and inference MACs/FLOPs of ``cfg``'s model on one [1,3,height,width] input."""
-    check_input_size(height, width, "model_cost")
+    check_input_size(height, width, "model_cost", cfg.size_multiple)
     model = build_model(cfg.with_(height=height, width=width)).eval()
     x = torch.rand(1, 3, height, width)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -32,12 +32,18 @@ def model_cost(cfg: ModelConfig, height: int, width: int) -> dict[str, Any]:
     flops = int(counter.get_total_flops())
     return {
         "kind": cfg.kind,
-        "variant": cfg.variant if cfg.kind == "pouta" else "vanilla",
+        "variant": cfg.variant if cfg.kind == "pouta" else cfg.kind,
         "preset": cfg.preset,
         "height": height,
         "width": width,
         "params": count_params(model),
-        "params_autoencoder": count_params(model.ae),
+        # the part trained from scratch (POUTA/vanilla: the autoencoder) or frozen (backbone kinds)
+        "params_autoencoder": count_params(model.ae) if hasattr(model, "ae") else 0,
+        "params_trainable": sum(
+            p.numel()
+            for n, p in model.named_parameters()
+            if not n.startswith(("backbone.", "features.backbone."))
+        ),
         "macs": flops // 2,
         "flops": flops,
     }
@@ -51,6 +57,11 @@ def all_costs(
         for variant in VARIANTS:
             rows.append(model_cost(preset_config(preset, "pouta", variant), height, width))
         rows.append(model_cost(preset_config(preset, "vanilla"), height, width))
+    # The pretrained-backbone kinds have one size whatever the preset (their memories at
+    # their default size; the cost of the distance grows with it).
+    if "tiny" in presets:
+        for kind in ("prn", "features"):
+            rows.append(model_cost(preset_config("tiny", kind), height, width))
     return rows
 
 
@@ -58,7 +69,7 @@ def _table(rows: list[dict]) -> str:
     head = f"{'preset':<7} {'model':<14} {'params (M)':>10} {'AE params (M)':>13} {'MACs (G)':>9} {'FLOPs (G)':>10}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        name = f"{r['kind']}-{r['variant']}" if r["kind"] == "pouta" else "vanilla"
+        name = f"{r['kind']}-{r['variant']}" if r["kind"] == "pouta" else r["kind"]
         lines.append(
             f"{r['preset']:<7} {name:<14} {r['params'] / 1e6:>10.3f} {r['params_autoencoder'] / 1e6:>13.3f} "
             f"{r['macs'] / 1e9:>9.2f} {r['flops'] / 1e9:>10.2f}"

@@ -29,7 +29,8 @@ class ModelOutput:
     anomaly_map: [N,1,H,W] in [0,1]: softmax channel 1 of ``logits``, Gaussian-smoothed by
         ``MapSmoothing`` when the config's ``map_sigma`` > 0.
     score: [N], max of the 21x21 stride-1 average-pooled map (count_include_pad, as DRAEM).
-    logits: [N,2,H,W] final 2-class logits (normal, anomalous) at input size.
+    logits: [N,2,H,W] final 2-class logits (normal, anomalous) at input size; None for a
+        model that learns none (``features``).
     reconstruction: [N,3,H,W] in [0,1]; None when ``aux=False`` and the model does not need it.
     side_logits: MSS logits [N,2,H,W] at input size for scales 1..4; empty when MSS is off
         or ``aux=False``.
@@ -37,7 +38,7 @@ class ModelOutput:
 
     anomaly_map: torch.Tensor
     score: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor | None = None
     reconstruction: torch.Tensor | None = None
     side_logits: list[torch.Tensor] = field(default_factory=list)
 
@@ -183,10 +184,27 @@ class CueFusion(nn.Module):
     ) -> torch.Tensor:
         if self.scales is None or rec is None:
             return amap
-        k_a, k_r = self.scales
-        w_a, w_r = self.weights or EQUAL_CUE_WEIGHTS
-        r = self.reconstruction_error(x, rec, smoothing)
-        return w_a * (amap / (amap + k_a)) + w_r * (r / (r + k_r))
+        return fuse_cues(amap, self.reconstruction_error(x, rec, smoothing), self.scales, self.weights)
+
+
+def fuse_cues(
+    a: torch.Tensor, r: torch.Tensor, scales: tuple[float, float], weights: tuple[float, float] | None
+) -> torch.Tensor:
+    """Two non-negative cue maps [N,1,H,W] -> w_a * a / (a + k_a) + w_r * r / (r + k_r) in [0,1]."""
+    (k_a, k_r), (w_a, w_r) = scales, weights or EQUAL_CUE_WEIGHTS
+    return w_a * (a / (a + k_a)) + w_r * (r / (r + k_r))
+
+
+def fit_two_cues(
+    a_scores: torch.Tensor, r_scores: torch.Tensor
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(scales, weights) of two cues from their image scores [n] on normal inputs: each scale
+    the cue's mean, the weights by ``cue_weights``."""
+    floor = 1e-6  # a cue that is flat on every good input must not divide by zero
+    scores = (a_scores.float(), r_scores.float())
+    scales = (max(float(scores[0].mean()), floor), max(float(scores[1].mean()), floor))
+    spreads = tuple(float(s.std()) if len(s) > 1 else 0.0 for s in scores)
+    return scales, cue_weights(scales, spreads)  # type: ignore[arg-type]
 
 
 @torch.no_grad()
@@ -210,10 +228,7 @@ def fit_cue_scales(model: nn.Module, batches: Iterable[torch.Tensor]) -> tuple[f
         rec.append(image_score(err.float()))
     if not disc:
         raise ValueError("fit_cue_scales: no normal inputs")
-    scores = (torch.cat(disc), torch.cat(rec))
-    floor = 1e-6  # a cue that is flat on every good input must not divide by zero
-    scales = (max(float(scores[0].mean()), floor), max(float(scores[1].mean()), floor))
-    weights = cue_weights(scales, tuple(float(s.std()) if len(s) > 1 else 0.0 for s in scores))  # type: ignore[arg-type]
+    scales, weights = fit_two_cues(torch.cat(disc), torch.cat(rec))
     cues.scales, cues.weights = scales, weights
     model.cfg = model.cfg.with_(cue_scales=scales, cue_weights=weights)  # type: ignore[operator]
     return scales
