@@ -439,6 +439,17 @@ def tiling_table() -> str:
     return "\n".join(lines)
 
 
+def modbus_registers() -> str:
+    """The register map exactly as the Modbus server defines it."""
+    from pouta.edge.modbus_server import REGISTERS
+
+    lines = ["| address | name | words | access | meaning |", "|---|---|---|---|---|"]
+    for addr, name, words, access, meaning in REGISTERS:
+        where = str(addr) if words == 1 else f"{addr}–{addr + words - 1}"
+        lines.append(f"| {where} | {name} | {words} | {access} | {_cell(meaning)} |")
+    return "\n".join(lines)
+
+
 def quality_chart_markdown() -> str:
     return "![image and pixel AUROC per category, POUTA and vanilla](img/quality.png)"
 
@@ -465,6 +476,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "bench-targets": bench_targets,
     "accuracy-table": accuracy_table,
     "tiling-table": tiling_table,
+    "modbus-registers": modbus_registers,
 }
 
 
