@@ -30,6 +30,7 @@ from .tensorrt_build import (
     trtexec_command,
 )
 from .thresholds import (
+    DEFAULT_CONFIDENCE,
     DEFAULT_IMAGE_RULE,
     DEFAULT_IQR_K,
     DEFAULT_MARGIN,
@@ -66,6 +67,32 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help="normal-max-margin factor")
     p.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE, help="normal-quantile q")
     p.add_argument("--iqr-k", type=float, default=DEFAULT_IQR_K, help="normal-quantile: add k * IQR")
+    p.add_argument(
+        "--target-false-reject",
+        type=float,
+        metavar="P",
+        help="choose the threshold so that at most this share of good parts is rejected (0.005 = 0.5%%) "
+        "with --confidence; needs enough good --calib parts and says how many",
+    )
+    p.add_argument(
+        "--target-escape",
+        type=float,
+        metavar="Q",
+        help="instead: at most this share of defective parts passes, with --confidence "
+        "(chosen on --defects, else on the labelled --holdout's defects)",
+    )
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=DEFAULT_CONFIDENCE,
+        help="confidence of the target bound and of the measured rates' intervals",
+    )
+    p.add_argument(
+        "--holdout",
+        type=Path,
+        help="held-out normals, or a labelled split with a good/ subfolder (MVTec test/): measures "
+        "false rejects and escapes per defect type at the chosen threshold",
+    )
     p.add_argument("--pixel-rule", choices=PIXEL_RULES, default="normal-quantile")
     p.add_argument("--pixel-quantile", type=float, default=DEFAULT_PIXEL_QUANTILE)
     p.add_argument("--pixel-value", type=float, default=0.5, help="pixel threshold for --pixel-rule fixed")
@@ -87,6 +114,9 @@ def _calib_options(a: argparse.Namespace) -> CalibOptions:
             pixel_rule=a.pixel_rule,
             pixel_quantile=a.pixel_quantile,
             pixel_value=a.pixel_value,
+            target_false_reject=a.target_false_reject,
+            target_escape=a.target_escape,
+            confidence=a.confidence,
         ),
     )
 
@@ -102,7 +132,7 @@ def calibrate_main(argv: Sequence[str] | None = None) -> int:
         if a.print_config:
             print(dump(settings), end="")
             return 0
-        calibrate_model(a.model, _calib_options(a), _log)
+        calibrate_model(a.model, _calib_options(a), _log, holdout_dir=a.holdout)
     except PoutaError as exc:
         print(f"pouta-calibrate: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -117,9 +147,6 @@ def build_engine_main(argv: Sequence[str] | None = None) -> int:
     _common(p)
     p.add_argument("--fp16", action="store_true", help="FP16 artifact / engine")
     p.add_argument("--int8", action="store_true", help="INT8 artifacts / engine")
-    p.add_argument(
-        "--holdout", type=Path, help="held-out normals, or a labelled split with a good/ subfolder"
-    )
     p.add_argument("--calib-method", choices=sorted(CALIB_METHODS), default=DEFAULT_CALIB_METHOD)
     p.add_argument(
         "--synthetic-fraction",

@@ -11,7 +11,13 @@ from typing import Any
 import numpy as np
 from pouta.edge.backend import OnnxRuntimeBackend
 from pouta.edge.fsutil import atomic_write_json, sha256_file
-from pouta.edge.metadata import ModelMetadata, Thresholds, load_for_model, metadata_path
+from pouta.edge.metadata import (
+    ModelMetadata,
+    Thresholds,
+    load_for_model,
+    metadata_path,
+    operating_point_line,
+)
 from pouta.edge.preprocess import preprocessor_for
 
 from .calibset import (
@@ -20,22 +26,26 @@ from .calibset import (
     DEFAULT_SYNTHETIC_FRACTION,
     ImageSet,
     ImageSetReader,
-    list_images,
     load_image_set,
 )
 from .errors import CalibrationError
 from .fp16 import FP16_SUFFIX, convert_to_fp16
 from .guard import GuardReport, check_share, compare
+from .holdout import Holdout, defect_types, prepare_holdout
+from .operating_point import HeldOut, measure
 from .plots import save_score_histogram
 from .quantize import CPU_SUFFIX, DEFAULT_CALIB_METHOD, TRT_SUFFIX, artifact_path, quantize_pair
+from .report import write_report
 from .scoring import score_set
 from .thresholds import (
+    DEFAULT_CONFIDENCE,
     DEFAULT_IMAGE_RULE,
     DEFAULT_IQR_K,
     DEFAULT_MARGIN,
     DEFAULT_PIXEL_QUANTILE,
     DEFAULT_QUANTILE,
     calibrate_thresholds,
+    check_target,
 )
 
 Log = Callable[[str], None]
@@ -50,6 +60,21 @@ class ThresholdOptions:
     pixel_rule: str = "normal-quantile"
     pixel_quantile: float = DEFAULT_PIXEL_QUANTILE
     pixel_value: float = 0.5
+    target_false_reject: float | None = None
+    target_escape: float | None = None
+    confidence: float = DEFAULT_CONFIDENCE
+
+    def objective(self) -> tuple[str, float | None]:
+        """(image rule, target rate): a target flag chooses its own rule."""
+        if self.target_false_reject is not None and self.target_escape is not None:
+            raise CalibrationError("--target-false-reject and --target-escape: give one objective, not both")
+        if self.target_false_reject is not None:
+            check_target(self.target_false_reject, self.confidence, "--target-false-reject")
+            return "target-false-reject", self.target_false_reject
+        if self.target_escape is not None:
+            check_target(self.target_escape, self.confidence, "--target-escape")
+            return "target-escape", self.target_escape
+        return self.rule, None
 
 
 @dataclass
@@ -90,6 +115,14 @@ def load_sets(meta: ModelMetadata, opts: CalibOptions, log: Log = print) -> tupl
     return normal, defects
 
 
+@dataclass
+class Calibrated:
+    thresholds: Thresholds
+    normal: np.ndarray
+    defect: np.ndarray
+    held: HeldOut | None = None  # this artifact's scores of the holdout
+
+
 def calibrate_artifact(
     artifact: str | os.PathLike[str],
     meta: ModelMetadata,
@@ -99,22 +132,41 @@ def calibrate_artifact(
     batch_size: int = 8,
     histogram: str | os.PathLike[str] | None = None,
     log: Log = print,
-) -> tuple[Thresholds, np.ndarray, np.ndarray]:
-    """Score ``artifact`` itself (through the runtime backend) and choose its thresholds."""
+    holdout: Holdout | None = None,
+) -> Calibrated:
+    """Score ``artifact`` itself (through the runtime backend), choose its thresholds and, with
+    a holdout, measure the operating point they give.
+
+    ``--target-escape`` without ``--defects`` chooses on the holdout's defects; their measured
+    escape rate is then marked in-sample."""
     artifact = Path(artifact)
     backend = OnnxRuntimeBackend(artifact, metadata=meta)
-    log(f"scoring {len(normal)} normal images with {artifact.name} ...")
-    n = score_set(backend, normal, batch_size, collect_pixels=True)
+    rule, target = opts.objective()
+
+    def score(images: ImageSet, what: str, pixels: bool = False) -> Any:
+        log(f"scoring {len(images)} {what} images with {artifact.name} ...")
+        return score_set(backend, images, batch_size, collect_pixels=pixels)
+
+    n = score(normal, "normal", pixels=True)
+    h_good = h_def = None
+    if holdout is not None and holdout.good is not None:
+        h_good = n.scores if holdout.good is normal else score(holdout.good, "held-out normal").scores
+    if holdout is not None and holdout.defect is not None:
+        h_def = score(holdout.defect, "held-out defect").scores
+    # Without --holdout the --defects set is also the held-out one: score it once.
+    shared = holdout is not None and defects is not None and holdout.defect is defects
     d = np.zeros(0)
     if defects is not None:
-        log(f"scoring {len(defects)} defect images with {artifact.name} ...")
-        d = score_set(backend, defects, batch_size).scores
+        d = h_def if shared and h_def is not None else score(defects, "defect").scores
+    elif rule == "target-escape" and h_def is not None:
+        d = h_def
+    defects_chose = rule in ("target-escape", "f1-optimal") and (shared or (defects is None and d.size > 0))
     t = opts
     thresholds = calibrate_thresholds(
         n.scores,
         d if d.size else None,
         n.pixels,
-        rule=t.rule,
+        rule=rule,
         margin=t.margin,
         quantile=t.quantile,
         iqr_k=t.iqr_k,
@@ -122,13 +174,39 @@ def calibrate_artifact(
         pixel_quantile=t.pixel_quantile,
         pixel_value=t.pixel_value,
         scored_with=artifact.name,
+        target=target,
+        confidence=t.confidence,
     )
+    held = None
+    if holdout is not None and (h_good is not None or h_def is not None):
+        held = HeldOut(
+            good=h_good if h_good is not None else np.zeros(0),
+            defect=h_def if h_def is not None else np.zeros(0),
+            defect_types=defect_types(holdout.defect) if holdout.defect is not None else [],
+            split=holdout.split,
+            good_files=list(holdout.good.files) if holdout.good is not None else [],
+            defect_files=list(holdout.defect.files) if holdout.defect is not None else [],
+            good_in_sample=holdout.good is normal,
+            defect_in_sample=defects_chose,
+        )
+        thresholds.operating_point["measured"] = measure(thresholds.image, held, t.confidence)
+        _, page = write_report(artifact, thresholds, n.scores, held)
+        thresholds.operating_point["report"] = page.name
+        log(f"{artifact.name}: operating-point report {page}")
     if histogram is not None:
-        save_score_histogram(histogram, n.scores, thresholds.image, d, title=f"{artifact.name}: {t.rule}")
+        save_score_histogram(histogram, n.scores, thresholds.image, d, title=f"{artifact.name}: {rule}")
     log(
-        f"{artifact.name}: image threshold {thresholds.image:.5g} ({t.rule}), pixel threshold {thresholds.pixel:.4g}"
+        f"{artifact.name}: image threshold {thresholds.image:.5g} ({rule}), pixel threshold {thresholds.pixel:.4g}"
     )
-    return thresholds, n.scores, d
+    line = operating_point_line(thresholds)
+    if line:
+        log(f"{artifact.name}: {line}")
+    return Calibrated(thresholds, n.scores, d, held)
+
+
+def _objective(t: ThresholdOptions) -> tuple[str, float | None, float]:
+    rule, target = t.objective()
+    return rule, target, t.confidence
 
 
 def calibration_record(normal: ImageSet, method: str | None, **extra: Any) -> dict[str, Any]:
@@ -161,17 +239,20 @@ def write_sidecar(
     return meta.save(metadata_path(artifact))
 
 
-def calibrate_model(model: str | os.PathLike[str], opts: CalibOptions, log: Log = print) -> Thresholds:
+def calibrate_model(
+    model: str | os.PathLike[str], opts: CalibOptions, log: Log = print, holdout_dir: Path | None = None
+) -> Thresholds:
     """``pouta-calibrate``: thresholds for ``model`` written into its own sidecar."""
     model = Path(model)
     if not model.is_file():
         raise CalibrationError(f"{model}: model file not found")
     meta = load_for_model(model)
     normal, defects = load_sets(meta, opts, log)
+    holdout = prepare_holdout(meta, normal, defects, holdout_dir, _objective(opts.thresholds), log)
     hist = model.with_name(model.name + ".scores.png")
-    thresholds, _, _ = calibrate_artifact(
-        model, meta, normal, defects, opts.thresholds, opts.batch_size, hist, log
-    )
+    thresholds = calibrate_artifact(
+        model, meta, normal, defects, opts.thresholds, opts.batch_size, hist, log, holdout
+    ).thresholds
     meta.thresholds = thresholds
     meta.calibration = {**meta.calibration, "thresholds": calibration_record(normal, None)}
     meta.save(metadata_path(model))
@@ -184,43 +265,6 @@ class PortableResult:
     artifacts: dict[str, Path]  # precision tag -> path ("fp32", "fp16", "int8-cpu", "int8-trt")
     thresholds: dict[str, Thresholds]
     guard: GuardReport | None = None
-
-
-def holdout_sets(
-    meta: ModelMetadata,
-    normal: ImageSet,
-    defects: ImageSet | None,
-    holdout_dir: Path | None,
-    log: Log = print,
-) -> tuple[ImageSet | None, ImageSet | None, str]:
-    """(held-out normals, held-out defects, description).
-
-    ``--holdout DIR`` with a ``good``/``normal`` subfolder is a labelled test split
-    (MVTec layout: every other subfolder holds defects); without one, DIR holds normals
-    and defects come from ``--defects``. Without ``--holdout`` the calibration folder's
-    images that the sample did not use are the held-out normals.
-    """
-    pre = normal.preprocessor
-    if holdout_dir is not None:
-        good = next((holdout_dir / n for n in ("good", "normal") if (holdout_dir / n).is_dir()), None)
-        if good is not None:
-            h_norm = load_image_set(good, pre, n=None, min_images=1, what="held-out normal")
-            bad_files = [p for p in list_images(holdout_dir, "held-out") if good not in p.parents]
-            h_def = (
-                load_image_set(
-                    holdout_dir, pre, n=None, min_images=1, what="held-out defect", exclude=h_norm.files
-                )
-                if bad_files
-                else None
-            )
-            return h_norm, h_def, f"{holdout_dir} (labelled split)"
-        h_norm = load_image_set(holdout_dir, pre, n=None, min_images=1, what="held-out normal")
-        return h_norm, defects, f"{holdout_dir} + defects"
-    if normal.n_found > len(normal):
-        rest = load_image_set(normal.folder, pre, n=None, min_images=1, exclude=normal.files)
-        return rest, defects, "calibration images not in the sample + defects"
-    log("no held-out normals (all calibration images were used); the guard reuses the calibration set")
-    return normal, defects, "calibration set (not held out)"
 
 
 def build_portable(
@@ -244,6 +288,7 @@ def build_portable(
     check_share(max_flip_rate, "--max-flip-rate")  # before minutes of work, not after
     meta = load_for_model(model)
     normal, defects = load_sets(meta, opts, log)
+    holdout = prepare_holdout(meta, normal, defects, holdout_dir, _objective(opts.thresholds), log)
     arts: dict[str, Path] = {"fp32": model}
     builds: dict[str, dict[str, Any]] = {}
     calibs: dict[str, dict[str, Any]] = {}
@@ -272,31 +317,34 @@ def build_portable(
             builds[tag] = r.describe()
             calibs[tag] = calibration_record(normal, calib_method, synthetic_fraction=synthetic_fraction)
     thresholds: dict[str, Thresholds] = {}
+    held_scores: dict[str, np.ndarray] = {}
     for tag, path in arts.items():
         hist = path.with_name(path.name + ".scores.png")
-        thr, _, _ = calibrate_artifact(
-            path, meta, normal, defects, opts.thresholds, opts.batch_size, hist, log
+        cal = calibrate_artifact(
+            path, meta, normal, defects, opts.thresholds, opts.batch_size, hist, log, holdout
         )
-        thresholds[tag] = thr
+        thr = thresholds[tag] = cal.thresholds
+        if cal.held is not None:
+            held_scores[tag] = np.concatenate([cal.held.good, cal.held.defect])
         if tag == "fp32":
             continue
         precision = "fp16" if tag == "fp16" else "int8"
         write_sidecar(meta, model, path, precision, thr, calibs[tag], builds[tag])
         log(f"wrote {path} (+ {metadata_path(path).name})")
     result = PortableResult(arts, thresholds)
-    h_norm, h_def, split = holdout_sets(meta, normal, defects, holdout_dir, log)
-    if h_norm is not None and len(arts) > 1:
+    if holdout.good is not None and len(arts) > 1:
         result.guard = run_guard(
             meta,
             arts,
             thresholds,
-            h_norm,
-            h_def,
-            split,
+            holdout.good,
+            holdout.defect,
+            holdout.split,
             max_auroc_drop,
             batch_size=opts.batch_size,
             log=log,
             max_flip_rate=max_flip_rate,
+            scores=held_scores,
         )
         if report_path is not None:
             atomic_write_json(report_path, result.guard.to_dict(), fsync=False)
@@ -314,12 +362,17 @@ def run_guard(
     batch_size: int = 8,
     log: Log = print,
     max_flip_rate: float | None = None,
+    scores: dict[str, np.ndarray] | None = None,
 ) -> GuardReport:
+    """FP32 vs every artifact on the holdout; ``scores`` (normals then defects, per tag) are
+    reused where the operating point already scored them."""
     log(
         f"accuracy guard on {len(normal)} normal + {len(defects) if defects else 0} defect held-out images ..."
     )
-    scores: dict[str, np.ndarray] = {}
+    scores = dict(scores or {})
     for tag, path in arts.items():
+        if tag in scores:
+            continue
         backend = OnnxRuntimeBackend(path, metadata=meta)
         parts = [score_set(backend, normal, batch_size).scores]
         if defects is not None:

@@ -8,6 +8,18 @@ Image threshold (score > threshold -> NG):
 - ``f1-optimal``: the threshold that maximises F1 of the defect class, which needs defect
   images. On an all-normal set F1 is 0 for every threshold and tools that still "optimise"
   it end up flagging everything (a known complaint), so it is refused here.
+- ``target-false-reject`` (``--target-false-reject P --confidence C``): the line's own
+  currency. With n good scores sorted ascending, the threshold is the (n - j)-th of them,
+  where j is the largest count with P(Binomial(n, P) <= j) <= 1 - C. The true false-reject
+  rate of that order statistic exceeds P exactly when Binomial(n, P) <= j (the good parts'
+  score CDF at the threshold is the (n - j)-th uniform order statistic), so
+  P(false-reject rate > P) <= 1 - C for every continuous score distribution; ties only make
+  it more conservative. No fitted tail, so no shape to get wrong; the price is n: j = 0
+  (the maximum) needs (1 - P)^n <= 1 - C, and fewer good parts are refused with the count
+  needed. ``bound`` is the smallest rate the chosen rank still guarantees (<= P).
+- ``target-escape`` (``--target-escape Q``): the same rule mirrored on defect scores (m
+  of them): at most j defects may lie at or below the threshold, which sits just below the
+  (j + 1)-th smallest defect score, so P(escape rate > Q) <= 1 - C.
 
 Pixel threshold (map value > threshold -> defect pixel): a high quantile of all pixel
 values of the normal anomaly maps (``normal-quantile``), or a ``fixed`` value.
@@ -22,14 +34,17 @@ from typing import Any
 import numpy as np
 from pouta.edge.metadata import Thresholds
 
+from .binomial import allowed_exceedances, min_parts, upper_bound
 from .errors import CalibrationError
 
-IMAGE_RULES = ("normal-max-margin", "normal-quantile", "f1-optimal")
+TARGET_RULES = ("target-false-reject", "target-escape")
+IMAGE_RULES = ("normal-max-margin", "normal-quantile", "f1-optimal", *TARGET_RULES)
 PIXEL_RULES = ("normal-quantile", "fixed")
 DEFAULT_IMAGE_RULE = "normal-max-margin"
 DEFAULT_MARGIN = 1.1
 DEFAULT_QUANTILE = 0.99
 DEFAULT_IQR_K = 0.0
+DEFAULT_CONFIDENCE = 0.95
 DEFAULT_PIXEL_QUANTILE = 0.999
 DEFAULT_PIXEL_FIXED = 0.5
 # Contract scores and maps are probabilities: a threshold at or above 1 never fires.
@@ -63,6 +78,8 @@ def image_threshold(
     margin: float = DEFAULT_MARGIN,
     quantile: float = DEFAULT_QUANTILE,
     iqr_k: float = DEFAULT_IQR_K,
+    target: float | None = None,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> tuple[float, dict[str, Any]]:
     """(threshold, params actually used) for one image rule."""
     n = np.asarray(normal, dtype=np.float64)
@@ -98,7 +115,84 @@ def image_threshold(
             )
         thr, f1 = _f1_optimal(n, d)
         return thr, {"f1": f1}
+    if rule in TARGET_RULES:
+        if target is None:
+            flag = "--" + rule
+            raise CalibrationError(f"threshold rule {rule!r} needs a target rate ({flag} P, e.g. 0.005)")
+        if rule == "target-false-reject":
+            return false_reject_threshold(n, target, confidence)
+        if d.size == 0:
+            raise CalibrationError(
+                "--target-escape needs labelled defect images (--defects DIR, or --holdout DIR with a "
+                "good/ subfolder and one folder per defect type)"
+            )
+        return escape_threshold(d, target, confidence)
     raise CalibrationError(f"threshold rule {rule!r} is unknown, expected one of {IMAGE_RULES}")
+
+
+def check_target(target: float, confidence: float, flag: str) -> None:
+    if not 0.0 < target < 1.0:
+        raise CalibrationError(f"{flag}: expected a rate between 0 and 1 (0.005 = 0.5%), got {target}")
+    if not 0.0 < confidence < 1.0:
+        raise CalibrationError(
+            f"--confidence: expected a value between 0 and 1 (e.g. 0.95), got {confidence}"
+        )
+
+
+def check_enough(n: int, target: float, confidence: float, flag: str, parts: str) -> int:
+    """Allowed exceedances j for n parts, or the one-line error naming how many parts are needed."""
+    check_target(target, confidence, flag)
+    j = allowed_exceedances(n, target, confidence)
+    if j is None:
+        raise CalibrationError(
+            f"{flag} {target:g} at {confidence:g} confidence needs at least {min_parts(target, confidence)} "
+            f"{parts}, got {n} (add parts, or relax the target or --confidence)"
+        )
+    return j
+
+
+def false_reject_threshold(
+    normal: Sequence[float] | np.ndarray, target: float, confidence: float = DEFAULT_CONFIDENCE
+) -> tuple[float, dict[str, Any]]:
+    """Order-statistic threshold with P(false-reject rate > target) <= 1 - confidence (module docstring)."""
+    s = np.sort(np.asarray(normal, dtype=np.float64))
+    n = int(s.size)
+    j = check_enough(n, target, confidence, "--target-false-reject", "good calibration parts")
+    thr = float(s[n - 1 - j])
+    if thr >= SCORE_UPPER_BOUND:
+        raise CalibrationError(
+            f"--target-false-reject: the chosen good score is {thr:g}, at the score ceiling "
+            f"{SCORE_UPPER_BOUND:g}: no part could ever be rejected (the model saturates on good parts)"
+        )
+    return thr, _bound_params("false_reject", target, confidence, n, n - j, j)
+
+
+def escape_threshold(
+    defect: Sequence[float] | np.ndarray, target: float, confidence: float = DEFAULT_CONFIDENCE
+) -> tuple[float, dict[str, Any]]:
+    """Highest threshold with P(escape rate > target) <= 1 - confidence: just below the
+    (j + 1)-th smallest defect score, so at most j known defects pass."""
+    s = np.sort(np.asarray(defect, dtype=np.float64))
+    m = int(s.size)
+    j = check_enough(m, target, confidence, "--target-escape", "labelled defective parts")
+    # Runtime scores are float32: the next float32 below the score is the highest threshold
+    # that still rejects that part (NG when score > threshold).
+    thr = float(np.nextafter(np.float32(s[j]), np.float32(-np.inf)))
+    return thr, _bound_params("escape", target, confidence, m, j + 1, j)
+
+
+def _bound_params(
+    objective: str, target: float, confidence: float, n: int, rank: int, allowed: int
+) -> dict[str, Any]:
+    return {
+        "objective": objective,
+        "target": target,
+        "confidence": confidence,
+        "n": n,
+        "rank": rank,  # 1-based position of the threshold's score among the n, ascending
+        "allowed": allowed,  # parts of the n allowed on the wrong side
+        "bound": upper_bound(allowed, n, confidence),
+    }
 
 
 def _f1_optimal(normal: np.ndarray, defect: np.ndarray) -> tuple[float, float]:
@@ -187,10 +281,28 @@ def calibrate_thresholds(
     pixel_quantile: float = DEFAULT_PIXEL_QUANTILE,
     pixel_value: float = DEFAULT_PIXEL_FIXED,
     scored_with: str = "",
+    target: float | None = None,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> Thresholds:
-    """Both thresholds plus the evidence behind them, ready for the metadata sidecar."""
+    """Both thresholds plus the evidence behind them, ready for the metadata sidecar.
+
+    A target rule's guarantee (objective, n, rank, bound) goes to ``operating_point``, where
+    the holdout's measured rates join it (``pouta.calibration.operating_point``)."""
     defect = np.asarray(defect_scores if defect_scores is not None else [], dtype=np.float64)
-    img, params = image_threshold(rule, normal_scores, defect, margin=margin, quantile=quantile, iqr_k=iqr_k)
+    img, params = image_threshold(
+        rule,
+        normal_scores,
+        defect,
+        margin=margin,
+        quantile=quantile,
+        iqr_k=iqr_k,
+        target=target,
+        confidence=confidence,
+    )
+    operating_point: dict[str, Any] = {"objective": "rule"}
+    if "objective" in params:
+        operating_point = params
+        params = {"target": params["target"], "confidence": params["confidence"]}
     if pixel_rule == "normal-quantile" and normal_pixels is None:
         pixel_rule = "fixed"  # nothing to take a quantile of: fall back, and record it
     pix, pix_params = pixel_threshold(pixel_rule, normal_pixels, quantile=pixel_quantile, value=pixel_value)
@@ -204,4 +316,5 @@ def calibrate_thresholds(
         normal_score_stats=score_stats(normal_scores),
         defect_score_stats=score_stats(defect),
         scored_with=scored_with,
+        operating_point=operating_point,
     )

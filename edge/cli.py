@@ -156,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="run a model whose sha256 differs from its sidecar's artifact_sha256 (warns)",
     )
+    run.add_argument(
+        "--shadow",
+        metavar="FILE",
+        help="candidate model judged beside the live one, never deciding (shadow/)",
+    )
     _add_source_args(run)
     run.add_argument("--roi", help="x,y,width,height crop in source pixels")
     run.add_argument("--out", metavar="DIR", help="result folder")
@@ -222,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
         "hash-password",
         help="read a password (stdin or prompt) and print its hash for an OPC UA users file",
     )
+    prom = sub.add_parser(
+        "promote", help="swap the shadow model of a running 'run --shadow' in (again: roll back)"
+    )
+    prom.add_argument("--pid", type=int, required=True, help="process id of the running pouta-edge run")
 
     doc = sub.add_parser("doctor", help="check TensorRT/CUDA on this machine (run first on a new Jetson)")
     doc.add_argument("--plan", metavar="FILE", help="also try to open this .plan/.engine")
@@ -248,6 +257,8 @@ def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
     s = _source_overrides(a)
     if s:
         o["source"] = s
+    if a.shadow:
+        o["shadow"] = {"path": a.shadow}
     if a.roi:
         o["preprocess"] = {"roi": a.roi}
     out = {
@@ -311,6 +322,10 @@ def _print_summary(s: dict[str, Any], out_dir: str) -> None:
             f"verdicts right {s['correct']} / {s['labelled']} ({100.0 * s['correct'] / s['labelled']:.1f}%), "
             f"wrong {s['labelled'] - s['correct']}"
         )
+    if "shadow" in s["sinks"]:
+        from .shadow import summary_line
+
+        lines.append(summary_line(s["sinks"]["shadow"]))
     lines.append(f"results in {out_dir}  (model {s['model_id']}, {s['backend']})")
     print("\n".join(lines), flush=True)
 
@@ -350,18 +365,20 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 class _Signals:
-    """SIGINT/SIGTERM stop the pipeline (once it exists); SIGHUP asks for a reload."""
+    """SIGINT/SIGTERM stop the pipeline (once it exists); SIGHUP asks for a reload, SIGUSR1
+    for a shadow promotion."""
 
     def __init__(self) -> None:
         self.stop_reason: list[str] = []
         self.reloads: list[int] = []
         self.stopped = threading.Event()
         self.pipe: Any = None
-        signals = [signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+        signals = [signal.SIGINT, signal.SIGTERM]
+        signals += [getattr(signal, n) for n in ("SIGHUP", "SIGUSR1") if hasattr(signal, n)]
         self.previous = {s: signal.signal(s, self._on_signal) for s in signals}
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        if signum == getattr(signal, "SIGHUP", None):
+        if signum in (getattr(signal, "SIGHUP", None), getattr(signal, "SIGUSR1", None)):
             self.reloads.append(signum)  # handled in the main loop, outside the signal handler
             return
         self.stop_reason.append(signal.Signals(signum).name)
@@ -402,6 +419,11 @@ def _run_pipeline(
         server = attach_http(pipe, cfg, reload)
     watchdog = SystemdWatchdog()
     try:
+        from .metadata import operating_point_line
+
+        op = operating_point_line(pipe.backend.metadata.thresholds, pipe.post.image_threshold)
+        if op:
+            print(op, flush=True)
         pipe.start()
         sd_notify("READY=1")  # model loaded, every server listening
         interval = float(cfg["pipeline"]["status_interval"] or 1.0)
@@ -414,8 +436,12 @@ def _run_pipeline(
             stale_after = watchdog.limit_s / 2 if watchdog.limit_s else 0.0
             watchdog.ping(time.monotonic() - pipe.progress_at < stale_after)
             while reloads:
-                reloads.pop()
                 try:
+                    if reloads.pop() == getattr(signal, "SIGUSR1", None):
+                        from .shadow import promote
+
+                        print(promote(pipe)[1], file=sys.stderr, flush=True)
+                        continue
                     reload()
                 except PoutaError as exc:
                     print(f"pouta-edge: reload refused, thresholds unchanged: {exc}", file=sys.stderr)
@@ -553,6 +579,11 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_capture(args)
         if args.command == "install-service":
             return cmd_install_service(args)
+        if args.command == "promote":
+            from .shadow import signal_promote
+
+            print(signal_promote(args.pid))
+            return EXIT_OK
         if args.command == "hash-password":
             return cmd_hash_password()
         if args.command == "doctor":

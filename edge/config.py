@@ -127,6 +127,9 @@ def build_pipeline(cfg: dict[str, Any], source: FrameSource | None = None) -> Pi
         pre = preprocessor_for(meta, roi=Roi.parse(pc["roi"]), interpolation=pc["interpolation"])
         post = make_postprocessor(cfg, meta.thresholds)
         sinks = make_sinks(cfg)
+        built.extend(sinks)
+        if cfg["shadow"]["path"]:
+            sinks.append(make_shadow(cfg))
     except BaseException:
         for part in reversed(built):
             part.close()
@@ -155,6 +158,28 @@ def build_pipeline(cfg: dict[str, Any], source: FrameSource | None = None) -> Pi
         close_timeout_s=float(pl["close_timeout_s"]),
         sink_queue=int(pl["sink_queue"]),
     )
+
+
+def make_shadow(cfg: dict[str, Any]) -> ResultSink:
+    """The candidate of ``--shadow``: opened like the live model, same ROI, its own thresholds."""
+    from .shadow import ModelSlot, ShadowSink
+
+    backend = make_backend({**cfg["model"], "path": cfg["shadow"]["path"]})
+    try:
+        meta = backend.metadata
+        pc, oc = cfg["preprocess"], cfg["postprocess"]
+        pre = preprocessor_for(meta, roi=Roi.parse(pc["roi"]), interpolation=pc["interpolation"])
+        post = make_postprocessor(
+            {**cfg, "postprocess": {**oc, "image_threshold": None, "pixel_threshold": None}}, meta.thresholds
+        )
+        return ShadowSink(
+            ModelSlot(pre, backend, post),
+            Path(cfg["output"]["dir"]) / "shadow",
+            max_pending=int(cfg["shadow"]["max_pending"]),
+        )
+    except BaseException:
+        backend.close()
+        raise
 
 
 def make_postprocessor(cfg: dict[str, Any], thresholds: Thresholds | None) -> PostProcessor:

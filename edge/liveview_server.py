@@ -3,7 +3,7 @@
 Updates go out as server-sent events through a bounded queue per client (a slow client
 loses intermediate states, never the newest); the picture is fetched by the page when an
 event says a new one exists, one fetch at a time. Read-only by default: requests that
-change state (``POST /api/reload``) need the token as ``Authorization: Bearer``. Bound
+change state (``POST /api/reload``, ``POST /api/promote``) need the token as ``Authorization: Bearer``. Bound
 beyond loopback, every request but ``/healthz`` needs the token (header, or the cookie a
 browser gets from opening ``/?token=...`` once) and a token must be configured; with
 ``tls_cert``/``tls_key`` the page is served over HTTPS.
@@ -24,12 +24,15 @@ import threading
 import time
 from collections.abc import Callable
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from .auth import read_secret
 from .errors import ConfigError, UnavailableError
 from .liveview import LiveViewSink, is_loopback, parse_listen
+from .metadata import operating_point_line
 from .metrics import CONTENT_TYPE, MetricsSink
+from .shadow import find_shadow, promote
 
 log = logging.getLogger("pouta.edge.liveview")
 
@@ -98,7 +101,7 @@ class _Health:
 
 class LiveServer:
     """aiohttp on its own thread and event loop: the page, its event stream, pictures,
-    ``/metrics``, ``/healthz``; ``POST /api/reload`` with the token."""
+    ``/metrics``, ``/healthz``; ``POST /api/reload`` and ``POST /api/promote`` with the token."""
 
     def __init__(
         self,
@@ -111,6 +114,8 @@ class LiveServer:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         require_token: bool | None = None,
+        report: Callable[[], Path | None] | None = None,
+        promote: Callable[[], tuple[bool, str]] | None = None,
     ) -> None:
         try:
             import aiohttp  # noqa: F401
@@ -145,6 +150,8 @@ class LiveServer:
                 ) from None
             self.ssl = ctx
         self.reload = reload
+        self.report = report  # the live model's operating-point page, when it has one
+        self.promote = promote  # swap in the shadow model (as ``pouta-edge promote``)
         self.static = {
             name: resources.files("pouta.edge").joinpath("liveview_static", name).read_bytes()
             for name in STATIC_FILES
@@ -206,7 +213,9 @@ class LiveServer:
         app.router.add_get("/api/ng/{seq}/thumb.jpg", self._ng)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/api/oppoint.html", self._oppoint)
         app.router.add_post("/api/reload", self._reload)
+        app.router.add_post("/api/promote", self._promote)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
         try:
@@ -322,6 +331,16 @@ class LiveServer:
             headers={"Cache-Control": "no-cache"},
         )
 
+    async def _oppoint(self, request: Any) -> Any:
+        from aiohttp import web
+
+        page = self.report() if self.report is not None else None
+        if page is None or not page.is_file():
+            raise web.HTTPNotFound(
+                text="the live model has no operating-point report (calibrate with --holdout)"
+            )
+        return web.Response(body=page.read_bytes(), content_type="text/html", charset="utf-8")
+
     async def _state(self, request: Any) -> Any:
         from aiohttp import web
 
@@ -404,7 +423,7 @@ class LiveServer:
 
         return web.json_response({"ok": True, "finished": self.view.finished})
 
-    async def _reload(self, request: Any) -> Any:
+    def _authorise(self, request: Any) -> None:
         from aiohttp import web
 
         if self.token is None:
@@ -412,6 +431,20 @@ class LiveServer:
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(given.encode(), self.token.encode()):
             raise web.HTTPUnauthorized(text="wrong or missing token (Authorization: Bearer <token>)")
+
+    async def _promote(self, request: Any) -> Any:
+        from aiohttp import web
+
+        self._authorise(request)
+        if self.promote is None:
+            raise web.HTTPNotImplemented(text="no promotion available")
+        ok, message = self.promote()
+        return web.json_response({"ok": ok, "message": message}, status=200 if ok else 409)
+
+    async def _reload(self, request: Any) -> Any:
+        from aiohttp import web
+
+        self._authorise(request)
         if self.reload is None:
             raise web.HTTPNotImplemented(text="no reload available")
         try:
@@ -438,11 +471,26 @@ def pipeline_status(pipe: Any, out_dir: str | None) -> Callable[[], dict[str, An
                 "image_threshold": post.image_threshold,
                 "pixel_threshold": post.pixel_threshold,
                 "rule": thr.rule if thr is not None else "config",
+                "operating_point": operating_point_line(thr, post.image_threshold),
+                "report": report_file(pipe) is not None,
             },
+            "shadow": shadow.summary() if shadow is not None else None,
             "health": health(s, pipe.running),
         }
 
+    shadow = find_shadow(pipe.sinks)
     return status
+
+
+def report_file(pipe: Any) -> Path | None:
+    """The operating-point page written beside the live model's artifact, if it exists."""
+    thr = pipe.backend.metadata.thresholds
+    name = (thr.operating_point or {}).get("report") if thr is not None else None
+    path = getattr(pipe.backend, "path", None)
+    if not name or path is None:
+        return None
+    page = Path(path).with_name(Path(name).name)  # a name from the sidecar, never a path
+    return page if page.is_file() else None
 
 
 def attach_http(
@@ -475,6 +523,8 @@ def attach_http(
         tls_cert=h["tls_cert"],
         tls_key=h["tls_key"],
         require_token=h["require_token"],
+        report=lambda: report_file(pipe),
+        promote=lambda: promote(pipe),
     )
     try:
         server.start()

@@ -66,6 +66,9 @@ class Thresholds:
     normal_score_stats: dict[str, float] = field(default_factory=dict)
     defect_score_stats: dict[str, float] = field(default_factory=dict)
     scored_with: str = ""  # artifact file name whose outputs were used (fp32/int8 ...)
+    # What a quality engineer signs: the objective with its stated-confidence bound and the
+    # rates measured on held-out parts (``pouta.calibration.operating_point``).
+    operating_point: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -190,6 +193,48 @@ def _known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
     # Unknown keys from newer writers are ignored rather than fatal.
     names = {f.name for f in fields(cls)}
     return {k: v for k, v in d.items() if k in names}
+
+
+def _pct(x: float) -> str:
+    return f"{100.0 * x:.3g}%"
+
+
+def _measured_rate(name: str, r: dict[str, Any]) -> str:
+    lo, hi = r["ci"]
+    tail = " in-sample" if r.get("in_sample") else ""
+    return f"{name} {_pct(r['rate'])} [{_pct(lo)}, {_pct(hi)}] ({r['count']}/{r['n']}{tail})"
+
+
+def operating_point_line(t: Thresholds | None, active_threshold: float | None = None) -> str:
+    """One line for the start of a run: the signed objective and what the holdout measured."""
+    if t is None:
+        return ""
+    op = t.operating_point or {}
+    if op.get("objective") in ("false_reject", "escape"):
+        what = "false rejects" if op["objective"] == "false_reject" else "escapes"
+        parts = "good" if op["objective"] == "false_reject" else "defective"
+        head = (
+            f"{what} <= {_pct(op['target'])} at {_pct(op['confidence'])} confidence (score {op['rank']} of "
+            f"{op['n']} {parts} calibration parts, bound {_pct(op['bound'])})"
+        )
+    else:
+        head = f"rule {t.rule} (no stated-confidence bound)"
+    m = op.get("measured")
+    if m:
+        rates = [
+            _measured_rate(k.replace("_", " ") + "s", m[k]) for k in ("false_reject", "escape") if k in m
+        ]
+        by_type = m.get("escape_by_type", {})
+        if len(by_type) > 1:
+            rates.append(
+                "escapes by type " + ", ".join(f"{k} {v['count']}/{v['n']}" for k, v in by_type.items())
+            )
+        head += f"; held out ({m['split']}, {_pct(m['confidence'])} intervals): " + ", ".join(rates)
+    else:
+        head += "; no held-out rates (calibrate with --holdout)"
+    if active_threshold is not None and abs(active_threshold - t.image) > 1e-12 * max(1.0, abs(t.image)):
+        head += f"; the config overrides the threshold {t.image:.6g} with {active_threshold:.6g}: these rates do not apply"
+    return f"operating point: threshold {t.image:.6g}, {head}"
 
 
 def metadata_path(model_path: str | os.PathLike[str]) -> Path:

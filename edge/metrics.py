@@ -188,6 +188,11 @@ class PipelineCollector:
             dropped.add_metric([sink], float(st.get("dropped", 0)))
             failed.add_metric([sink], float(st.get("failed", 0)))
         yield from (queued, dropped, failed)
+        shadow = s.get("sinks", {}).get("shadow")
+        if shadow is not None:
+            from .shadow import metric_families
+
+            yield from metric_families(shadow)
         info = InfoMetricFamily("pouta_model", "The model being run")
         info.add_metric([], {"model_id": str(s.get("model_id", "")), "backend": str(s.get("backend", ""))})
         yield info

@@ -34,7 +34,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,6 +47,7 @@ from .postprocess import NOT_INSPECTED, NonFiniteOutput, PostProcessor
 from .preprocess import Preprocessor
 from .records import PartResult, ResultSink, clean_part_id, utc_iso
 from .sequence import SequenceCounter, SequenceError
+from .shadow import ModelSlot
 from .sources import Frame, FrameSource, FrameTimeout, signal_verdict
 from .stats import Stats, percentile, status_line
 
@@ -125,6 +126,8 @@ class Pipeline:
         self.frames = FrameQueue(queue_size, policy, self.stats, on_drop=self._on_drop)
         self.results: queue.Queue[Any] = queue.Queue(maxsize=max(1, result_queue_size))
         self.model_id = backend.metadata.model_id
+        # A shadow promotion waiting for the next part (``request_swap``).
+        self._swap: Callable[[ModelSlot], ModelSlot] | None = None
         # Dropped parts wait here so that their records go out in sequence order.
         self._dropped: collections.deque[PendingPart] = collections.deque()
         # Kept in memory for callers (tests, benchmarks); 0 keeps none.
@@ -186,6 +189,19 @@ class Pipeline:
     def stop(self) -> None:
         """Ask for a clean shutdown: acquisition stops, queued frames are still judged and written."""
         self.stop_event.set()
+
+    def request_swap(self, exchange: Callable[[ModelSlot], ModelSlot]) -> None:
+        """Swap the live model between two parts: before the next part is judged,
+        ``exchange(current)`` returns the model that judges it (shadow promotion)."""
+        self._swap = exchange
+
+    def _apply_swap(self) -> None:
+        exchange, self._swap = self._swap, None
+        if exchange is None:
+            return
+        new = exchange(ModelSlot(self.pre, self.backend, self.post))
+        log.warning("model change: %s -> %s", self.model_id, new.model_id)
+        self.pre, self.backend, self.post, self.model_id = new.pre, new.backend, new.post, new.model_id
 
     def start(self) -> None:
         self.source.open()
@@ -508,6 +524,8 @@ class Pipeline:
                 self._emit(self._not_inspected(part))
 
     def _judge(self, part: PendingPart) -> PartResult:
+        if self._swap is not None:
+            self._apply_swap()
         frame = part.frame
         if frame is None:
             return self._not_inspected(part)
@@ -553,11 +571,14 @@ class Pipeline:
         )
 
     def _write_loop(self) -> None:
+        last_model = self.model_id
         try:
             while True:
                 result = self.results.get()
                 if result is END:
                     break
+                if result.model_id != last_model:  # a promotion: the first record says so
+                    result.previous_model_id, last_model = last_model, result.model_id
                 result.to_dict()  # once, before several sink threads read it
                 if self._keep:
                     self.recent.append(result)

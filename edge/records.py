@@ -101,6 +101,7 @@ class PartResult:
     part_id: str | None = None
     reason: str | None = None  # one of REASONS when not inspected
     not_inspected_is_ng: bool = True  # fail-safe: a part nobody judged is rejected
+    previous_model_id: str | None = None  # set on the first part after a model change
     gap: str | None = None  # "crash": numbers before this one were reserved by a run that crashed
     _record: dict[str, Any] | None = field(default=None, repr=False)
 
@@ -180,6 +181,8 @@ class PartResult:
             "latency_ms": {k: round(val, 3) for k, val in self.latency_ms.items()},
             "model_id": self.model_id,
         }
+        if self.previous_model_id is not None:
+            d["model_change"] = {"from": self.previous_model_id, "to": self.model_id}
         if self.gap:
             d["sequence_gap"] = self.gap
         self._record = d

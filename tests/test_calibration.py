@@ -276,7 +276,7 @@ def test_calibration_imports_without_torch() -> None:
 
 
 def test_holdout_labelled_split_and_unused_normals(tmp_path: Path) -> None:
-    from pouta.calibration.steps import holdout_sets
+    from pouta.calibration.holdout import holdout_sets
 
     calib = _parts(tmp_path / "calib", 12)
     test = tmp_path / "test"

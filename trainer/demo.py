@@ -19,6 +19,14 @@ from pathlib import Path
 
 from pouta.edge.settings import add_config_args, settings_or_exit
 
+# The demo's operating point, in the line's currency: at most 5% of good parts rejected,
+# with 95% confidence. The order-statistic bound needs 59 good parts for that (the largest
+# of them is then the threshold); the demo makes 80 so that a few unreadable ones would not
+# stop it. A real line asks for less (0.5% needs 598 good parts).
+DEMO_TARGET_FALSE_REJECT = 0.05
+DEMO_CONFIDENCE = 0.95
+DEMO_CALIB_GOOD = 80
+
 
 def _script(name: str) -> str:
     exe = Path(sys.executable).with_name(name)
@@ -54,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.data:
         category = Path(args.data)
         calib = category / "train" / "good"
-        holdout = None
+        holdout = None  # the training images calibrate: a stated bound on them would be optimistic
     else:
         # A second, differently seeded set of good parts calibrates the threshold: scores
         # of the training images themselves would be optimistically low.
@@ -62,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         _run(
             [
                 _script("pouta-demo-data"), "--out", str(out / "holdout"), "--seed", "1",
-                "--n-train", "40", "--n-test-good", "10", "--n-test-defect", "3",
+                "--n-train", str(DEMO_CALIB_GOOD), "--n-test-good", "10", "--n-test-defect", "3",
             ]
         )  # fmt: skip
         category = out / "data" / "surface"
@@ -83,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     _run([_script("pouta-export"), str(run_dir / "model.pt"), "-o", str(model)])
     build = [_script("pouta-build-engine"), str(model), "--int8", "--fp16", "--calib", str(calib)]
     if holdout is not None:
-        build += ["--holdout", str(holdout)]
+        build += ["--holdout", str(holdout), "--target-false-reject", str(DEMO_TARGET_FALSE_REJECT)]
+        build += ["--confidence", str(DEMO_CONFIDENCE)]
     _run(build)
     _run(
         [

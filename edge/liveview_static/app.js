@@ -54,6 +54,14 @@ function render(s) {
     text("thr-image", Number(s.model.image_threshold).toPrecision(4));
     text("thr-pixel", Number(s.model.pixel_threshold).toPrecision(3));
     text("thr-rule", s.model.rule);
+    text("op-line", s.model.operating_point || "");
+    $("op-report").hidden = !s.model.report;
+  }
+  $("shadow-row").hidden = !s.shadow;
+  if (s.shadow) {
+    const sh = s.shadow;
+    text("shadow-line", `${sh.shadow_model_id} · compared ${sh.compared} · agree ${sh.agree} · disagree ${sh.disagree} ` +
+      `(live OK / shadow NG ${sh.live_ok_shadow_ng}, live NG / shadow OK ${sh.live_ng_shadow_ok}) · skipped ${sh.skipped}`);
   }
 
   const last = s.last;
