@@ -276,7 +276,10 @@ def flat_keys(parser: argparse.ArgumentParser) -> list[Key]:
             default = str(default)
         flags = ", ".join(f"`{o}`" for o in a.option_strings) or "positional"
         meaning = " ".join(
-            (a.help or FLAT_NOTES.get(a.dest, "")).replace("%(default)s", str(a.default)).split()
+            (a.help or FLAT_NOTES.get(a.dest, ""))
+            .replace("%(default)s", str(a.default))
+            .replace("%%", "%")
+            .split()
         )
         out.append(Key(a.dest, kind, _default(default), meaning, flags))
     return out
