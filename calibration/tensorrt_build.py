@@ -13,8 +13,9 @@ string alone, so it is unit-tested without TensorRT or a GPU:
 - 11.x: BuilderFlag.FP16/INT8 and the int8 calibrator are removed and every network is
   strongly typed (the STRONGLY_TYPED flag is deprecated and ignored), so FP16 needs the
   FP16 ONNX and INT8 needs the ``.int8.trt.onnx``.
-- DLA: strongly typed networks run on DLA only from 11.4.1 (JetPack 7.2.2); 8.6's DLA
-  takes FP16 but no Q/DQ; DLA needs one batch size (min = opt = max).
+- DLA: strongly typed networks run on DLA only in 11.4.1 (JetPack 7.2.2 on Orin); 11.5.0
+  does not support JetPack, so it has no DLA on Orin ("Working with DLA", 11.5.0); 8.6's
+  DLA takes FP16 but no Q/DQ; DLA needs one batch size (min = opt = max).
 
 Sources: TensorRT Python API (Builder, IBuilderConfig, Runtime, EngineInspector,
 ITimingCache), "Migrating from TensorRT 10.x to 11.x", the trtexec flag reference, NVIDIA's
@@ -42,6 +43,9 @@ PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_WORKSPACE_MB = 1024
 # First release documenting strongly typed networks on DLA.
 DLA_STRONGLY_TYPED_FROM = (11, 4, 1)
+# First release documented without JetPack (so without DLA on Orin); nothing newer is known
+# to bring it back, so DLA is refused from here until a release documents it.
+DLA_JETPACK_DROPPED_IN = (11, 5, 0)
 
 
 def tensorrt_version() -> str | None:
@@ -125,6 +129,11 @@ def _check_dla(version: tuple[int, int, int], trt_version: str, req: BuildReques
         raise CalibrationError(
             f"TensorRT {trt_version}: this build is a strongly typed network, which DLA runs only from "
             "TensorRT 11.4.1 (JetPack 7.2.2); drop --dla-core to build for the GPU"
+        )
+    if version >= DLA_JETPACK_DROPPED_IN:
+        raise CalibrationError(
+            f"TensorRT {trt_version} does not support JetPack, so it has no DLA on Jetson Orin; "
+            "use TensorRT 11.4.1 on JetPack 7.2.2 or later for DLA, or drop --dla-core to build for the GPU"
         )
 
 

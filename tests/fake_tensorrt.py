@@ -9,8 +9,28 @@ guides, trtexec's reference, Polygraphy's loader, NVIDIA's sampleEngines.cpp):
   BuilderFlag.FP16/INT8. The ONNX parser of 8.x needs an explicit-batch network.
   Strongly typed networks refuse precision flags (the build returns None).
 - ``deserialize_cuda_engine`` returns None (and logs) for a plan from another TensorRT
-  version or device, and for a version-compatible plan unless the runtime set
-  ``engine_host_code_allowed = True`` first.
+  version or another GPU architecture (compute capability), and for a version-compatible
+  plan unless the runtime set ``engine_host_code_allowed = True`` first. A plan from another
+  device *model* of the same compute capability loads with a warning ("Using an engine plan
+  file across different models of devices is not recommended and is likely to affect
+  performance or even cause errors."). Sources: Support Matrix, "Engine Portability"
+  (https://docs.nvidia.com/deeplearning/tensorrt/latest/getting-started/support-matrix.html:
+  "Without this mode, engines are not portable across different GPU architectures"); the
+  warning and the "expecting compute X got compute Y, please rebuild" error as TensorRT logs
+  them in NVIDIA/TensorRT issues #2900, #3829 and #564.
+- Engine inspector (EngineInspector, Python API,
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/EngineInspector.html):
+  what it prints depends on the builder config's ``profiling_verbosity`` at build time.
+  The default LAYER_NAMES_ONLY prints layer names only (the "Layers" list holds strings),
+  DETAILED adds layer parameters (the tensor formats/types that show the precision), NONE
+  prints no layer information. 10.x lists the I/O tensor names under "Bindings"; 11.x
+  replaced it with "I/O Tensors", a list of objects ("Migrating IEngineInspector Usage from
+  TensorRT 10.x to 11.x", https://docs.nvidia.com/deeplearning/tensorrt/11.0.0/api/migration/tensorrt-10x-to-11x-IEngineInspector.html).
+- DLA ("Working with DLA" of each release, e.g.
+  https://docs.nvidia.com/deeplearning/tensorrt/11.5.0/inference-library/work-with-dla.html):
+  10.7 is the last 10.x release with DLA; 11.0 through 11.4.0 have no DLA on Linux/JetPack;
+  11.4.1 has DLA on Jetson AGX Orin (JetPack 7.2.2+); 11.5.0 does not support JetPack, so a
+  DLA build fails there. A DLA build asks for a core the device has.
 - Timing caches: ``create_timing_cache`` of a malformed blob returns None;
   ``set_timing_cache(cache, ignore_mismatch=False)`` returns False for a cache from another
   device or version and leaves none attached, so ``get_timing_cache()`` is None.
@@ -211,9 +231,13 @@ def make_tensorrt(gpu: FakeGpu, opts: FakeTrtOptions) -> types.ModuleType:
             if network.strongly_typed and config.flags & {"FP16", "INT8"}:
                 log("[E] precision flags are not allowed for strongly typed networks")
                 return None
-            if config.default_device_type == DeviceType.DLA and not 0 <= config.DLA_core < gpu.dla_cores:
-                log(f"[E] DLA core {config.DLA_core} is not available ({gpu.dla_cores} cores)")
-                return None
+            if config.default_device_type == DeviceType.DLA:
+                if not _dla_supported(opts.version):
+                    log(f"[E] DLA is not supported by TensorRT {opts.version} on this platform")
+                    return None
+                if not 0 <= config.DLA_core < gpu.dla_cores:
+                    log(f"[E] DLA core {config.DLA_core} is not available ({gpu.dla_cores} cores)")
+                    return None
             if len(config.profiles) != 1 or "image" not in config.profiles[0].shapes:
                 log("[E] network has dynamic inputs but no optimization profile")
                 return None
@@ -227,6 +251,8 @@ def make_tensorrt(gpu: FakeGpu, opts: FakeTrtOptions) -> types.ModuleType:
             header = {
                 "version": opts.version,
                 "device": gpu.name,
+                "compute_capability": list(gpu.compute_capability),
+                "profiling_verbosity": ProfilingVerbosity(config.profiling_verbosity).name,
                 "version_compatible": "VERSION_COMPATIBLE" in config.flags,
                 "profile": {k: [list(s) for s in v] for k, v in config.profiles[0].shapes.items()},
                 "layers": layers,
@@ -239,7 +265,26 @@ def make_tensorrt(gpu: FakeGpu, opts: FakeTrtOptions) -> types.ModuleType:
             self.engine = engine
 
         def get_engine_information(self, fmt: Any) -> str:
-            return json.dumps({"Layers": self.engine.header["layers"], "Bindings": list(self.engine.io)})
+            verbosity = self.engine.header["profiling_verbosity"]
+            layers: list[Any] = self.engine.header["layers"]
+            if verbosity == "LAYER_NAMES_ONLY":
+                layers = [lay["Name"] for lay in layers]
+            elif verbosity == "NONE":
+                layers = []
+            if major >= 11:
+                io: list[Any] = [
+                    {
+                        "Name": name,
+                        "IOMode": "Input" if is_input else "Output",
+                        "DataType": "Float",
+                        "Dimensions": list(shape),
+                        "Location": "Device",
+                        "IsShapeInferenceIO": False,
+                    }
+                    for name, (shape, is_input) in self.engine.io.items()
+                ]
+                return json.dumps({"Layers": layers, "I/O Tensors": io})
+            return json.dumps({"Layers": layers, "Bindings": list(self.engine.io)})
 
     class Engine:
         def __init__(self, header: dict[str, Any]) -> None:
@@ -349,9 +394,24 @@ def make_tensorrt(gpu: FakeGpu, opts: FakeTrtOptions) -> types.ModuleType:
                 if int(header["version"].split(".")[0]) != major:
                     log("[E] version-compatible plan from another major version")
                     return None
-            elif (header["version"], header["device"]) != (opts.version, gpu.name):
-                log(f"[E] plan was built by TensorRT {header['version']} on {header['device']}")
+            elif header["version"] != opts.version:
+                log(
+                    "[E] The engine plan file is not compatible with this version of TensorRT, expecting "
+                    f"library version {opts.version} got {header['version']}, please rebuild."
+                )
                 return None
+            built_cc, here_cc = tuple(header["compute_capability"]), tuple(gpu.compute_capability)
+            if built_cc != here_cc:
+                log(
+                    "[E] The engine plan file is generated on an incompatible device, expecting compute "
+                    f"{here_cc[0]}.{here_cc[1]} got compute {built_cc[0]}.{built_cc[1]}, please rebuild."
+                )
+                return None
+            if header["device"] != gpu.name:
+                log(
+                    "[W] Using an engine plan file across different models of devices is not recommended "
+                    "and is likely to affect performance or even cause errors."
+                )
             return Engine(header)
 
     for obj in (Logger, Builder, Runtime, OnnxParser):
@@ -368,6 +428,12 @@ def make_tensorrt(gpu: FakeGpu, opts: FakeTrtOptions) -> types.ModuleType:
     ):
         setattr(trt, e.__name__, e)
     return trt
+
+
+def _dla_supported(version: str) -> bool:
+    """Whether this TensorRT release builds for DLA on Linux/JetPack ("Working with DLA")."""
+    v = tuple(int(x) for x in version.split(".")[:3])
+    return v < (10, 8, 0) or (11, 4, 1) <= v < (11, 5, 0)
 
 
 def _layers(model: onnx.ModelProto, strongly_typed: bool, flags: set[str], opts: FakeTrtOptions) -> list[Any]:

@@ -179,6 +179,22 @@ def test_version_compatible_plan_needs_host_code_allowed(
     assert any("host code" in m for m in fake.log)
 
 
+def test_plan_from_another_gpu_model_warns_another_architecture_refuses(
+    monkeypatch: pytest.MonkeyPatch, brightness_onnx: Path, tmp_path: Path
+) -> None:
+    install_gpu_stack(monkeypatch, "10.3.0", name="Jetson AGX Orin 64GB", compute_capability=(8, 7))
+    plan = build_plan(brightness_onnx, tmp_path)
+    # Same architecture, another model: TensorRT loads it and warns.
+    _, fake = install_gpu_stack(monkeypatch, "10.3.0", name="Jetson Orin NX 16GB", compute_capability=(8, 7))
+    exercise(plan, brightness_onnx, None)
+    assert any("different models of devices" in m for m in fake.log), fake.log
+    # Another architecture: refused, and the backend says to rebuild on this device.
+    _, fake = install_gpu_stack(monkeypatch, "10.3.0", name="RTX 4090", compute_capability=(8, 9))
+    with pytest.raises(MetadataError, match="rebuild it on this device"):
+        TensorRTBackend(plan)
+    assert any("incompatible device" in m for m in fake.log), fake.log
+
+
 def test_rejected_batch_keeps_the_backend_usable_and_nothing_leaks(
     monkeypatch: pytest.MonkeyPatch, brightness_onnx: Path, tmp_path: Path
 ) -> None:
@@ -275,17 +291,34 @@ def test_doctor_reads_the_jetpack_release() -> None:
     assert jetpack_from_l4t("not a tegra release file") is None
 
 
-def test_readme_jetson_steps_match_what_the_code_accepts() -> None:
-    from pouta.edge.tensorrt_backend import MIN_TENSORRT
+def _jetpack_rows() -> list[tuple[str, str, str, bool]]:
+    """(JetPack, L4T, TensorRT, plans supported) from the table in docs/tensorrt.md."""
+    rows = []
+    for line in (ROOT / "docs" / "tensorrt.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and re.fullmatch(r"R\d+", cells[1]):
+            rows.append((cells[0], cells[1], cells[2], not cells[3].startswith("not supported")))
+    return rows
 
-    readme = (ROOT / "README.md").read_text()
-    for heading in ("JetPack 6.x", "JetPack 7.x", "desktop"):
-        assert re.search(rf"^#+ .*{heading}", readme, re.M | re.I), heading
-    assert f"TensorRT {MIN_TENSORRT[0]}.{MIN_TENSORRT[1]}" in readme
-    for line in readme.splitlines():
-        if "JetPack 5" in line:  # only ever to say it is not supported
-            assert "8.5" in line and "not supported" in line, line
-    assert "pouta-edge doctor" in readme and "--system-site-packages" in readme
+
+def test_jetpack_table_in_the_docs_is_what_the_code_accepts() -> None:
+    from pouta.calibration.errors import CalibrationError
+    from pouta.calibration.tensorrt_build import BuildRequest, plan_build
+
+    rows = _jetpack_rows()
+    assert {r[3] for r in rows} == {True, False} and len(rows) >= 4, rows
+    for jetpack, l4t, trt_version, supported in rows:
+        req = BuildRequest(
+            precision="fp16", height=64, width=64, onnx_fp32=Path("m.onnx"), onnx_fp16=Path("f.onnx")
+        )
+        if supported:
+            assert plan_build(trt_version, req).trt_version == trt_version
+        else:
+            with pytest.raises(CalibrationError, match="too old"):
+                plan_build(trt_version, req)
+        said = jetpack_from_l4t(f"# {l4t} (release), REVISION: 1.0, GCID: 1, BOARD: generic") or ""
+        assert said.startswith(f"JetPack {jetpack[0]}."), (jetpack, said)
+        assert ("too old" in said) == (not supported), (jetpack, said)
 
 
 # -- real TensorRT on a real GPU -------------------------------------------------------------

@@ -488,8 +488,26 @@ def test_strobe_pulse_on_ng() -> None:
     assert [v for v, _ in levels()] == [True, False]
 
 
-def test_signal_verdict_is_a_no_op_for_other_sources() -> None:
-    signal_verdict(ArraySource([np.zeros((4, 4), np.uint8)]), True)
+def test_signal_verdict_reaches_only_sources_that_drive_an_output() -> None:
+    frames = [np.full((4, 4), i, np.uint8) for i in range(3)]
+    heard: list[bool] = []
+
+    class Strobing(ArraySource):
+        def signal_verdict(self, ng: bool) -> None:
+            heard.append(ng)
+
+    strobing = Strobing(frames)
+    for ng in (True, False, True):
+        signal_verdict(strobing, ng)
+    assert heard == [True, False, True]  # every verdict, in order, unchanged
+    # A source without an output ignores verdicts: no error, and its frames are untouched.
+    plain = ArraySource(frames)
+    plain.open()
+    first = plain.read()
+    signal_verdict(plain, True)
+    rest = [plain.read() for _ in range(3)]
+    assert first is not None and [int(f.image[0, 0]) for f in rest[:2] if f is not None] == [1, 2]
+    assert rest[2] is None and not hasattr(plain, "signal_verdict")
 
 
 @pytest.mark.slow

@@ -87,9 +87,36 @@ def _conv_weights(m: onnx.ModelProto) -> dict[str, str]:
     return out
 
 
-def test_artifacts_are_valid_onnx(built: dict[str, Path]) -> None:
+def test_artifacts_keep_the_model_contract(built: dict[str, Path]) -> None:
+    """Every artifact is a drop-in for the FP32 model: same float32 I/O with a dynamic batch,
+    the same outputs for a batch of any size, and weights really stored in its precision."""
+    import onnxruntime as ort
+
+    def io(m: onnx.ModelProto) -> list[tuple[str, int, int]]:
+        return [
+            (v.name, v.type.tensor_type.elem_type, len(v.type.tensor_type.shape.dim))
+            for v in (*m.graph.input, *m.graph.output)
+        ]
+
+    ref = onnx.load(str(built["fp32"]))
+    x = np.random.default_rng(0).random((3, 3, H, W), dtype=np.float32)
+    ref_map, ref_score = ort.InferenceSession(str(built["fp32"]), providers=["CPUExecutionProvider"]).run(
+        None, {"image": x}
+    )
     for key in ("trt", "cpu", "fp16"):
-        onnx.checker.check_model(onnx.load(str(built[key])))
+        m = onnx.load(str(built[key]))
+        onnx.checker.check_model(m)
+        assert io(m) == io(ref), key
+        assert all(t[1] == TensorProto.FLOAT for t in io(m)), key
+        sess = ort.InferenceSession(str(built[key]), providers=["CPUExecutionProvider"])
+        for n in (1, 3):
+            amap, score = sess.run(None, {"image": x[:n]})
+            assert amap.shape == (n, 1, H, W) and score.shape == (n,), key
+            assert amap.dtype == np.float32 and np.isfinite(amap).all(), key
+        assert np.abs(amap - ref_map).max() < 0.1 and np.abs(score - ref_score).max() < 0.05, key
+        weights = {t.data_type for t in m.graph.initializer if len(t.dims) == 4}  # conv kernels
+        want = {"fp16": TensorProto.FLOAT16, "trt": TensorProto.INT8, "cpu": TensorProto.INT8}[key]
+        assert want in weights, (key, weights)
 
 
 def test_tensorrt_file_is_symmetric_per_channel_qdq(built: dict[str, Path]) -> None:

@@ -202,11 +202,23 @@ def test_modes_config_is_checked() -> None:
     assert {s.pick_mode(np.random.default_rng(k)) for k in range(20)} == {"spot"}
 
 
-def test_grids_are_written_per_mode(tmp_path: Path) -> None:
+def test_grids_show_exactly_what_each_mode_makes(tmp_path: Path) -> None:
+    """Each cell of synthesis_<mode>.png is the augmented image and its mask for that mode,
+    as the synthesizer makes them with the grid's seed: the grid shows what training is taught."""
     s = AnomalySynthesizer(SynthesisConfig(), H, W)
+    img = _textured()
+    pad, seed, n = 4, 7, 4
     for mode in ("perlin", "stroke", "spot", "uneven", "cutpaste"):
-        p = s.save_grid([_textured()], tmp_path / f"synthesis_{mode}.png", n=4, mode=mode)
-        assert cv2.imread(str(p)) is not None
+        p = s.save_grid([img], tmp_path / f"synthesis_{mode}.png", seed=seed, n=n, mode=mode)
+        grid = cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
+        assert grid.shape == (H + 2 * pad, n * (2 * W + 2 + pad) + pad, 3), mode
+        for k in range(n):
+            aug, mask, has = s(img, np.random.default_rng([seed, k]), force_anomaly=True, force_mode=mode)
+            assert has and mask.max() > 0, (mode, k)
+            x = pad + k * (2 * W + 2 + pad)
+            cell = grid[pad : pad + H, x : x + 2 * W + 2]
+            assert np.abs(cell[:, :W] - aug).max() <= 1 / 255 + 1e-6, (mode, k)
+            assert np.abs(cell[:, W + 2 :, 0] - mask).max() <= 1 / 255 + 1e-6, (mode, k)
 
 
 def test_tiled_training_set_gives_random_crops_of_the_work_image(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from pouta.calibration.errors import CalibrationError
@@ -72,6 +73,30 @@ def test_calibrate_thresholds_records_evidence() -> None:
     assert fixed.params["pixel_rule"] == "fixed" and fixed.defect_score_stats == {}
 
 
-def test_histogram_png_written(tmp_path: Path) -> None:
-    out = save_score_histogram(tmp_path / "h.png", [0.1, 0.2, 0.25], 0.3, [0.7, 0.9], title="t")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def _dashed_line_x(png: Path) -> list[int]:
+    """Columns of the plot area crossed by a long black dashed line (not the solid frame)."""
+    img = cv2.imread(str(png))
+    dark = (img.max(axis=2) < 60).sum(axis=0)
+    frame = np.flatnonzero(dark > 0.6 * img.shape[0])  # left and right axis spines, solid
+    inside = np.arange(img.shape[1])[frame.min() + 3 : frame.max() - 2]
+    return [int(x) for x in inside if 0.25 * img.shape[0] < dark[x] < 0.6 * img.shape[0]]
+
+
+def _has_red_bars(png: Path) -> bool:
+    b, g, r = (cv2.imread(str(png)).astype(int)[..., i] for i in range(3))
+    return bool(((r > 200) & (g < 160) & (b < 160)).sum() > 200)
+
+
+def test_histogram_draws_defects_and_the_threshold_where_they_are(tmp_path: Path) -> None:
+    normal, defect = [0.1, 0.2, 0.25], [0.7, 0.9]
+    low = save_score_histogram(tmp_path / "low.png", normal, 0.3, defect, title="t")
+    high = save_score_histogram(tmp_path / "high.png", normal, 0.6, defect, title="t")
+    bare = save_score_histogram(tmp_path / "bare.png", normal, None)
+    assert cv2.imread(str(low)).shape[:2] == (400, 700)
+    # The threshold is one dashed vertical line, further right for a higher threshold.
+    x_low, x_high = _dashed_line_x(low), _dashed_line_x(high)
+    assert x_low and x_high and max(x_low) - min(x_low) <= 3 and max(x_high) - min(x_high) <= 3
+    assert min(x_high) > max(x_low) + 100
+    assert _dashed_line_x(bare) == []  # threshold None: no line
+    # Defect scores are drawn (red bars) only when given.
+    assert _has_red_bars(low) and not _has_red_bars(bare)
