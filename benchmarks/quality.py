@@ -260,7 +260,21 @@ def write_outputs(rows: list[Result], out: Path, minutes: float) -> Result:
     # a "+defects" row is scored on a test set without its 5 training defects: compare it
     # with its kind's row on the same categories only
     means = {k: {m: _mean(rows, k, m) for m in (*METRICS, *SPLIT_COLUMNS)} for k in kinds}
-    res: Result = {"minutes": minutes, "rows": rows, "means": means}
+    # Kinds compare only over the categories every one of them ran.
+    common = (
+        set.intersection(*({r["category"] for r in rows if r["kind"] == k} for k in kinds))
+        if kinds
+        else set()
+    )
+    shared = [r for r in rows if r["category"] in common]
+    common_means = {k: {m: _mean(shared, k, m) for m in (*METRICS, *SPLIT_COLUMNS)} for k in kinds}
+    res: Result = {
+        "minutes": minutes,
+        "rows": rows,
+        "means": means,
+        "common_categories": sorted(common),
+        "common_means": common_means,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
     (out / "quality.md").write_text("\n".join(markdown(res)) + "\n", encoding="utf-8")
@@ -297,6 +311,17 @@ def markdown(res: Result) -> list[str]:
         )
     for kind, m in res["means"].items():
         lines.append(f"| **mean** | {kind} | " + " | ".join(_fmt(m.get(k)) for k in cols) + " | | | |")
+    if (
+        len(res["means"]) > 1
+        and res.get("common_categories")
+        and len(res["common_categories"]) < len({r["category"] for r in res["rows"]})
+    ):
+        for kind, m in res["common_means"].items():
+            lines.append(
+                f"| **mean of {len(res['common_categories'])} common** | {kind} | "
+                + " | ".join(_fmt(m.get(k)) for k in cols)
+                + " | | | |"
+            )
     return lines
 
 

@@ -30,6 +30,8 @@ QUALITY_REPORTS = {
     "pouta": REPORTS / "quality-10min-cpu-2core" / "pouta" / "quality.json",
     "vanilla": REPORTS / "quality-10min-cpu-2core" / "vanilla" / "quality.json",
 }
+# features and prn, with the validation / report split of each test set
+SPLIT_REPORT = REPORTS / "quality-10min-cpu-2core" / "pretrained" / "quality.json"
 BENCH_REPORT = REPORTS / "cpu-2core-avx2" / "results.json"
 ACCURACY_REPORT = REPORTS / "cpu-2core-avx2" / "accuracy-e2e" / "results.json"
 TILING_REPORT = REPORTS / "tiling-cost-cpu-2core" / "result.json"
@@ -393,6 +395,40 @@ def quality_table() -> str:
     return "\n".join(lines)
 
 
+def quality_split_table() -> str:
+    """The pretrained-backbone kinds on the report split (never used to choose a default)
+    and the validation split, with recall at zero false rejects."""
+    rep = json.loads(SPLIT_REPORT.read_text(encoding="utf-8"))
+    lines = [
+        "| category | model | image AUROC (report) | recall @ 0 FR (report) | image AUROC (val) "
+        "| recall @ 0 FR (val) | pixel AUROC | input |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def split(r: dict[str, Any], name: str, metric: str) -> str:
+        return _f3(((r.get("splits") or {}).get(name) or {}).get(metric))
+
+    for r in rep["rows"]:
+        tiles = r["input"].get("tiles_per_image") or 1
+        geometry = "whole image" if not r["input"].get("tiling") else f"{tiles:g} tiles"
+        lines.append(
+            f"| {r['category']} | {r['kind']} | {split(r, 'report', 'image_auroc')} "
+            f"| {split(r, 'report', 'recall_at_zero_fr')} | {split(r, 'val', 'image_auroc')} "
+            f"| {split(r, 'val', 'recall_at_zero_fr')} | {_f3(r.get('pixel_auroc'))} | {geometry} |"
+        )
+    for label, means in (
+        ("mean", rep["means"]),
+        ("mean over the categories both ran", rep.get("common_means") or {}),
+    ):
+        for kind, m in means.items():
+            lines.append(
+                f"| **{label}** | {kind} | {_f3(m.get('report/image_auroc'))} | {_f3(m.get('report/recall_at_zero_fr'))} "
+                f"| {_f3(m.get('val/image_auroc'))} | {_f3(m.get('val/recall_at_zero_fr'))} "
+                f"| {_f3(m.get('pixel_auroc'))} | |"
+            )
+    return "\n".join(lines)
+
+
 def bench_targets() -> str:
     res = json.loads(BENCH_REPORT.read_text(encoding="utf-8"))
     lines = ["| target | measured | met |", "|---|---|---|"]
@@ -475,6 +511,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "config-reference": config_reference,
     "extras-table": extras_table,
     "quality-table": quality_table,
+    "quality-split-table": quality_split_table,
     "quality-chart": quality_chart_markdown,
     "bench-targets": bench_targets,
     "accuracy-table": accuracy_table,

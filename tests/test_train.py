@@ -37,7 +37,7 @@ def _args(**kw: object) -> argparse.Namespace:
 
 
 def test_default_kind_is_the_presets() -> None:
-    assert build_config(parser().parse_args([]))["model"]["kind"] == "features"
+    assert build_config(parser().parse_args([]))["model"]["kind"] == "prn"
     assert build_config(parser().parse_args([]))["model"]["height"] == 256
     assert build_config(parser().parse_args(["--preset", "paper"]))["model"]["kind"] == "pouta"
     assert build_config(parser().parse_args(["--kind", "prn"]))["train"]["weight_decay"] == 1e-2
