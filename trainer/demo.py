@@ -1,6 +1,6 @@
 """``pouta-demo``: the whole line-side workflow on a CPU machine, end to end.
 
-make demo data (good parts + a labelled test set) -> train a ``tiny`` POUTA -> export ONNX
+make demo data (good parts + a labelled test set) -> train a ``tiny`` model of the default kind -> export ONNX
 -> calibrate the pass/fail threshold on held-out good parts -> build the portable
 INT8/FP16 artifacts -> ``pouta-edge run`` over the test folder replayed as a camera.
 

@@ -1,4 +1,4 @@
-"""``pouta-train``: train POUTA (or the vanilla baseline) on good images only.
+"""``pouta-train``: train an anomaly detector of any kind (default prn) on good images only.
 
     pouta-train --data ../shared/data/mvtec_ad/bottle --preset tiny --time-limit-min 10 --out runs/bottle
 
