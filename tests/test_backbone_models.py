@@ -272,3 +272,21 @@ def test_real_defects_are_used_as_they_are_and_pasted_on_good_parts(tmp_path: Pa
     assert abs(len(calls) / n - REAL_DEFECT_PROBABILITY) < 0.08
     with pytest.raises(CfgError, match="data.defects: .* has no defective image with a mask"):
         real_defects(str(cat / "train"), pre)
+
+
+def test_size_auto_gives_backbone_kinds_multiples_of_32(tmp_path: Path) -> None:
+    from pouta.trainer.train import parser
+    from pouta.trainer.train_config import build_config, model_config_from
+    from pouta.trainer.training_set import resolve_geometry
+
+    paths = []
+    for i in range(2):
+        p = tmp_path / f"{i}.png"
+        cv2.imwrite(str(p), np.full((300, 1000, 3), 128, np.uint8))
+        paths.append(p)
+    for kind in ("prn", "features"):
+        cfg = build_config(parser().parse_args(["--kind", kind, "--size", "auto"]))
+        resolve_geometry(cfg, paths)
+        h, w = cfg["model"]["height"], cfg["model"]["width"]
+        assert h % 32 == 0 and w % 32 == 0 and w > 2 * h  # the part's aspect, kept
+        model_config_from(cfg)  # valid for the kind

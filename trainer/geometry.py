@@ -157,8 +157,8 @@ class Geometry:
         )
 
 
-def _round16(v: float) -> int:
-    return max(32, round(v / 16.0) * 16)
+def _round16(v: float, multiple: int = 16) -> int:
+    return max(32, round(v / multiple) * multiple)
 
 
 def _work_scale(image_hw: tuple[int, int], tile_hw: tuple[int, int]) -> float:
@@ -178,7 +178,11 @@ def _auto_keeps_whole(image_hw: tuple[int, int], tile_hw: tuple[int, int], scale
 
 
 def choose_geometry(
-    stats: DataStats, tile_hw: tuple[int, int], tile_scale: float | str | None, whole_auto: bool = False
+    stats: DataStats,
+    tile_hw: tuple[int, int],
+    tile_scale: float | str | None,
+    whole_auto: bool = False,
+    multiple: int = 16,
 ) -> Geometry:
     """Apply the rules of this module's docstring."""
     mh, mw = stats.median_hw
@@ -186,8 +190,8 @@ def choose_geometry(
     work_scale = _work_scale(stats.median_hw, tile_hw)  # what tiles would use: also the hint
     if whole_auto:
         area = float(th * tw)
-        h = _round16(math.sqrt(area * mh / mw))
-        w = _round16(area / h)
+        h = _round16(math.sqrt(area * mh / mw), multiple)
+        w = _round16(area / h, multiple)
         h, w = min(h, 4 * max(th, tw)), min(w, 4 * max(th, tw))
         return Geometry(h, w, None, (mh / h, mw / w), work_scale)
     if tile_scale in (None, 0, "off", False) or (

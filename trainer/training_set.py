@@ -30,6 +30,7 @@ from .geometry import (
     scan_images,
 )
 from .models import ModelConfig
+from .models.config import BACKBONE_KINDS, BACKBONE_SIZE_MULTIPLE, SIZE_MULTIPLE
 from .synthesis import AnomalySynthesizer, SynthesisConfig
 from .train_config import resolve_auto_model
 
@@ -269,7 +270,10 @@ def resolve_geometry(cfg: dict[str, Any], paths: list[Path]) -> None:
     """
     d, m = cfg["data"], cfg["model"]
     stats = scan_images(paths)
-    geo = choose_geometry(stats, (m["height"], m["width"]), d["tile_scale"], whole_auto=d["aspect_size"])
+    multiple = BACKBONE_SIZE_MULTIPLE if m["kind"] in BACKBONE_KINDS else SIZE_MULTIPLE
+    geo = choose_geometry(
+        stats, (m["height"], m["width"]), d["tile_scale"], whole_auto=d["aspect_size"], multiple=multiple
+    )
     m["height"], m["width"] = geo.height, geo.width
     d["tile_scale"] = geo.tiling.scale if geo.tiling is not None else "off"
     d["aspect_size"] = False
