@@ -15,6 +15,7 @@ frame is gone, and marking it is refused rather than saving some other picture.
 from __future__ import annotations
 
 import collections
+import logging
 import re
 import threading
 import time
@@ -29,6 +30,8 @@ from .fsutil import atomic_write_bytes, atomic_write_json
 from .overlay import as_stored
 from .postprocess import NG, OK
 from .records import PartResult, utc_iso
+
+log = logging.getLogger("pouta.edge.feedback")
 
 FALSE_REJECT = "false_reject"  # the line said NG, the part is good
 MISSED = "missed"  # the line said OK, the part is defective
@@ -78,6 +81,7 @@ class FeedbackSink:
             collections.OrderedDict()
         )
         self._marked: dict[int, str] = {}
+        self.first_seq: int | None = None  # numbers go on across runs: this run's range
         self.last_seq: int | None = None
         self.counts = {FALSE_REJECT: 0, MISSED: 0}
 
@@ -88,11 +92,12 @@ class FeedbackSink:
             image = result.frame.image if result.verdict is not None and result.has_image else None
             with self._lock:
                 self._parts[result.seq] = (result.to_dict(), image, result.frame.color_order)
+                self.first_seq = result.seq if self.first_seq is None else min(self.first_seq, result.seq)
                 self.last_seq = result.seq if self.last_seq is None else max(self.last_seq, result.seq)
                 while len(self._parts) > self.keep:
                     self._parts.popitem(last=False)
-        except Exception:  # the line must not notice the feedback store
-            pass
+        except Exception as exc:  # the line must not notice the feedback store
+            log.debug("feedback could not keep part %s: %s", getattr(result, "seq", "?"), exc)
 
     def write(self, result: PartResult) -> bool:
         return True
@@ -107,9 +112,9 @@ class FeedbackSink:
         folder = "good" if label == FALSE_REJECT else reason_folder(reason)
         with self._lock:
             entry = self._parts.get(seq)
-            last = self.last_seq
+            first, last = self.first_seq, self.last_seq
             if entry is None:
-                if last is None or seq > last or seq < 1:
+                if first is None or last is None or not first <= seq <= last:
                     raise FeedbackRefused(404, f"seq: no part {seq} in this run")
                 raise FeedbackRefused(
                     410, f"seq: the frame of part {seq} is no longer kept (only the last {self.keep} parts)"

@@ -64,6 +64,7 @@ def test_feedback_files_the_judged_frame_and_refuses_what_does_not_fit(tmp_path:
             ({"seq": 16, "label": "false_reject"}, None, 401, "token"),
             ({"seq": 16, "label": "false_reject"}, "wrong", 401, "token"),
             ({"seq": 99, "label": "false_reject"}, "s3cret", 404, "no part 99"),
+            ({"seq": 0, "label": "false_reject"}, "s3cret", 404, "no part 0"),
             ({"seq": 4, "label": "false_reject"}, "s3cret", 410, "no longer kept"),  # only the last 8
             ({"seq": 13, "label": "false_reject"}, "s3cret", 409, "judged OK"),
             ({"seq": 16, "label": "missed"}, "s3cret", 409, "judged NG"),
