@@ -139,7 +139,7 @@ class FeedbackSink:
             if not ok:
                 raise OSError("OpenCV could not encode the frame as PNG")
             png.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(png, buf.tobytes(), fsync=False)
+            atomic_write_bytes(png, buf.tobytes())  # an operator's word: worth an fsync
             sidecar = {
                 "seq": seq,
                 "part_id": record["part_id"],
@@ -153,7 +153,7 @@ class FeedbackSink:
                 "judged_at": record["wall_time_iso"],
                 "time": utc_iso(time.time()),
             }
-            atomic_write_json(png.with_suffix(".json"), sidecar, fsync=False)
+            atomic_write_json(png.with_suffix(".json"), sidecar)
         except OSError as exc:
             with self._lock:
                 self._marked.pop(seq, None)

@@ -211,6 +211,7 @@ def test_browser_shows_live_verdict_counters_and_ng_strip(tmp_path: Path) -> Non
         mark.click()  # no token typed yet: refused, nothing written
         wait.until(lambda d: "refused" in d.find_element(By.ID, "fb-msg").text)
         assert not (out / "feedback").exists()
+        assert not driver.find_element(By.ID, "mark-missed").is_displayed()  # the last part is NG
         driver.find_element(By.ID, "fb-token").send_keys("op-s3cret")
         mark.click()
         wait.until(lambda d: "filed" in d.find_element(By.ID, "fb-msg").text)
