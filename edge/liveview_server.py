@@ -3,7 +3,7 @@
 Updates go out as server-sent events through a bounded queue per client (a slow client
 loses intermediate states, never the newest); the picture is fetched by the page when an
 event says a new one exists, one fetch at a time. Read-only by default: requests that
-change state (``POST /api/reload``, ``POST /api/promote``) need the token as ``Authorization: Bearer``. Bound
+change state (``POST /api/reload``, ``POST /api/promote``, ``POST /api/feedback``) need the token as ``Authorization: Bearer``. Bound
 beyond loopback, every request but ``/healthz`` needs the token (header, or the cookie a
 browser gets from opening ``/?token=...`` once) and a token must be configured; with
 ``tls_cert``/``tls_key`` the page is served over HTTPS.
@@ -29,6 +29,7 @@ from typing import Any
 
 from .auth import read_secret
 from .errors import ConfigError, UnavailableError
+from .feedback import FeedbackRefused, FeedbackSink
 from .liveview import LiveViewSink, is_loopback, parse_listen
 from .metadata import operating_point_line
 from .metrics import CONTENT_TYPE, MetricsSink
@@ -116,6 +117,7 @@ class LiveServer:
         require_token: bool | None = None,
         report: Callable[[], Path | None] | None = None,
         promote: Callable[[], tuple[bool, str]] | None = None,
+        feedback: FeedbackSink | None = None,
     ) -> None:
         try:
             import aiohttp  # noqa: F401
@@ -152,6 +154,7 @@ class LiveServer:
         self.reload = reload
         self.report = report  # the live model's operating-point page, when it has one
         self.promote = promote  # swap in the shadow model (as ``pouta-edge promote``)
+        self.feedback = feedback  # operators' false rejects / missed defects -> feedback/
         self.static = {
             name: resources.files("pouta.edge").joinpath("liveview_static", name).read_bytes()
             for name in STATIC_FILES
@@ -216,6 +219,7 @@ class LiveServer:
         app.router.add_get("/api/oppoint.html", self._oppoint)
         app.router.add_post("/api/reload", self._reload)
         app.router.add_post("/api/promote", self._promote)
+        app.router.add_post("/api/feedback", self._feedback)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await runner.setup()
         try:
@@ -270,6 +274,7 @@ class LiveServer:
         s = self.view.snapshot()
         s.update(self._status)
         s["drift"] = self.metrics.drift.snapshot() if self.metrics is not None else None
+        s["feedback"] = self.feedback.summary() if self.feedback is not None else None
         s["read_only"] = self.token is None
         s["time"] = time.time()
         return s
@@ -441,6 +446,34 @@ class LiveServer:
         ok, message = self.promote()
         return web.json_response({"ok": ok, "message": message}, status=200 if ok else 409)
 
+    async def _feedback(self, request: Any) -> Any:
+        """``{"seq": N, "label": "false_reject"|"missed", "reason": "scratch"}``: file that
+        part's judged frame under ``feedback/`` (see ``pouta.edge.feedback``)."""
+        from aiohttp import web
+
+        self._authorise(request)
+        if self.feedback is None:
+            raise web.HTTPNotImplemented(text="feedback needs an output folder (output.dir)")
+        try:
+            body = await request.json()
+            seq, label = body["seq"], str(body["label"])
+            if isinstance(seq, bool) or not isinstance(seq, int):
+                raise ValueError("seq")
+            reason = body.get("reason")
+            reason = None if reason is None else str(reason)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise web.HTTPBadRequest(
+                text='expected JSON {"seq": <part number>, "label": "false_reject" or "missed", "reason": "..."}'
+            ) from None
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(
+                None, self.feedback.mark, seq, label, reason
+            )
+        except FeedbackRefused as exc:
+            return web.Response(status=exc.status, text=str(exc))
+        self._refresh_status(force=True)
+        return web.json_response({"ok": True, **out})
+
     async def _reload(self, request: Any) -> Any:
         from aiohttp import web
 
@@ -513,6 +546,8 @@ def attach_http(
         ng_strip=int(h["ng_strip"]),
         window_min=float(h["window_min"]),
     )
+    out_dir = cfg["output"]["dir"]
+    feedback = FeedbackSink(Path(out_dir) / "feedback", keep=int(h["feedback_frames"])) if out_dir else None
     server = LiveServer(
         view,
         metrics,
@@ -525,11 +560,12 @@ def attach_http(
         require_token=h["require_token"],
         report=lambda: report_file(pipe),
         promote=lambda: promote(pipe),
+        feedback=feedback,
     )
     try:
         server.start()
     except BaseException:
         view.close()
         raise
-    pipe.sinks.extend([view, metrics])
+    pipe.sinks.extend([view, metrics, *([feedback] if feedback is not None else [])])
     return server

@@ -193,6 +193,11 @@ class PipelineCollector:
             from .shadow import metric_families
 
             yield from metric_families(shadow)
+        feedback = s.get("sinks", {}).get("feedback")
+        if feedback is not None:
+            from .feedback import metric_families as feedback_families
+
+            yield from feedback_families(feedback)
         info = InfoMetricFamily("pouta_model", "The model being run")
         info.add_metric([], {"model_id": str(s.get("model_id", "")), "backend": str(s.get("backend", ""))})
         yield info

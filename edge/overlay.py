@@ -20,6 +20,14 @@ def to_bgr8(image: np.ndarray, color_order: str = "BGR") -> np.ndarray:
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
 
 
+def as_stored(image: np.ndarray, color_order: str = "BGR") -> np.ndarray:
+    """A frame as a PNG keeps it: 16-bit mono stays 16-bit (the frame the model judged);
+    colour and float frames become BGR uint8."""
+    if image.ndim == 3 or image.dtype.kind == "f":
+        return to_bgr8(image, color_order)
+    return image
+
+
 def colorize(amap: np.ndarray, vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
     """Anomaly map [H,W] (or [1,H,W]) -> BGR uint8 heatmap (blue = normal, red = anomalous).
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import ConfigError
 from .fsutil import atomic_write_bytes, atomic_write_text
-from .overlay import draw_overlay, to_bgr8
+from .overlay import as_stored, draw_overlay
 from .postprocess import OK
 from .records import CSV_COLUMNS, PartResult, csv_row, utc_iso
 
@@ -275,11 +275,7 @@ class ResultWriter:
         return buf.tobytes()
 
     def _write_raw(self, r: PartResult) -> None:
-        img = r.frame.image
-        # 16-bit mono stays 16-bit in PNG: the evidence is the frame the model judged.
-        if img.ndim == 3 or img.dtype.kind == "f":
-            img = to_bgr8(img, r.frame.color_order)
-        data = self._encode(img, "." + self.raw_ng)
+        data = self._encode(as_stored(r.frame.image, r.frame.color_order), "." + self.raw_ng)
         path = atomic_write_bytes(
             self._dated(self.raw_dir, r) / f"{r.stem}.{self.raw_ng}", data, fsync=self.fsync, mode=self.mode
         )

@@ -145,7 +145,9 @@ def test_browser_shows_live_verdict_counters_and_ng_strip(tmp_path: Path) -> Non
         "--summary-json",
         str(tmp_path / "s.json"),
     ]
-    cmd += ["--http", f"127.0.0.1:{port}", "--http-hold", "60"]
+    token = tmp_path / "token"
+    token.write_text("op-s3cret\n")
+    cmd += ["--http", f"127.0.0.1:{port}", "--http-hold", "60", "--http-token-file", str(token)]
     log = (tmp_path / "run.log").open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     driver = None
@@ -201,6 +203,27 @@ def test_browser_shows_live_verdict_counters_and_ng_strip(tmp_path: Path) -> Non
         assert len(rows) == len(latest["regions"]) >= 1
         assert len(driver.find_elements(By.CSS_SELECTOR, "#modal-regions rect")) == len(rows)
         driver.save_screenshot(str(tmp_path / "liveview_ng.png"))
+        driver.find_element(By.ID, "modal-close").click()
+
+        # Operator feedback: a false reject on an NG part files that part's frame in feedback/good.
+        mark = driver.find_elements(By.CSS_SELECTOR, ".mark.false-reject")[0]
+        seq = int(mark.get_attribute("data-seq"))
+        mark.click()  # no token typed yet: refused, nothing written
+        wait.until(lambda d: "refused" in d.find_element(By.ID, "fb-msg").text)
+        assert not (out / "feedback").exists()
+        assert not driver.find_element(By.ID, "mark-missed").is_displayed()  # the last part is NG
+        driver.find_element(By.ID, "fb-token").send_keys("op-s3cret")
+        mark.click()
+        wait.until(lambda d: "filed" in d.find_element(By.ID, "fb-msg").text)
+        filed = out / "feedback" / "good" / f"{seq:010d}.png"
+        rec = next(
+            d for d in (json.loads(p.read_text()) for p in (out / "parts").rglob("*.json")) if d["seq"] == seq
+        )
+        assert rec["verdict"] == "NG"
+        assert np.array_equal(cv2.imread(str(filed)), cv2.imread(rec["path"]))
+        assert json.loads(filed.with_suffix(".json").read_text())["label"] == "false_reject"
+        assert [p.name for p in (out / "feedback").rglob("*.png")] == [filed.name]
+        wait.until(lambda d: "false rejects 1" in d.find_element(By.ID, "fb-counts").text)
 
         # /metrics: the parser reads it, and its counters are the result files.
         m = metric_values(get(base + "/metrics").decode())
@@ -210,6 +233,7 @@ def test_browser_shows_live_verdict_counters_and_ng_strip(tmp_path: Path) -> Non
         assert m[("pouta_stage_latency_seconds_count", (("stage", "infer"),))] == counts["OK"] + counts["NG"]
         assert m[("pouta_score_normalised_count", ())] == counts["OK"] + counts["NG"]
         assert m[("pouta_write_errors_total", ())] == 0
+        assert m[("pouta_feedback_total", (("label", "false_reject"),))] == 1
     finally:
         if driver is not None:
             driver.quit()

@@ -65,6 +65,7 @@ function render(s) {
   }
 
   const last = s.last;
+  renderFeedback(s, last);
   const panel = $("verdict-panel");
   if (last) {
     const cls = last.verdict === "OK" ? "ok" : last.verdict === "NG" ? "ng" : "ni";
@@ -100,6 +101,42 @@ function render(s) {
   }
   renderStrip(s.ng);
 }
+
+let feedbackOn = false;
+function renderFeedback(s, last) {
+  // Marking needs the token and an output folder; the server checks both again.
+  const on = !!s.feedback && !s.read_only;
+  if (on !== feedbackOn) {
+    feedbackOn = on;
+    $("feedback").hidden = !on;
+    document.querySelectorAll(".mark.false-reject").forEach((b) => { b.hidden = !on; });
+  }
+  if (s.feedback) {
+    const c = s.feedback.counts;
+    text("fb-counts", `false rejects ${c.false_reject} · missed ${c.missed}`);
+  }
+  const missed = $("mark-missed");
+  missed.hidden = !(on && last && last.verdict === "OK");
+  if (last) missed.dataset.seq = last.seq;
+}
+
+function sendFeedback(seq, label) {
+  text("fb-msg", "marking part #" + seq + " …");
+  fetch("/api/feedback", {
+    method: "POST",
+    cache: "no-store",
+    headers: { "Content-Type": "application/json", "Authorization": "Bearer " + $("fb-token").value },
+    body: JSON.stringify({ seq: Number(seq), label: label, reason: $("fb-reason").value || null }),
+  })
+    .then(async (r) => {
+      const body = await r.text();
+      if (!r.ok) { text("fb-msg", "refused: " + body); return; }
+      text("fb-msg", "part #" + seq + " filed as " + label.replace("_", " ") + ": " + JSON.parse(body).path);
+      poll();
+    })
+    .catch((e) => text("fb-msg", "not sent: " + e));
+}
+$("mark-missed").addEventListener("click", (e) => sendFeedback(e.target.dataset.seq, "missed"));
 
 function renderFault(fault) {
   // The runtime's fault state (watchdog, NaN output, camera, counter): parts are NOT_INSPECTED.
@@ -176,7 +213,17 @@ function renderStrip(ng) {
     t.innerHTML = "<span>#" + r.seq + "</span><span>" + fmt(r.score_norm, 2) + "×</span>";
     b.append(img, t);
     b.addEventListener("click", () => openModal(r));
-    strip.append(b);
+    const item = document.createElement("div");
+    item.className = "ng-item";
+    const mark = document.createElement("button");
+    mark.type = "button";
+    mark.className = "mark false-reject";
+    mark.dataset.seq = r.seq;
+    mark.textContent = "false reject";
+    mark.hidden = !feedbackOn;
+    mark.addEventListener("click", () => sendFeedback(r.seq, "false_reject"));
+    item.append(b, mark);
+    strip.append(item);
   }
 }
 
