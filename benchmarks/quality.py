@@ -208,12 +208,12 @@ def _fmt(v: Any) -> str:
 
 
 def _mean(rows: list[Result], kind: str, metric: str) -> float | None:
-    vals = [_value(r, metric) for r in rows if r["kind"] == kind]
+    vals = [row_metric(r, metric) for r in rows if r["kind"] == kind]
     vals = [v for v in vals if v is not None]
     return sum(vals) / len(vals) if vals else None
 
 
-def _value(row: Result, metric: str) -> float | None:
+def row_metric(row: Result, metric: str) -> float | None:
     """A row's metric; ``SPLIT/metric`` (e.g. ``report/image_auroc``) reads a split's."""
     if "/" in metric:
         split, name = metric.split("/", 1)
@@ -306,7 +306,7 @@ def markdown(res: Result) -> list[str]:
         geo = f"{inp.get('tiles_per_image')} tiles @ {tiling['scale']:.3g}" if tiling else "whole image"
         lines.append(
             f"| {r['category']} | {r['kind']} | "
-            + " | ".join(_fmt(_value(r, m)) for m in cols)
+            + " | ".join(_fmt(row_metric(r, m)) for m in cols)
             + f" | {r.get('steps')} | {r.get('train_seconds'):.0f} | {geo} |"
         )
     for kind, m in res["means"].items():

@@ -373,6 +373,12 @@ def quality_rows() -> list[dict[str, Any]]:
     return rows
 
 
+def _geometry(row: dict[str, Any]) -> str:
+    """A quality row's input: whole image or its tiles per frame."""
+    tiles = row["input"].get("tiles_per_image") or 1
+    return "whole image" if not row["input"].get("tiling") else f"{tiles:g} tiles"
+
+
 def quality_table() -> str:
     reports = {k: json.loads(p.read_text(encoding="utf-8")) for k, p in QUALITY_REPORTS.items()}
     lines = [
@@ -381,8 +387,7 @@ def quality_table() -> str:
     ]
     for kind, rep in reports.items():
         for r in rep["rows"]:
-            tiles = r["input"].get("tiles_per_image") or 1
-            geometry = "whole image" if not r["input"].get("tiling") else f"{tiles:g} tiles"
+            geometry = _geometry(r)
             lines.append(
                 f"| {r['category']} | {kind} | {geometry} | {_f3(r['image_auroc'])} | {_f3(r.get('pixel_auroc'))} "
                 f"| {_f3(r.get('pixel_ap'))} | {_f3(r.get('aupro'))} | {r['steps']} |"
@@ -405,12 +410,13 @@ def quality_split_table() -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
 
+    from pouta.benchmarks.quality import row_metric
+
     def split(r: dict[str, Any], name: str, metric: str) -> str:
-        return _f3(((r.get("splits") or {}).get(name) or {}).get(metric))
+        return _f3(row_metric(r, f"{name}/{metric}"))
 
     for r in rep["rows"]:
-        tiles = r["input"].get("tiles_per_image") or 1
-        geometry = "whole image" if not r["input"].get("tiling") else f"{tiles:g} tiles"
+        geometry = _geometry(r)
         lines.append(
             f"| {r['category']} | {r['kind']} | {split(r, 'report', 'image_auroc')} "
             f"| {split(r, 'report', 'recall_at_zero_fr')} | {split(r, 'val', 'image_auroc')} "

@@ -279,7 +279,7 @@ def torch_scorer(model: Any, device: str | Any = "cpu") -> Scorer:
     def score(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
             t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
-            out = model(t.contiguous(memory_format=fmt) if t.dim() == 4 else t)
+            out = model(t.contiguous(memory_format=fmt))
             return out.anomaly_map.float().cpu().numpy(), out.score.float().cpu().numpy()
 
     return score

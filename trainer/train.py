@@ -255,7 +255,7 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
     seconds = time.monotonic() - t0
     save(out / LAST, status, seconds)
     if mcfg.kind == "prn":
-        mcfg = _fit_prn_cues(model, dataset, device, memory_format, seed)
+        mcfg = _fit_prn_cues(model, dataset, device, memory_format)
         cfg["model"] = mcfg.to_dict()
     elif mcfg.reconstruction_cue:
         mcfg = _fit_cues(model, dataset, device, memory_format)
@@ -295,11 +295,7 @@ def _fit_cues(
 ) -> ModelConfig:
     """Measure both cues on normal training inputs; the model's config then carries them."""
     x = torch.from_numpy(dataset.normal_inputs(CUE_FIT_INPUTS))
-    batches = (
-        x[i : i + CUE_FIT_BATCH].to(device).contiguous(memory_format=memory_format)
-        for i in range(0, len(x), CUE_FIT_BATCH)
-    )
-    k_disc, k_rec = fit_cue_scales(model, batches)
+    k_disc, k_rec = fit_cue_scales(model, _batches(x, device, memory_format))
     mcfg: ModelConfig = model.cfg  # type: ignore[assignment]
     w_disc, w_rec = mcfg.cue_weights or EQUAL_CUE_WEIGHTS
     print(
@@ -318,7 +314,7 @@ def _batches(x: torch.Tensor, device: torch.device, memory_format: torch.memory_
     ]
 
 
-def _memory_inputs(dataset: Any, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _memory_inputs(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
     fit, held = dataset.normal_split(MEMORY_FIT_INPUTS, MEMORY_HELD_OUT_INPUTS)
     return torch.from_numpy(fit), torch.from_numpy(held)
 
@@ -337,7 +333,7 @@ def _fit_only(
     on good parts the memory has not seen, save, evaluate when asked."""
     t0 = time.monotonic()
     seed = int(cfg["train"]["seed"])
-    fit, held = _memory_inputs(dataset, seed)
+    fit, held = _memory_inputs(dataset)
     print(
         f"pouta-train: {cfg['model']['kind']}: memory from {len(fit)} normal inputs, normaliser from "
         f"{len(held)} held-out ones",
@@ -371,7 +367,7 @@ def _fit_only(
 
 
 def _fit_prototypes(model: torch.nn.Module, dataset: Any, seed: int, tick: Callable[[], None]) -> ModelConfig:
-    fit, _ = _memory_inputs(dataset, seed)
+    fit, _ = _memory_inputs(dataset)
     t0 = time.monotonic()
     model.fit_prototypes(_batches(fit, torch.device("cpu")), seed, tick)  # type: ignore[operator]
     mcfg: ModelConfig = model.cfg  # type: ignore[assignment]
@@ -384,9 +380,9 @@ def _fit_prototypes(model: torch.nn.Module, dataset: Any, seed: int, tick: Calla
 
 
 def _fit_prn_cues(
-    model: torch.nn.Module, dataset: Any, device: torch.device, memory_format: torch.memory_format, seed: int
+    model: torch.nn.Module, dataset: Any, device: torch.device, memory_format: torch.memory_format
 ) -> ModelConfig:
-    _, held = _memory_inputs(dataset, seed)
+    _, held = _memory_inputs(dataset)
     (k_a, k_d), (w_a, w_d) = model.fit_cues(_batches(held, device, memory_format))  # type: ignore[operator]
     print(
         f"pouta-train: cues fitted on {len(held)} held-out normal inputs: learned map scale {k_a:.4g} "

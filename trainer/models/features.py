@@ -24,9 +24,20 @@ CORESET_PROJECTION = 64  # dimensions the coreset selection measures distances i
 CORESET_CANDIDATES = 100_000  # patch features a coreset is chosen from (random subset above)
 
 
+def pool_patch(f: torch.Tensor) -> torch.Tensor:
+    """3x3 average of a feature map (a patch sees its neighbours). [N,C,h,w] -> [N,C,h,w]."""
+    return F.avg_pool2d(f, 3, 1, 1, count_include_pad=False)
+
+
+def aggregate_taps(taps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Feature maps of several taps, each ``pool_patch``-ed, brought to the first one's
+    resolution and concatenated. -> [N, sum C, h, w]."""
+    pooled = [pool_patch(f) for f in taps]
+    return torch.cat([resize_to(f, pooled[0]) for f in pooled], dim=1)
+
+
 class PatchFeatures(nn.Module):
-    """Backbone taps, each 3x3 average-pooled (a patch sees its neighbours), brought to the
-    finest tap's resolution and concatenated. x [N,3,H,W] -> [N,C,H/s,W/s]."""
+    """Backbone taps through ``aggregate_taps``. x [N,3,H,W] -> [N,C,H/s,W/s]."""
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
@@ -35,10 +46,7 @@ class PatchFeatures(nn.Module):
         self.stride = min(s.stride for s in backbone.stages)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        taps = self.backbone(x)
-        pooled = [F.avg_pool2d(f, 3, 1, 1, count_include_pad=False) for f in taps.values()]
-        first = pooled[0]
-        return torch.cat([resize_to(f, first) for f in pooled], dim=1)
+        return aggregate_taps(list(self.backbone(x).values()))
 
 
 class PatchMemory(nn.Module):

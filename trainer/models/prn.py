@@ -29,7 +29,7 @@ from torch import nn
 
 from .backbone import Backbone
 from .config import ModelConfig, check_input_size
-from .features import FEATURE_TAPS, PatchMemory, Tick, memory_rows
+from .features import FEATURE_TAPS, PatchMemory, Tick, aggregate_taps, memory_rows, pool_patch
 from .layers import (
     ConvBNReLU,
     ModelOutput,
@@ -149,18 +149,17 @@ class PRN(nn.Module):
         self.head = nn.Conv2d(w, 2, 1)
         # The patch-memory cue; ``FEATURE_TAPS`` are a subset of ``PRN_TAPS``, so it reuses
         # the trunk's output rather than running a second backbone.
-        self.cue_features = _TapFeatures(FEATURE_TAPS, stage)
-        self.cue_memory = PatchMemory(cfg.memory_size, self.cue_features.channels)
+        self.cue_memory = PatchMemory(cfg.memory_size, sum(stage[t].channels for t in FEATURE_TAPS))
 
     def logits(self, taps: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
         h = self.top(taps["s32"])
         for t in ("s16", "s8", "s4"):
-            f = self.scales[t](_pooled(taps[t]))
+            f = self.scales[t](pool_patch(taps[t]))
             h = self.up[t](torch.cat([resize_to(h, f), f], dim=1))
         return resize_to(self.head(h), like)
 
     def cue_distance(self, taps: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-        return resize_to(self.cue_memory(self.cue_features(taps)), like)
+        return resize_to(self.cue_memory(cue_features(taps)), like)
 
     def forward(self, x: torch.Tensor, aux: bool = True) -> ModelOutput:
         check_input_size(int(x.shape[-2]), int(x.shape[-1]), "PRN input", self.cfg.size_multiple)
@@ -192,9 +191,9 @@ class PRN(nn.Module):
                 tick()
             taps = self.backbone(x)
             for t in PROTOTYPE_TAPS:
-                f = _pooled(taps[t])
+                f = pool_patch(taps[t])
                 taps_seen[t].append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
-            f = self.cue_features(taps)
+            f = cue_features(taps)
             cue_rows.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
         for i, t in enumerate(PROTOTYPE_TAPS):
             scale = self.scales[t]
@@ -220,22 +219,9 @@ class PRN(nn.Module):
         return scales, weights
 
 
-class _TapFeatures(nn.Module):
-    """``PatchFeatures``' aggregation applied to taps already computed. {tap: f} -> [N,C,h,w]."""
-
-    def __init__(self, taps: Sequence[str], stage: dict) -> None:
-        super().__init__()
-        self.taps = tuple(taps)
-        self.channels = sum(stage[t].channels for t in self.taps)
-
-    def forward(self, taps: dict[str, torch.Tensor]) -> torch.Tensor:
-        pooled = [_pooled(taps[t]) for t in self.taps]
-        return torch.cat([resize_to(f, pooled[0]) for f in pooled], dim=1)
-
-
-def _pooled(f: torch.Tensor) -> torch.Tensor:
-    """3x3 average (a patch sees its neighbours), as ``PatchFeatures``."""
-    return F.avg_pool2d(f, 3, 1, 1, count_include_pad=False)
+def cue_features(taps: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The ``features`` kind's patch features from taps already computed. -> [N,C,h,w]."""
+    return aggregate_taps([taps[t] for t in FEATURE_TAPS])
 
 
 def prn_loss(logits: torch.Tensor, mask: torch.Tensor) -> PRNLoss:
