@@ -32,7 +32,7 @@ SCORE_POOL_SIZE = 21  # image score = max of the 21x21 (stride 1) average-pooled
 COLOR_ORDER = "RGB"
 VALUE_RANGE = (0.0, 1.0)
 
-MODEL_KINDS = ("pouta", "vanilla", "prn", "features", "test")  # "test": the suite's contract models
+MODEL_KINDS = ("pouta", "vanilla", "prn", "features", "redi", "test")  # "test": the suite's contract models
 PRECISIONS = ("fp32", "fp16", "int8")
 
 

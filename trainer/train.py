@@ -141,6 +141,9 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
     if ck is None and mcfg.kind == "prn":
         mcfg = _fit_prototypes(model, dataset, seed, tick)
         cfg["model"] = mcfg.to_dict()
+    elif ck is None and hasattr(model, "fit_before_training"):
+        mcfg = _fit_before_training(model, dataset, seed, tick)
+        cfg["model"] = mcfg.to_dict()
     model = model.to(device)
     # channels_last: oneDNN's convolutions (forward and backward) are ~20-30% faster on CPU.
     memory_format = torch.channels_last if tc["channels_last"] else torch.contiguous_format
@@ -211,14 +214,18 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
                 raise TrainingError(
                     f"step {step}: the training batch contains NaN/inf (check pouta.trainer.synthesis)"
                 )
-            with torch.autocast(device.type, enabled=use_amp):
-                o = model(image)
-            assert o.logits is not None
-            if mcfg.kind == "prn":
-                parts = prn_loss(o.logits, mask)
+            if hasattr(model, "training_loss"):  # a kind that computes its own loss (redi)
+                with torch.autocast(device.type, enabled=use_amp):
+                    parts = model.training_loss(image, original, mask)  # type: ignore[operator]
             else:
-                assert o.reconstruction is not None
-                parts = total_loss(o.reconstruction, original, o.logits, mask, o.side_logits)
+                with torch.autocast(device.type, enabled=use_amp):
+                    o = model(image)
+                assert o.logits is not None
+                if mcfg.kind == "prn":
+                    parts = prn_loss(o.logits, mask)
+                else:
+                    assert o.reconstruction is not None
+                    parts = total_loss(o.reconstruction, original, o.logits, mask, o.side_logits)
             if not torch.isfinite(parts.total):
                 raise TrainingError(
                     f"step {step}: loss is {float(parts.total)} ({parts.as_floats()}); lower train.lr"
@@ -256,6 +263,9 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
     save(out / LAST, status, seconds)
     if mcfg.kind == "prn":
         mcfg = _fit_prn_cues(model, dataset, device, memory_format)
+        cfg["model"] = mcfg.to_dict()
+    elif hasattr(model, "fit_after_training"):
+        mcfg = _fit_after_training(model, dataset, device, memory_format)
         cfg["model"] = mcfg.to_dict()
     elif mcfg.reconstruction_cue:
         mcfg = _fit_cues(model, dataset, device, memory_format)
@@ -377,6 +387,32 @@ def _fit_prototypes(model: torch.nn.Module, dataset: Any, seed: int, tick: Calla
         flush=True,
     )
     return mcfg
+
+
+def _fit_before_training(
+    model: torch.nn.Module, dataset: Any, seed: int, tick: Callable[[], None]
+) -> ModelConfig:
+    """A kind's fit from good parts before training (redi: its gallery of prompts); the
+    held-out images stay out of it for ``_fit_after_training``."""
+    fit, _ = _memory_inputs(dataset)
+    t0 = time.monotonic()
+    model.fit_before_training(_batches(fit, torch.device("cpu")), seed, tick)  # type: ignore[operator]
+    print(
+        f"pouta-train: {model.cfg.kind}: fitted from {len(fit)} normal inputs before training "  # type: ignore[union-attr]
+        f"({time.monotonic() - t0:.0f} s)",
+        flush=True,
+    )
+    return model.cfg  # type: ignore[return-value]
+
+
+def _fit_after_training(
+    model: torch.nn.Module, dataset: Any, device: torch.device, memory_format: torch.memory_format
+) -> ModelConfig:
+    """A kind's normaliser from held-out good parts after training (redi: the map's k)."""
+    _, held = _memory_inputs(dataset)
+    k = model.fit_after_training(_batches(held, device, memory_format))  # type: ignore[operator]
+    print(f"pouta-train: distance scale {k:.4g} fitted on {len(held)} held-out normal inputs", flush=True)
+    return model.cfg  # type: ignore[return-value]
 
 
 def _fit_prn_cues(

@@ -1,6 +1,6 @@
 """Every model kind behind one contract: POUTA with its ablations and the vanilla
-DRAEM-style baseline (trained from scratch), PRN and the pretrained-feature baseline
-(on a frozen ImageNet backbone).
+DRAEM-style baseline (trained from scratch), PRN, ReDi and the
+pretrained-feature baseline (on a frozen ImageNet backbone).
 
 >>> from pouta.trainer.models import build_model, preset_config
 >>> model = build_model(preset_config("tiny", kind="pouta", variant="full"))
@@ -32,6 +32,7 @@ from .features import FeatureKNN
 from .layers import EQUAL_CUE_WEIGHTS, CueFusion, ModelOutput, fit_cue_scales, head_output, image_score
 from .pouta import FCM, HSG, POUTA
 from .prn import PRN
+from .redi import ReDi
 from .vanilla import UNetDiscriminator, VanillaDRAEM
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "ModelConfig",
     "ModelOutput",
     "Preset",
+    "ReDi",
     "ReconstructiveAE",
     "UNetDiscriminator",
     "VanillaDRAEM",
@@ -86,6 +88,9 @@ KINDS: dict[str, KindSpec] = {
     "vanilla": KindSpec(lambda c, _: VanillaDRAEM(c), True, "DRAEM-style autoencoder + U-Net, from scratch"),
     "prn": KindSpec(PRN, True, "PRN: prototype residuals + multi-size attention on a pretrained backbone"),
     "features": KindSpec(FeatureKNN, False, "nearest normal patch in pretrained features, no training"),
+    "redi": KindSpec(
+        ReDi, True, "ReDi: recover from HOG + a similar good part, compare in pretrained features"
+    ),
 }
 assert tuple(KINDS) == MODEL_KINDS
 

@@ -17,12 +17,13 @@ from pouta.edge.metadata import MODEL_KINDS as EDGE_MODEL_KINDS
 MODEL_KINDS: tuple[str, ...] = tuple(k for k in EDGE_MODEL_KINDS if k != "test")
 # Kinds built on a frozen pretrained backbone (``backbone.py``): their input sides are
 # multiples of ``BACKBONE_SIZE_MULTIPLE`` and their preset size is ``BACKBONE_SIZE``.
-BACKBONE_KINDS: tuple[str, ...] = ("prn", "features")
+BACKBONE_KINDS: tuple[str, ...] = ("prn", "features", "redi")
 BACKBONE_SIZE = 256
 BACKBONE_SIZE_MULTIPLE = 32
 VARIANTS: tuple[str, ...] = ("full", "base", "hsg", "mss")
 MSS_HEADS: tuple[str, ...] = ("conv1x1", "conv3x3")
 CUE_ERRORS: tuple[str, ...] = ("ssim", "squared")
+REDI_STRUCTURES: tuple[str, ...] = ("hog", "edges")
 # Four 2x max-pools (three between encoder scales, one before the mapping layer).
 SIZE_MULTIPLE = 16
 
@@ -81,6 +82,13 @@ class ModelConfig:
     distance_scale: float | None = None
     prn_width: int = 32
     prototypes: int = 0
+    redi_structure: str = "hog"
+    redi_hog_bins: int = 9
+    redi_gallery: int = 16
+    redi_width: int = 32
+    redi_hip: bool = True
+    redi_self_correlation: bool = True
+    redi_frb: bool = True
 
     def __post_init__(self) -> None:
         self.ae_widths = tuple(int(v) for v in self.ae_widths)  # type: ignore[assignment]
@@ -134,7 +142,16 @@ class ModelConfig:
             )
         if self.fusion_width <= 0 or self.unet_base <= 0:
             raise ConfigError("model.fusion_width / model.unet_base: expected positive integers")
-        for name in ("memory_size", "prn_width"):
+        if self.redi_structure not in REDI_STRUCTURES:
+            raise ConfigError(
+                f"model.redi_structure: expected one of {REDI_STRUCTURES}, got {self.redi_structure!r}"
+            )
+        for name in ("redi_hip", "redi_self_correlation", "redi_frb"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"model.{name}: expected true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.redi_width, int) or isinstance(self.redi_width, bool) or self.redi_width < 8:
+            raise ConfigError(f"model.redi_width: expected an integer >= 8, got {self.redi_width!r}")
+        for name in ("memory_size", "prn_width", "redi_hog_bins", "redi_gallery"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"model.{name}: expected a positive integer, got {v!r}")
