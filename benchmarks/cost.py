@@ -18,17 +18,19 @@ from .common import (
 
 
 def run_cost(preset: str, height: int, width: int) -> Result:
+    from pouta.trainer.models import BACKBONE_KINDS
+
     rows: dict[str, dict[str, Any]] = {}
     for name, kind, variant in (
         [("pouta", "pouta", "full"), ("vanilla", "vanilla", "full")]
         + [(f"pouta-{v}", "pouta", v) for v in VARIANTS if v != "full"]
-        + [("prn", "prn", "full"), ("features", "features", "full")]
+        + [(k, k, "full") for k in BACKBONE_KINDS]
     ):
         log(f"cost: {name} ({preset}, {height}x{width}, batch 1)")
         try:
             # the pretrained-backbone kinds have one width whatever the preset
             cfg = models.make_config(
-                "tiny" if kind in ("prn", "features") else preset, kind, variant, height, width
+                "tiny" if kind in BACKBONE_KINDS else preset, kind, variant, height, width
             )
             rows[name] = {"kind": kind, "variant": variant, **models.model_cost(cfg, height, width)}
         except Exception as exc:

@@ -1,4 +1,4 @@
-"""Quality over every real category: POUTA and the vanilla baseline, same CPU budget, defaults.
+"""Quality over every real category: every model kind (and ablation rows), same CPU budget, defaults.
 
 ``pouta-bench --sections quality --data ROOT`` finds every MVTec-layout category under
 ROOT (a folder with ``train/good``, up to two levels down), and for each one runs exactly
@@ -36,7 +36,14 @@ from typing import Any
 from .accuracy import run_training
 from .common import Result, log
 
-KINDS = ("pouta", "vanilla", "prn", "features", "prn+defects")
+KINDS = ("pouta", "vanilla", "prn", "features", "prn+defects", "redi", "redi-hip", "redi-ls", "redi-frb")
+# Ablation rows: (kind trained, its config overrides): the paper's ablation table (ReDi
+# without HIP (the raw image to the recover network), without L_S, without the FRB).
+ABLATION_ROWS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "redi-hip": ("redi", ("model.redi_hip=false",)),
+    "redi-ls": ("redi", ("model.redi_self_correlation=false",)),
+    "redi-frb": ("redi", ("model.redi_frb=false",)),
+}
 FEW_DEFECTS = 5  # real defective parts a "+defects" row trains on (taken out of the test set)
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
 SPLIT_METRICS = ("image_auroc", "recall_at_zero_fr")
@@ -95,7 +102,10 @@ def find_categories(root: Path) -> list[Path]:
 def commands(
     category: Path, kind: str, minutes: float, out: Path, defects: Path | None = None
 ) -> tuple[list[str], list[str]]:
+    kind, sets = ABLATION_ROWS.get(kind, (kind, ()))
     train = [sys.executable, "-m", "pouta.trainer.train", "--data", str(category), "--kind", kind]
+    for setting in sets:
+        train += ["--set", setting]
     train += ["--time-limit-min", f"{minutes:g}", "--out", str(out), "--no-progress"]
     if defects is not None:
         train += ["--defects", str(defects)]

@@ -194,6 +194,8 @@ def memory_distance_exclusions(model: onnx.ModelProto) -> dict[str, str]:
     have them (``features``, ``prn``) they compare patch features with a memory of normal
     ones, d^2 = |q|^2 - 2 q.m + |m|^2, where the two large terms cancel: int8 rounding of
     q.m moves the small distances of good parts most, which is where the threshold sits.
+    (``redi``'s retrieval, descriptor . gallery descriptors, is one too: an int8 rounding
+    could pick another gallery image.)
     (Attention products between activations have no constant operand and are quantized.)
     """
     constants = {t.name for t in model.graph.initializer}

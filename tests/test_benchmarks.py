@@ -293,3 +293,19 @@ def test_few_defects_rows_never_score_their_training_defects(tmp_path: Path) -> 
     assert not set(moved) & set(kept) and len(kept) + 3 == len(list((cat / "test").glob("*/*")))
     assert len(real_defects(str(defects), Preprocessor(64, 64))) == 3
     assert few_defects_split(tmp_path / "row" / "data" / "nomask", 3, tmp_path / "x") is None
+
+
+def test_redi_ablation_rows_train_redi_with_one_part_off(tmp_path: Path) -> None:
+    from pouta.benchmarks.quality import KINDS, commands
+    from pouta.trainer.train import parser
+    from pouta.trainer.train_config import build_config, model_config_from
+
+    flags = {"redi": {}, "redi-hip": {"redi_hip": False}, "redi-ls": {"redi_self_correlation": False}}
+    flags["redi-frb"] = {"redi_frb": False}
+    on = {"redi_hip": True, "redi_self_correlation": True, "redi_frb": True}
+    for row, off in flags.items():
+        assert row in KINDS
+        train, evaluate = commands(tmp_path / "cat", row, 10.0, tmp_path / row)
+        assert train[train.index("--kind") + 1] == "redi" and str(tmp_path / row / "model.pt") in evaluate
+        mcfg = model_config_from(build_config(parser().parse_args(train[3:])))
+        assert {k: getattr(mcfg, k) for k in on} == {**on, **off}, row

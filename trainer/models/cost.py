@@ -19,7 +19,7 @@ from pouta.edge.settings import add_config_args, parse_hw, settings_or_exit
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import build_model, count_params
-from .config import VARIANTS, ModelConfig, check_input_size, preset_config
+from .config import BACKBONE_KINDS, VARIANTS, ModelConfig, check_input_size, preset_config
 
 
 def model_cost(cfg: ModelConfig, height: int, width: int) -> dict[str, Any]:
@@ -60,7 +60,7 @@ def all_costs(
     # The pretrained-backbone kinds have one size whatever the preset (their memories at
     # their default size; the cost of the distance grows with it).
     if "tiny" in presets:
-        for kind in ("prn", "features"):
+        for kind in BACKBONE_KINDS:
             rows.append(model_cost(preset_config("tiny", kind), height, width))
     return rows
 
