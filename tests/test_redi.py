@@ -294,3 +294,47 @@ def test_train_export_and_the_runtime_score_like_pouta_eval(tmp_path: Path) -> N
     assert set(runtime) == set(torch_scores) and len(runtime) == 3 + 2 * 3
     diff = max(abs(runtime[k] - torch_scores[k]) for k in runtime)
     assert diff < 1e-4, diff
+
+
+@pytest.mark.slow
+def test_int8_and_fp16_files_keep_the_retrieval_in_float_and_stay_finite(tmp_path: Path) -> None:
+    import onnx
+    from pouta.calibration.calibset import ImageSetReader, load_image_set
+    from pouta.calibration.fp16 import convert_to_fp16
+    from pouta.calibration.quantize import prepare_model, quantize_pair
+    from pouta.edge.backend import OnnxRuntimeBackend
+    from pouta.edge.metadata import load_for_model
+    from pouta.edge.preprocess import preprocessor_for
+    from pouta.trainer.demo_data import make_demo_dataset
+    from pouta.trainer.export import export_onnx
+
+    torch.manual_seed(0)
+    cat = make_demo_dataset(tmp_path / "d", n_train=12, n_test_good=2, n_test_defect=2, size=SIZE)
+    good = cat / "train" / "good"
+    imgs = torch.from_numpy(np.stack([_read(p) for p in sorted(good.glob("*.png"))]))
+    model = build_model(_cfg()).eval()
+    model.fit_before_training([imgs[:8]], seed=0)
+    model.fit_after_training([imgs[8:]])
+    src = tmp_path / "redi.onnx"
+    export_onnx(model, model.cfg, src, SIZE, SIZE, parity_batches=(1,))
+    prepared = onnx.load(str(prepare_model(src, tmp_path / "p.onnx")))
+    producers = {o: n for n in prepared.graph.node for o in n.output}
+    argmax = next(n for n in prepared.graph.node if n.op_type == "ArgMax")
+    retrieval = producers[argmax.input[0]]
+    assert retrieval.op_type in ("MatMul", "Gemm")
+    meta = load_for_model(src)
+    images = load_image_set(good, preprocessor_for(meta), n=12, min_images=4)
+    trt, cpu = quantize_pair(
+        src, ImageSetReader(images), tmp_path / "r.int8.trt.onnx", tmp_path / "r.int8.onnx"
+    )
+    assert retrieval.name in trt.excluded and retrieval.name in cpu.excluded
+    fp16 = convert_to_fp16(src, tmp_path / "r.fp16.onnx")
+    # real parts and a flat grey frame (zero gradients everywhere: the HOG floor must hold)
+    x = np.concatenate(
+        [np.stack([images.image(i) for i in range(4)]), np.full((1, 3, SIZE, SIZE), 0.5, np.float32)]
+    )
+    _, ref_score = OnnxRuntimeBackend(src).run(x)
+    for path in (trt.path, cpu.path, fp16):
+        amap, score = OnnxRuntimeBackend(path, metadata=meta).run(x)
+        assert np.isfinite(amap).all() and np.isfinite(score).all(), path.name
+        assert np.max(np.abs(score - ref_score)) < 0.1, (path.name, score, ref_score)
