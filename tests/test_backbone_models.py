@@ -14,7 +14,7 @@ from pouta.edge.errors import ConfigError
 from pouta.trainer.checkpoint import load_model, save_checkpoint
 from pouta.trainer.demo_data import make_demo_dataset
 from pouta.trainer.export import export_onnx
-from pouta.trainer.models import KINDS, MODEL_KINDS, build_model, preset_config
+from pouta.trainer.models import BACKBONE_KINDS, KINDS, MODEL_KINDS, build_model, preset_config
 from pouta.trainer.models.backbone import Backbone, lite0_weights_path
 from pouta.trainer.models.features import greedy_coreset
 from pouta.trainer.models.prn import WindowAttention, prn_loss
@@ -284,7 +284,7 @@ def test_size_auto_gives_backbone_kinds_multiples_of_32(tmp_path: Path) -> None:
         p = tmp_path / f"{i}.png"
         cv2.imwrite(str(p), np.full((300, 1000, 3), 128, np.uint8))
         paths.append(p)
-    for kind in ("prn", "features"):
+    for kind in BACKBONE_KINDS:
         cfg = build_config(parser().parse_args(["--kind", kind, "--size", "auto"]))
         resolve_geometry(cfg, paths)
         h, w = cfg["model"]["height"], cfg["model"]["width"]
