@@ -123,6 +123,7 @@ NOTES = {
     "model.redi_hip": "redi: the recover network sees the structure map and a retrieved good part (false: the raw image, ablation)",
     "model.redi_self_correlation": "redi: train with the self-correlation loss L_S (false: ablation)",
     "model.redi_frb": "redi: Feature Recovery Block on the recovery branch (false: ablation)",
+    "model.redi_train_crop": "redi: 0 (default) trains on the whole input; a multiple of 32: on random windows of that side (cheaper steps on a CPU)",
     "model.kind": "which model: one of the registry's kinds (pouta, vanilla: the DRAEM-style baseline)",
     "model.variant": "full, or a POUTA ablation: base (neither), hsg (hierarchical guidance only), mss (multi-scale supervision only)",
     "model.preset": "tiny (CPU, 128x128) | paper (224x224, the paper's widths)",

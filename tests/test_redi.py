@@ -16,7 +16,14 @@ import pytest
 import torch
 from pouta.edge.errors import ConfigError
 from pouta.trainer.models import build_model, preset_config
-from pouta.trainer.models.redi import HOGMap, ReDi, SobelGradients, gallery_pick, global_descriptor
+from pouta.trainer.models.redi import (
+    HOGMap,
+    ReDi,
+    SobelGradients,
+    gallery_pick,
+    global_descriptor,
+    train_window,
+)
 
 torch.set_num_threads(2)
 SIZE = 64
@@ -198,6 +205,35 @@ def test_ablation_flags_change_the_graph_and_the_loss() -> None:
     assert set(full.training_loss(x, x, x[:, :1]).as_floats()) == {"total", "mse", "ssim", "l_d", "l_s"}
     no_ls = build_model(_cfg(redi_self_correlation=False)).train()
     assert "l_s" not in no_ls.training_loss(x, x, x[:, :1]).as_floats()
+
+
+def test_training_recovers_windows_of_the_whole_input_prompt() -> None:
+    x = torch.rand(2, 3, 128, 96)
+    assert train_window(x, 0) is None and train_window(x[..., :64, :64], 128) is None
+    torch.manual_seed(0)
+    corners = {(w.top, w.left, w.height, w.width) for w in (train_window(x, 64) for _ in range(60))}
+    assert {c[:2] for c in corners} == {(t, c) for t in (0, 32, 64) for c in (0, 32)}
+    assert {c[2:] for c in corners} == {(64, 64)}
+    cfg = preset_config(
+        "tiny", kind="redi", height=128, width=96, redi_gallery=2, redi_width=8, redi_train_crop=64
+    )
+    model = build_model(cfg)
+    model.fit_before_training([torch.rand(2, 3, 128, 96)], seed=0)
+    model.train()
+    seen: list[torch.Tensor] = []
+    handle = model.recover.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    torch.manual_seed(1)
+    window = train_window(x, 64)
+    torch.manual_seed(1)
+    loss = model.training_loss(x, x, x[:, :1])
+    handle.remove()
+    assert window is not None and torch.isfinite(loss.total)
+    with torch.no_grad():
+        whole = model.recover_input(x, global_descriptor(model.backbone(x)["s16"]))
+    # the structure map and the prompt of the whole input, cut to the window (not of the crop)
+    assert seen[0].shape[-2:] == (64, 64) and torch.allclose(seen[0], window.of(whole))
+    with pytest.raises(ConfigError, match="model.redi_train_crop: expected 0"):
+        _cfg(redi_train_crop=100)
 
 
 def test_discriminative_loss_reaches_the_recover_network_through_the_frozen_backbone() -> None:

@@ -89,6 +89,7 @@ class ModelConfig:
     redi_hip: bool = True
     redi_self_correlation: bool = True
     redi_frb: bool = True
+    redi_train_crop: int = 0
 
     def __post_init__(self) -> None:
         self.ae_widths = tuple(int(v) for v in self.ae_widths)  # type: ignore[assignment]
@@ -151,6 +152,12 @@ class ModelConfig:
                 raise ConfigError(f"model.{name}: expected true or false, got {getattr(self, name)!r}")
         if not isinstance(self.redi_width, int) or isinstance(self.redi_width, bool) or self.redi_width < 8:
             raise ConfigError(f"model.redi_width: expected an integer >= 8, got {self.redi_width!r}")
+        rc = self.redi_train_crop
+        if not isinstance(rc, int) or isinstance(rc, bool) or rc < 0 or rc % BACKBONE_SIZE_MULTIPLE:
+            raise ConfigError(
+                f"model.redi_train_crop: expected 0 (whole input) or a positive multiple of "
+                f"{BACKBONE_SIZE_MULTIPLE}, got {rc!r}"
+            )
         for name in ("memory_size", "prn_width", "redi_hog_bins", "redi_gallery"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:

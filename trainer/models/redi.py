@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,7 @@ GRADIENT_EPS = 1e-7
 SELF_MATCH = 0.9999  # cosine above which a gallery entry is the training input itself
 GRAM_TAP_POOL = {"s4": 2}  # L_S at s4 is taken at s8 size: HW x HW stays affordable
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 grey
+TRAIN_WINDOW_GRID = 32  # training windows start on the backbone's coarsest stride
 
 
 class SobelGradients(nn.Module):
@@ -219,6 +221,33 @@ def self_correlation(f: torch.Tensor) -> torch.Tensor:
     return z.transpose(1, 2) @ z
 
 
+@dataclass(frozen=True)
+class Window:
+    """A rectangle of an input: rows top..top+height, columns left..left+width."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+    def of(self, t: torch.Tensor) -> torch.Tensor:
+        return t[..., self.top : self.top + self.height, self.left : self.left + self.width]
+
+
+def train_window(x: torch.Tensor, side: int) -> Window | None:
+    """A random ``side`` x ``side`` window of x [N,C,H,W] (clipped to its size) at a corner on
+    the ``TRAIN_WINDOW_GRID``, so the backbone's and the HOG cells' grids stay those of the
+    whole input; None when ``side`` is 0 or covers the input. Drawn from torch's generator
+    (seeded and restored on resume by the trainer)."""
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    if side <= 0 or (side >= h and side >= w):
+        return None
+    sh, sw = min(side, h), min(side, w)
+    top = int(torch.randint((h - sh) // TRAIN_WINDOW_GRID + 1, ())) * TRAIN_WINDOW_GRID
+    left = int(torch.randint((w - sw) // TRAIN_WINDOW_GRID + 1, ())) * TRAIN_WINDOW_GRID
+    return Window(top, left, sh, sw)
+
+
 class ReDiLoss:
     """Total and parts (``as_floats`` for the training log)."""
 
@@ -262,13 +291,20 @@ class ReDi(nn.Module):
         return torch.cat([self.structure(x), prompt], dim=1)
 
     def branches(
-        self, x: torch.Tensor
+        self, x: torch.Tensor, window: Window | None = None
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, torch.Tensor]]:
         """(F_X per tap, Y, F_Y per tap). The reference branch takes no gradient; L_D and L_S
-        reach the recover network through the frozen backbone on Y."""
+        reach the recover network through the frozen backbone on Y. With a ``window``
+        (training) the retrieval and the structure map are computed on the whole input and
+        only that window of x and of the prompt is recovered and compared."""
         with torch.no_grad():
             f_x = self.backbone(x)
-        y = self.recover(self.recover_input(x, global_descriptor(f_x[DESCRIPTOR_TAP])))
+        prompt = self.recover_input(x, global_descriptor(f_x[DESCRIPTOR_TAP]))
+        if window is not None:
+            x, prompt = window.of(x), window.of(prompt)
+            with torch.no_grad():
+                f_x = self.backbone(x)
+        y = self.recover(prompt)
         r_y = self.backbone(y)
         f_y = {t: self.frb[t](r_y[t]) for t in REDI_TAPS} if self.frb is not None else r_y
         return f_x, y, f_y
@@ -294,8 +330,10 @@ class ReDi(nn.Module):
     def training_loss(self, image: torch.Tensor, original: torch.Tensor, mask: torch.Tensor) -> ReDiLoss:
         """Recover (MSE + 1 - SSIM) + L_D + L_S on good parts: the anomaly-free ``original``
         (the synthetic ``image`` and ``mask`` are not used; ReDi never sees a defect)."""
-        f_x, y, f_y = self.branches(original)
-        mse, dssim = reconstruction_loss(y, original)
+        window = train_window(original, self.cfg.redi_train_crop)
+        f_x, y, f_y = self.branches(original, window)
+        target = original if window is None else window.of(original)
+        mse, dssim = reconstruction_loss(y, target)
         l_d = torch.stack([cosine_distance(f_x[t], f_y[t]).mean() for t in REDI_TAPS]).mean()
         total = mse + dssim + l_d
         parts = {"mse": mse, "ssim": dssim, "l_d": l_d}
