@@ -25,7 +25,7 @@ PRESETS = ("tiny", "paper")
 # Training defaults a kind needs other than the preset's (PRN: the paper's weight decay).
 KIND_TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "prn": {"batch_size": 4, "lr": 5.0e-4, "weight_decay": 1.0e-2},
-    "redi": {"batch_size": 4, "lr": 1.0e-3},
+    "redi": {"batch_size": 2, "lr": 1.0e-3},
 }
 # Settings a resumed run may change: where and how fast it runs, not what it computes.
 RESUMABLE_OVERRIDES: tuple[str, ...] = (
