@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pouta.edge.settings import parse_hw
+from pouta.edge.contract.settings import parse_hw
 
 from . import artifacts, models
 from .common import KINDS, Result, error_line, latency_stats, log, progress, ratio, skipped
@@ -161,7 +161,7 @@ def untrained_checkpoint(kind: str, preset: str, size: str | None, out: Path) ->
 
 
 def _evaluate(scorer: Any, data: Path, height: int, width: int, out_dir: Path) -> dict[str, float | None]:
-    from pouta.edge.preprocess import Preprocessor
+    from pouta.edge.contract.preprocess import Preprocessor
     from pouta.trainer.data import open_dataset
     from pouta.trainer.evaluate import evaluate
 
@@ -304,7 +304,7 @@ def _artifact_latency(paths: dict[str, Path], threads: int, plan: TimingPlan) ->
         return {}
     try:
         import numpy as np
-        from pouta.edge.backend import OnnxRuntimeBackend
+        from pouta.edge.backends.onnx_runtime import OnnxRuntimeBackend
 
         runners = {}
         x: np.ndarray | None = None

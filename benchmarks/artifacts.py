@@ -74,7 +74,7 @@ def trt_unavailable() -> str | None:
             return "no CUDA device"
     except ImportError:
         pass
-    for mod in ("pouta.edge.tensorrt_backend", "pouta.calibration.tensorrt_build", "pouta.calibration.fp16"):
+    for mod in ("pouta.edge.backends.tensorrt", "pouta.calibration.tensorrt_build", "pouta.calibration.fp16"):
         try:
             importlib.import_module(mod)
         except ImportError as exc:
@@ -96,7 +96,7 @@ def fp16_onnx(fp32: Path) -> Path:
 def trt_engine(fp32: Path, precision: str, calib_dir: Path | None, batch: int) -> Path:
     """A TensorRT plan for ``fp32`` at ``precision`` with a fixed batch (min = opt = max)."""
     from pouta.calibration.tensorrt_build import BuildRequest, build_engine, plan_build, tensorrt_version
-    from pouta.edge.metadata import load_for_model
+    from pouta.edge.contract.metadata import load_for_model
 
     stem = fp32.name[: -len(".onnx")] if fp32.name.endswith(".onnx") else fp32.name
     plan_path = fp32.with_name(f"{stem}.{precision}.b{batch}.plan")
@@ -130,6 +130,6 @@ def trt_engine(fp32: Path, precision: str, calib_dir: Path | None, batch: int) -
 
 
 def trt_backend(fp32: Path, precision: str, calib_dir: Path | None, batch: int) -> Any:
-    from pouta.edge.tensorrt_backend import TensorRTBackend
+    from pouta.edge.backends.tensorrt import TensorRTBackend
 
     return TensorRTBackend(trt_engine(fp32, precision, calib_dir, batch), max_batch=batch)

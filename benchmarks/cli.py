@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pouta.edge import settings
-from pouta.edge.errors import ConfigError
+from pouta.edge.contract import settings
+from pouta.edge.contract.errors import ConfigError
 
 from . import accuracy, cost, endtoend, latency, quality, report, report_charts, synthetic
 from .common import (

@@ -65,12 +65,12 @@ def _p(values: list[float], q: float) -> float | None:
 
 def replay(model: Path, frames: Path, threads: int, max_frames: int, out_dir: Path) -> Result:
     """One model over ``frames`` (looped up to ``max_frames``) through the edge pipeline."""
-    from pouta.edge.backend import open_backend
+    from pouta.edge.backends.protocol import open_backend
+    from pouta.edge.contract.preprocess import preprocessor_for
     from pouta.edge.pipeline import Pipeline
     from pouta.edge.postprocess import PostProcessor
-    from pouta.edge.preprocess import preprocessor_for
-    from pouta.edge.sinks import ResultWriter
-    from pouta.edge.sources import ImageFolderSource
+    from pouta.edge.sinks.files import ResultWriter
+    from pouta.edge.sources.replay import ImageFolderSource
 
     backend = open_backend(model, threads=threads)
     try:

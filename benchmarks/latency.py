@@ -157,7 +157,7 @@ def _ort_available(provider: str) -> Callable[[], str | None]:
 
 def _ort_factory(ctx: LatencyContext, provider: str, precision: str) -> Callable[[str, int], Step]:
     def make(kind: str, batch: int) -> Step:
-        from pouta.edge.backend import OnnxRuntimeBackend
+        from pouta.edge.backends.onnx_runtime import OnnxRuntimeBackend
 
         path = ctx.onnx(kind, precision, batch)
         # CPU stays listed after CUDA so an op without a CUDA kernel falls back instead of failing.

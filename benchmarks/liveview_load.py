@@ -57,8 +57,8 @@ def one_run(
     model: Path, images: list[np.ndarray], seconds: float, clients: int, work: Path, threads: int = 1
 ) -> dict[str, Any]:
     from pouta.edge.config import build_pipeline, load_config
-    from pouta.edge.liveview_server import attach_http
-    from pouta.edge.sources import ArraySource
+    from pouta.edge.liveview.server import attach_http
+    from pouta.edge.sources.replay import ArraySource
 
     out = work / f"out-{time.monotonic_ns()}"
     cfg = load_config(

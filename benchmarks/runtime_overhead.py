@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pouta.edge.backend import open_backend
+from pouta.edge.backends.protocol import open_backend
+from pouta.edge.contract.preprocess import preprocessor_for
 from pouta.edge.pipeline import Pipeline
 from pouta.edge.postprocess import PostProcessor
-from pouta.edge.preprocess import preprocessor_for
-from pouta.edge.sinks import ResultWriter
-from pouta.edge.sources import ArraySource
+from pouta.edge.sinks.files import ResultWriter
+from pouta.edge.sources.replay import ArraySource
 from pouta.edge.stats import percentile
 
 

@@ -48,8 +48,8 @@ def export_pair(work: Path, source_hw: tuple[int, int], size: int = 128) -> dict
 
 
 def compare(paths: dict[str, Path], source_hw: tuple[int, int], frames: int, rounds: int) -> dict[str, Any]:
-    from pouta.edge.metadata import load_for_model
-    from pouta.edge.preprocess import preprocessor_for
+    from pouta.edge.contract.metadata import load_for_model
+    from pouta.edge.contract.preprocess import preprocessor_for
 
     from .runtime_overhead import measure_overhead
 

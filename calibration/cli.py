@@ -11,10 +11,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pouta.edge.errors import PoutaError
-from pouta.edge.metadata import ModelMetadata, load_for_model, metadata_path
-from pouta.edge.preprocess import preprocessor_for, read_image
-from pouta.edge.settings import add_config_args, dump, resolve_namespace
+from pouta.edge.contract.errors import PoutaError
+from pouta.edge.contract.metadata import ModelMetadata, load_for_model, metadata_path
+from pouta.edge.contract.preprocess import preprocessor_for, read_image
+from pouta.edge.contract.settings import add_config_args, dump, resolve_namespace
 
 from .calibset import DEFAULT_MIN_IMAGES, DEFAULT_N_CALIB, DEFAULT_SYNTHETIC_FRACTION, list_images
 from .errors import CalibrationError

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pouta.edge.metadata import ModelMetadata
+from pouta.edge.contract.metadata import ModelMetadata
 
 from .calibset import ImageSet, list_images, load_image_set
 from .errors import CalibrationError

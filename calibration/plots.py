@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pouta.edge.fsutil import atomic_write_bytes
+from pouta.edge.contract.fsutil import atomic_write_bytes
 
 from .operating_point import HeldOut, curves, roc
 

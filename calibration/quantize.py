@@ -62,8 +62,8 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
 from onnxruntime.quantization.shape_inference import quant_pre_process
-from pouta.edge.fsutil import atomic_path
-from pouta.edge.metadata import INPUT_NAME, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, VALUE_RANGE
+from pouta.edge.contract.fsutil import atomic_path
+from pouta.edge.contract.metadata import INPUT_NAME, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, VALUE_RANGE
 
 from .errors import CalibrationError
 from .qdq_check import MIN_QDQ_OPSET, WEIGHT_AXIS, check_tensorrt_qdq, default_opset

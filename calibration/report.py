@@ -15,10 +15,10 @@ from typing import Any
 
 import cv2
 import numpy as np
-from pouta.edge.errors import ImageReadError
-from pouta.edge.fsutil import atomic_write_bytes, atomic_write_text
-from pouta.edge.metadata import Thresholds
-from pouta.edge.preprocess import read_image
+from pouta.edge.contract.errors import ImageReadError
+from pouta.edge.contract.fsutil import atomic_write_bytes, atomic_write_text
+from pouta.edge.contract.metadata import Thresholds
+from pouta.edge.contract.preprocess import read_image
 
 from .operating_point import HeldOut, nearest_misses
 from .plots import figure_png, operating_point_figure

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from pouta.edge.backend import Backend
-from pouta.edge.geometry import score_frames
+from pouta.edge.backends.protocol import Backend
+from pouta.edge.contract.geometry import score_frames
 
 from .calibset import ImageSet
 from .thresholds import PixelHistogram

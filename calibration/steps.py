@@ -9,16 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pouta.edge.backend import OnnxRuntimeBackend
-from pouta.edge.fsutil import atomic_write_json, sha256_file
-from pouta.edge.metadata import (
+from pouta.edge.backends.onnx_runtime import OnnxRuntimeBackend
+from pouta.edge.contract.fsutil import atomic_write_json, sha256_file
+from pouta.edge.contract.metadata import (
     ModelMetadata,
     Thresholds,
     load_for_model,
     metadata_path,
     operating_point_line,
 )
-from pouta.edge.preprocess import preprocessor_for
+from pouta.edge.contract.preprocess import preprocessor_for
 
 from .calibset import (
     DEFAULT_MIN_IMAGES,

@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pouta.edge.metadata import INPUT_NAME
-from pouta.edge.tensorrt_backend import MIN_TENSORRT
+from pouta.edge.backends.tensorrt import MIN_TENSORRT
+from pouta.edge.contract.metadata import INPUT_NAME
 
 from .engine_inspect import check_precisions, fused_layer_names, layer_precisions
 from .errors import CalibrationError
@@ -289,7 +289,7 @@ def _load_timing_cache(trt_config: Any, path: Path | None, log: Callable[[str], 
 
 
 def _save_timing_cache(trt_config: Any, path: Path, log: Callable[[str], None]) -> None:
-    from pouta.edge.fsutil import atomic_write_bytes
+    from pouta.edge.contract.fsutil import atomic_write_bytes
 
     try:
         cache = trt_config.get_timing_cache()
@@ -307,7 +307,7 @@ def build_engine(
 ) -> EngineBuildResult:
     """Run ``plan`` with the installed TensorRT and write the serialized plan to ``output``."""
     import tensorrt as trt
-    from pouta.edge.fsutil import atomic_write_bytes
+    from pouta.edge.contract.fsutil import atomic_write_bytes
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = _builder(trt, logger)

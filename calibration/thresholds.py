@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from pouta.edge.metadata import Thresholds
+from pouta.edge.contract.metadata import Thresholds
 
 from .binomial import allowed_exceedances, min_parts, upper_bound
 from .errors import CalibrationError

@@ -486,7 +486,7 @@ def tiling_table() -> str:
 
 def modbus_registers() -> str:
     """The register map exactly as the Modbus server defines it."""
-    from pouta.edge.modbus_server import REGISTERS
+    from pouta.edge.sinks.modbus import REGISTERS
 
     lines = ["| address | name | words | access | meaning |", "|---|---|---|---|---|"]
     for addr, name, words, access, meaning in REGISTERS:

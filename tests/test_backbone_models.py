@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from pouta.edge.errors import ConfigError
+from pouta.edge.contract.errors import ConfigError
 from pouta.trainer.checkpoint import load_model, save_checkpoint
 from pouta.trainer.demo_data import make_demo_dataset
 from pouta.trainer.export import export_onnx
@@ -237,8 +237,8 @@ def test_pouta_train_features_cli_end_to_end(tmp_path: Path) -> None:
 
 
 def test_real_defects_are_used_as_they_are_and_pasted_on_good_parts(tmp_path: Path) -> None:
-    from pouta.edge.errors import ConfigError as CfgError
-    from pouta.edge.preprocess import Preprocessor
+    from pouta.edge.contract.errors import ConfigError as CfgError
+    from pouta.edge.contract.preprocess import Preprocessor
     from pouta.trainer.synthesis import AnomalySynthesizer, SynthesisConfig
     from pouta.trainer.training_set import REAL_DEFECT_PROBABILITY, TrainingSet, real_defects
 

@@ -253,7 +253,7 @@ def test_tiling_cost_compares_the_auto_tiling_with_the_whole_image(tmp_path: Pat
         (t["pre_post_ms_per_frame"] - w["pre_post_ms_per_frame"]) / 20, abs=1e-3
     )
     # the default tiled model is the one with the wider discriminator, cut into the same tiles
-    from pouta.edge.metadata import load_for_model
+    from pouta.edge.contract.metadata import load_for_model
 
     widths = {k: load_for_model(p).model_config["disc_widths"] for k, p in paths.items()}
     assert widths == {"whole": [16, 16, 32, 32], "tiled": [16, 16, 32, 32], "tiled_auto": [32, 32, 64, 64]}
@@ -281,7 +281,7 @@ def test_quality_splits_and_recall_at_zero_false_rejects() -> None:
 
 def test_few_defects_rows_never_score_their_training_defects(tmp_path: Path) -> None:
     from pouta.benchmarks.quality import few_defects_split, split_of
-    from pouta.edge.preprocess import Preprocessor
+    from pouta.edge.contract.preprocess import Preprocessor
     from pouta.trainer.demo_data import make_demo_dataset
     from pouta.trainer.training_set import real_defects
 

@@ -15,8 +15,8 @@ from contract_models import dark_part, make_brightness_model
 from pouta.calibration import cli
 from pouta.calibration.calibset import ImageSetReader, load_image_set
 from pouta.calibration.errors import CalibrationError
-from pouta.edge.metadata import load_for_model, metadata_path
-from pouta.edge.preprocess import Preprocessor
+from pouta.edge.contract.metadata import load_for_model, metadata_path
+from pouta.edge.contract.preprocess import Preprocessor
 
 H = W = 64
 PRE = Preprocessor(H, W)

@@ -9,8 +9,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from pouta.edge.errors import PoutaError
-from pouta.edge.preprocess import Preprocessor
+from pouta.edge.contract.errors import PoutaError
+from pouta.edge.contract.preprocess import Preprocessor
 from pouta.trainer.data import DatasetError, ImageRecord, open_dataset
 
 PRE = Preprocessor(16, 16)

@@ -9,8 +9,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from pouta.edge.fsutil import sha256_file
-from pouta.edge.metadata import ModelMetadata, check_io, metadata_path
+from pouta.edge.contract.fsutil import sha256_file
+from pouta.edge.contract.metadata import ModelMetadata, check_io, metadata_path
 from pouta.trainer.checkpoint import save_checkpoint
 from pouta.trainer.export import export_onnx
 from pouta.trainer.export import main as export_main

@@ -21,7 +21,7 @@ from pouta.calibration.binomial import (
 )
 from pouta.calibration.errors import CalibrationError
 from pouta.calibration.thresholds import escape_threshold, false_reject_threshold
-from pouta.edge.metadata import Thresholds, load_for_model, operating_point_line
+from pouta.edge.contract.metadata import Thresholds, load_for_model, operating_point_line
 
 stats = pytest.importorskip("scipy.stats")
 
@@ -169,8 +169,8 @@ def line(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _held_scores(model: Path, folder: Path) -> np.ndarray:
     from pouta.calibration.calibset import load_image_set
     from pouta.calibration.scoring import score_set
-    from pouta.edge.backend import OnnxRuntimeBackend
-    from pouta.edge.preprocess import preprocessor_for
+    from pouta.edge.backends.onnx_runtime import OnnxRuntimeBackend
+    from pouta.edge.contract.preprocess import preprocessor_for
 
     meta = load_for_model(model)
     images = load_image_set(folder, preprocessor_for(meta), n=None, min_images=1)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pouta.edge.errors import ConfigError
-from pouta.edge.settings import Schema, merge, parse_sets, resolve
+from pouta.edge.contract.errors import ConfigError
+from pouta.edge.contract.settings import Schema, merge, parse_sets, resolve
 
 SCHEMA = Schema(
     {

@@ -7,9 +7,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from pouta.edge.errors import ConfigError
-from pouta.edge.geometry import Tiling
-from pouta.edge.preprocess import Preprocessor
+from pouta.edge.contract.errors import ConfigError
+from pouta.edge.contract.geometry import Tiling
+from pouta.edge.contract.preprocess import Preprocessor
 from pouta.trainer.synthesis import AnomalySynthesizer, SynthesisConfig, perlin_noise
 
 H, W = 48, 64

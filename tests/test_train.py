@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from pouta.edge.errors import ConfigError
+from pouta.edge.contract.errors import ConfigError
 from pouta.trainer.checkpoint import load_model, read_checkpoint, save_checkpoint
 from pouta.trainer.models import build_model, preset_config
 from pouta.trainer.train import StepPace, _fit_to_budget, lr_at, parser, train

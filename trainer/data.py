@@ -21,8 +21,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from pouta.edge.errors import ImageReadError, PoutaError
-from pouta.edge.preprocess import Preprocessor, is_image_file, read_image, read_mask
+from pouta.edge.contract.errors import ImageReadError, PoutaError
+from pouta.edge.contract.preprocess import Preprocessor, is_image_file, read_image, read_mask
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from pouta.edge.settings import add_config_args, settings_or_exit
+from pouta.edge.contract.settings import add_config_args, settings_or_exit
 
 DEFECT_TYPES: tuple[str, ...] = ("scratch", "spot", "crack")
 TEXTURES: tuple[str, ...] = ("brick", "gravel", "grass")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from pouta.edge.errors import ConfigError
+from pouta.edge.contract.errors import ConfigError
 
 from .augment import AUGMENTS, rotate_image
 from .defect_modes import MODES

@@ -9,8 +9,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
-from pouta.edge.errors import ConfigError, ImageReadError
-from pouta.edge.preprocess import is_image_file, read_image, to_rgb8_or_16
+from pouta.edge.contract.errors import ConfigError, ImageReadError
+from pouta.edge.contract.preprocess import is_image_file, read_image, to_rgb8_or_16
 
 # Real photos inside scikit-image's wheel (no download). Textures first: they are the
 # closest to DTD; the rest add colour and structure variety.

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pouta.edge.errors import ConfigError, PoutaError
-from pouta.edge.fsutil import atomic_write_json
-from pouta.edge.settings import dump, parse_sets
+from pouta.edge.contract.errors import ConfigError, PoutaError
+from pouta.edge.contract.fsutil import atomic_write_json
+from pouta.edge.contract.settings import dump, parse_sets
 
 from .checkpoint import read_checkpoint, save_checkpoint
 from .evaluate import progress_bar

@@ -17,8 +17,8 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from pouta.edge.errors import ConfigError, ImageReadError
-from pouta.edge.preprocess import Preprocessor, read_image
+from pouta.edge.contract.errors import ConfigError, ImageReadError
+from pouta.edge.contract.preprocess import Preprocessor, read_image
 from torch.utils.data import Dataset
 
 from .augment import rotate_image

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from pouta.edge.metadata import SCORE_POOL_SIZE
+from pouta.edge.contract.metadata import SCORE_POOL_SIZE
 from torch import nn
 
 from ..losses import ssim_kernels, ssim_map

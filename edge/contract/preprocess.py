@@ -6,7 +6,7 @@ layout [3, H, W] per image. Grayscale and 16-bit sources are accepted; grayscale
 replicated to three channels, integer images are scaled by their dtype's full range
 unless an explicit ``bit_depth`` says how many bits are significant (Mono12 in uint16).
 
-Two geometries (``pouta.edge.geometry``), both described by one ``FrameGeometry`` per
+Two geometries (``pouta.edge.contract.geometry``), both described by one ``FrameGeometry`` per
 frame: the whole (ROI of the) frame resized to the model's H x W, or, for tiled models,
 the frame rescaled by ``Tiling.scale`` (the "work" image) and cut into H x W tiles.
 """

@@ -1,4 +1,4 @@
-"""The live view's HTTP side: aiohttp on its own thread and event loop (see ``liveview``).
+"""The live view's HTTP side: aiohttp on its own thread and event loop (see ``page``).
 
 Updates go out as server-sent events through a bounded queue per client (a slow client
 loses intermediate states, never the newest); the picture is fetched by the page when an
@@ -27,13 +27,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .auth import read_secret
-from .errors import ConfigError, UnavailableError
+from ..auth import read_secret
+from ..contract.errors import ConfigError, UnavailableError
+from ..contract.metadata import operating_point_line
+from ..sinks.shadow import find_shadow, promote
 from .feedback import FeedbackRefused, FeedbackSink
-from .liveview import LiveViewSink, is_loopback, parse_listen
-from .metadata import operating_point_line
 from .metrics import CONTENT_TYPE, MetricsSink
-from .shadow import find_shadow, promote
+from .page import LiveViewSink, is_loopback, parse_listen
 
 log = logging.getLogger("pouta.edge.liveview")
 
@@ -156,7 +156,7 @@ class LiveServer:
         self.promote = promote  # swap in the shadow model (as ``pouta-edge promote``)
         self.feedback = feedback  # operators' false rejects / missed defects -> feedback/
         self.static = {
-            name: resources.files("pouta.edge").joinpath("liveview_static", name).read_bytes()
+            name: resources.files("pouta.edge.liveview").joinpath("static", name).read_bytes()
             for name in STATIC_FILES
         }
         self._clients: set[asyncio.Queue[bytes | None]] = set()
@@ -448,7 +448,7 @@ class LiveServer:
 
     async def _feedback(self, request: Any) -> Any:
         """``{"seq": N, "label": "false_reject"|"missed", "reason": "scratch"}``: file that
-        part's judged frame under ``feedback/`` (see ``pouta.edge.feedback``)."""
+        part's judged frame under ``feedback/`` (see ``pouta.edge.liveview.feedback``)."""
         from aiohttp import web
 
         self._authorise(request)
@@ -531,7 +531,7 @@ def attach_http(
 ) -> LiveServer:
     """Adds the live view and metrics sinks to ``pipe`` (before ``start``) and starts the
     server; ``close()`` it after the pipeline has finished."""
-    from .drift import ScoreDrift, calibration_median
+    from ..drift import ScoreDrift, calibration_median
 
     h = cfg["http"]
     drift = ScoreDrift(

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import PoutaError
+from ..contract.errors import PoutaError
 
 IMPLEMENTATIONS = ("cuda-python", "pycuda")
 # cudaError_t values (CUDA runtime API, stable across 11.x-13.x).

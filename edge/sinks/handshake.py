@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 
-from .postprocess import NG, NOT_INSPECTED, OK
+from ..postprocess import NG, NOT_INSPECTED, OK
 
 
 class ResultHandshake:

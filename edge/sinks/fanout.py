@@ -22,7 +22,7 @@ from typing import Any
 
 from .records import PartResult, ResultSink
 
-log = logging.getLogger("pouta.edge.fanout")
+log = logging.getLogger("pouta.edge.sinks.fanout")
 
 
 class SinkWorker:

@@ -14,10 +14,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import ConfigError
-from .sources import SourceError
+from ..contract.errors import ConfigError
+from .protocol import SourceError
 
-log = logging.getLogger("pouta.edge.genicam")
+log = logging.getLogger("pouta.edge.sources.genicam")
 
 # OpenCV names Bayer patterns by the 2x2 block starting at pixel (1, 1), GenICam (PFNC)
 # by the one at (0, 0): BayerRG8 (R at 0,0) is OpenCV's BayerBG (== BayerRGGB).

@@ -17,9 +17,9 @@ import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from .drift import ScoreDrift
-from .postprocess import OK
-from .records import NOT_INSPECTED, REASONS, VERDICTS, PartResult
+from ..drift import ScoreDrift
+from ..postprocess import OK
+from ..sinks.records import NOT_INSPECTED, REASONS, VERDICTS, PartResult
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
@@ -34,7 +34,7 @@ def _prometheus() -> Any:
     try:
         import prometheus_client
     except ImportError as exc:
-        from .errors import ConfigError
+        from ..contract.errors import ConfigError
 
         raise ConfigError(
             f"http: /metrics needs prometheus-client ({exc}); pip install 'pouta-edge[ui]'"
@@ -190,7 +190,7 @@ class PipelineCollector:
         yield from (queued, dropped, failed)
         shadow = s.get("sinks", {}).get("shadow")
         if shadow is not None:
-            from .shadow import metric_families
+            from ..sinks.shadow import metric_families
 
             yield from metric_families(shadow)
         feedback = s.get("sinks", {}).get("feedback")

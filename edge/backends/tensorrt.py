@@ -15,8 +15,15 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, MetadataError
-from .metadata import INPUT_NAME, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, ModelMetadata, check_io, load_for_model
+from ..contract.errors import ConfigError, MetadataError
+from ..contract.metadata import (
+    INPUT_NAME,
+    OUTPUT_ANOMALY_MAP,
+    OUTPUT_SCORE,
+    ModelMetadata,
+    check_io,
+    load_for_model,
+)
 
 # Oldest TensorRT whose plans we build and run (JetPack 6.0 ships 8.6.2; JetPack 5.1's 8.5 is refused).
 MIN_TENSORRT = (8, 6)

@@ -1,9 +1,6 @@
-"""Inference backends behind one protocol, chosen from the model file.
+"""ONNX Runtime backend: a session for a contract model, CPU unless providers say otherwise.
 
-``.onnx`` -> ONNX Runtime (CPU by default, CUDA/TensorRT execution providers when asked
-for and installed); ``.plan``/``.engine`` -> TensorRT (``tensorrt_backend``). Every
-backend checks the artifact's own tensor shapes against its metadata sidecar and
-refuses a mismatch.
+Also tells a Q/DQ graph whose activations are signed int8 (the TensorRT flavour) apart.
 """
 
 from __future__ import annotations
@@ -11,12 +8,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from .errors import ConfigError, MetadataError
-from .metadata import (
+from ..contract.errors import ConfigError, MetadataError
+from ..contract.metadata import (
     INPUT_NAME,
     OUTPUT_ANOMALY_MAP,
     OUTPUT_SCORE,
@@ -24,21 +20,6 @@ from .metadata import (
     check_io,
     load_for_model,
 )
-
-ONNX_SUFFIXES = (".onnx",)
-TENSORRT_SUFFIXES = (".plan", ".engine", ".trt")
-
-
-@runtime_checkable
-class Backend(Protocol):
-    """Runs a batch [N,3,H,W] float32 and returns (anomaly_map [N,1,H,W], score [N])."""
-
-    name: str
-    metadata: ModelMetadata
-
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
-
-    def close(self) -> None: ...
 
 
 def has_signed_int8_activations(path: str | os.PathLike[str]) -> bool:
@@ -128,23 +109,3 @@ class OnnxRuntimeBackend:
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
-
-
-def open_backend(
-    path: str | os.PathLike[str],
-    providers: Sequence[str] | None = None,
-    threads: int | None = None,
-    spin: bool = True,
-) -> Backend:
-    """The backend for a model file, chosen by its suffix."""
-    p = Path(path)
-    suffix = p.suffix.lower()
-    if suffix in ONNX_SUFFIXES:
-        return OnnxRuntimeBackend(p, providers=providers, threads=threads, spin=spin)
-    if suffix in TENSORRT_SUFFIXES:
-        from .tensorrt_backend import TensorRTBackend
-
-        return TensorRTBackend(p)
-    raise ConfigError(
-        f"{p}: unknown model type '{suffix}', expected one of {ONNX_SUFFIXES + TENSORRT_SUFFIXES}"
-    )

@@ -26,14 +26,14 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .backend import Backend
-from .errors import ConfigError
-from .fsutil import atomic_write_json
-from .postprocess import PostProcessor
-from .preprocess import Preprocessor
+from ..backends.protocol import Backend
+from ..contract.errors import ConfigError
+from ..contract.fsutil import atomic_write_json
+from ..contract.preprocess import Preprocessor
+from ..postprocess import PostProcessor
 from .records import PartResult, normalised_score, utc_iso
 
-log = logging.getLogger("pouta.edge.shadow")
+log = logging.getLogger("pouta.edge.sinks.shadow")
 
 CSV_HEADER = (
     "seq,path,frame_id,live_model_id,live_verdict,live_score,live_threshold,"

@@ -4,7 +4,7 @@ The page shows the last part with its overlay, the verdict in large type with th
 normalised score, counters, yield and fps over the last minutes, the last NG parts
 (click for the full picture with its regions), camera/model/disk health, score drift,
 model id and thresholds. ``/metrics`` serves the Prometheus metrics of
-``pouta.edge.metrics``.
+``pouta.edge.liveview.metrics``.
 
 It can never slow inspection:
 
@@ -16,7 +16,7 @@ It can never slow inspection:
   seconds); NG parts are kept for the strip either way. A render thread of its own
   draws and encodes at most ``max_fps`` pictures a second (the newest wins; skipped
   pictures are counted), so the cost is bounded whatever the line rate is.
-- ``liveview_server.LiveServer`` runs aiohttp on its own thread and event loop. Updates go out as
+- ``server.LiveServer`` runs aiohttp on its own thread and event loop. Updates go out as
   server-sent events through a bounded queue per client (a slow client loses
   intermediate states, never the newest); the picture is fetched by the page when an
   event says a new one exists, one fetch at a time.
@@ -27,7 +27,7 @@ thresholds, like SIGHUP) need the token (``http.token_file``/``token_env``) as
 ``/healthz`` needs it (a browser opens ``/?token=...`` once and gets a cookie).
 
 Longer than ~350 lines on purpose: one sink class whose counters, picture hand-off and
-render thread share one lock; the HTTP side is in ``liveview_server``.
+render thread share one lock; the HTTP side is in ``server``.
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import ConfigError
-from .overlay import draw_overlay, to_bgr8
-from .postprocess import NG, NOT_INSPECTED, OK
-from .records import PartResult
+from ..contract.errors import ConfigError
+from ..contract.overlay import draw_overlay, to_bgr8
+from ..postprocess import NG, NOT_INSPECTED, OK
+from ..sinks.records import PartResult
 
 log = logging.getLogger("pouta.edge.liveview")
 

@@ -44,10 +44,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..contract.errors import ConfigError
 from .records import PartResult, utc_iso
 
-log = logging.getLogger("pouta.edge.mqtt")
+log = logging.getLogger("pouta.edge.sinks.mqtt")
 
 
 class MqttPublisher:

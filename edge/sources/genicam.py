@@ -42,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, ImageReadError
+from ..contract.errors import ConfigError, ImageReadError
 from .genicam_nodes import (
     SUPPORTED_FORMATS,
     TRIGGER_HELP,
@@ -56,9 +56,9 @@ from .genicam_nodes import (
     set_user_output,
     setup_strobe,
 )
-from .sources import Frame, FrameTimeout, SourceError
+from .protocol import Frame, FrameTimeout, SourceError
 
-log = logging.getLogger("pouta.edge.genicam")
+log = logging.getLogger("pouta.edge.sources.genicam")
 
 # Read while a triggered camera is idle to tell "no part yet" from "camera gone".
 PROBE_NODES = ("TriggerMode", "PixelFormat", "Width")

@@ -41,14 +41,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .auth import Users
-from .errors import ConfigError, UnavailableError
+from ..auth import Users
+from ..contract.errors import ConfigError, UnavailableError
+from ..postprocess import NG, NOT_INSPECTED, OK
 from .handshake import ResultHandshake
 from .loop_thread import start_loop_thread
-from .postprocess import NG, NOT_INSPECTED, OK
 from .records import PartResult
 
-log = logging.getLogger("pouta.edge.opcua")
+log = logging.getLogger("pouta.edge.sinks.opcua")
 
 NAMESPACE = "urn:pouta-edge"
 VERDICT_CODES = {OK: 1, NG: 2, NOT_INSPECTED: 3}

@@ -48,7 +48,7 @@ class InputSpec:
     layout: str = "NCHW"
     dtype: str = "float32"
     # Tiled models: the frame is rescaled by tile_scale and cut into height x width tiles
-    # overlapping by tile_overlap (``pouta.edge.preprocess.Tiling``); 0 = whole image.
+    # overlapping by tile_overlap (``pouta.edge.contract.preprocess.Tiling``); 0 = whole image.
     tile_scale: float = 0.0
     tile_overlap: float = 0.25
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .postprocess import NG
+from ..postprocess import NG
 from .preprocess import to_rgb8_or_16
 
 

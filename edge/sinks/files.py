@@ -28,13 +28,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import ConfigError
-from .fsutil import atomic_write_bytes, atomic_write_text
-from .overlay import as_stored, draw_overlay
-from .postprocess import OK
+from ..contract.errors import ConfigError
+from ..contract.fsutil import atomic_write_bytes, atomic_write_text
+from ..contract.overlay import as_stored, draw_overlay
+from ..postprocess import OK
 from .records import CSV_COLUMNS, PartResult, csv_row, utc_iso
 
-log = logging.getLogger("pouta.edge.sinks")
+log = logging.getLogger("pouta.edge.sinks.files")
 
 OVERLAY_MODES = ("ng", "all", "none")
 RAW_FORMATS = ("png", "jpg", "none")

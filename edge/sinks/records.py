@@ -16,8 +16,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .postprocess import NG, NOT_INSPECTED, OK, Verdict
-from .sources import Frame
+from ..postprocess import NG, NOT_INSPECTED, OK, Verdict
+from ..sources.protocol import Frame
 
 VERDICTS = (OK, NG, NOT_INSPECTED)
 # Why a part was not inspected; the numbers are the Modbus reason codes.

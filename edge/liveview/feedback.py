@@ -25,13 +25,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import ConfigError
-from .fsutil import atomic_write_bytes, atomic_write_json
-from .overlay import as_stored
-from .postprocess import NG, OK
-from .records import PartResult, utc_iso
+from ..contract.errors import ConfigError
+from ..contract.fsutil import atomic_write_bytes, atomic_write_json
+from ..contract.overlay import as_stored
+from ..postprocess import NG, OK
+from ..sinks.records import PartResult, utc_iso
 
-log = logging.getLogger("pouta.edge.feedback")
+log = logging.getLogger("pouta.edge.liveview.feedback")
 
 FALSE_REJECT = "false_reject"  # the line said NG, the part is good
 MISSED = "missed"  # the line said OK, the part is defective

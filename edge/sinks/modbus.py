@@ -35,13 +35,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import ConfigError, UnavailableError
+from ..contract.errors import ConfigError, UnavailableError
+from ..postprocess import NG, NOT_INSPECTED, OK
 from .handshake import ResultHandshake
 from .loop_thread import start_loop_thread
-from .postprocess import NG, NOT_INSPECTED, OK
 from .records import REASONS, PartResult
 
-log = logging.getLogger("pouta.edge.modbus")
+log = logging.getLogger("pouta.edge.sinks.modbus")
 
 # address: (name, words, access, meaning) -- the README table is generated from the same facts.
 HEARTBEAT = 0
