@@ -16,12 +16,10 @@ from pouta.edge.contract.metadata import ModelMetadata, load_for_model, metadata
 from pouta.edge.contract.preprocess import preprocessor_for, read_image
 from pouta.edge.contract.settings import add_config_args, dump, resolve_namespace
 
+from .artifacts.guard import WARN_FLIP_RATE
+from .artifacts.quantize import CALIB_METHODS, DEFAULT_CALIB_METHOD
 from .calibset import DEFAULT_MIN_IMAGES, DEFAULT_N_CALIB, DEFAULT_SYNTHETIC_FRACTION, list_images
-from .errors import CalibrationError
-from .guard import WARN_FLIP_RATE
-from .quantize import CALIB_METHODS, DEFAULT_CALIB_METHOD
-from .steps import CalibOptions, ThresholdOptions, build_portable, calibrate_model, write_sidecar
-from .tensorrt_build import (
+from .engines.tensorrt import (
     DEFAULT_WORKSPACE_MB,
     BuildRequest,
     build_engine,
@@ -29,7 +27,9 @@ from .tensorrt_build import (
     tensorrt_version,
     trtexec_command,
 )
-from .thresholds import (
+from .errors import CalibrationError
+from .steps import CalibOptions, ThresholdOptions, build_portable, calibrate_model, write_sidecar
+from .thresholds.rules import (
     DEFAULT_CONFIDENCE,
     DEFAULT_IMAGE_RULE,
     DEFAULT_IQR_K,

@@ -14,7 +14,7 @@ from pouta.edge.backends.protocol import Backend
 from pouta.edge.contract.geometry import score_frames
 
 from .calibset import ImageSet
-from .thresholds import PixelHistogram
+from .thresholds.rules import PixelHistogram
 
 
 @dataclass

@@ -54,7 +54,7 @@ def test_quick_latency_measures_both_models_per_backend(quick_run: tuple[dict, P
     assert lat["status"] == "ok", lat
     measured = [n for n, be in lat["backends"].items() if be["status"] == "ok"]
     assert {"torch-cpu-fp32", "ort-cpu-fp32"} <= set(measured), lat["backends"]
-    if _has("pouta.calibration.quantize"):
+    if _has("pouta.calibration.artifacts.quantize"):
         assert "ort-cpu-int8" in measured, lat["backends"]["ort-cpu-int8"]
     for name in measured:
         for b in ("1", "2"):

@@ -82,8 +82,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def build_plan(onnx: Path, tmp_path: Path, name: str = "m.plan", max_batch: int = 2, **kw: object) -> Path:
     """A plan + sidecar through pouta's own build path (fake or real TensorRT)."""
     import tensorrt
-    from pouta.calibration.fp16 import convert_to_fp16
-    from pouta.calibration.tensorrt_build import BuildRequest, build_engine, plan_build
+    from pouta.calibration.artifacts.fp16 import convert_to_fp16
+    from pouta.calibration.engines.tensorrt import BuildRequest, build_engine, plan_build
     from pouta.edge.contract.metadata import load_for_model, metadata_path
 
     fp16 = tmp_path / "m.fp16.onnx"
@@ -302,8 +302,8 @@ def _jetpack_rows() -> list[tuple[str, str, str, bool]]:
 
 
 def test_jetpack_table_in_the_docs_is_what_the_code_accepts() -> None:
+    from pouta.calibration.engines.tensorrt import BuildRequest, plan_build
     from pouta.calibration.errors import CalibrationError
-    from pouta.calibration.tensorrt_build import BuildRequest, plan_build
 
     rows = _jetpack_rows()
     assert {r[3] for r in rows} == {True, False} and len(rows) >= 4, rows
@@ -346,7 +346,7 @@ def test_real_plan_in_worker_thread_batch_change_close(
 @pytest.mark.trt
 @_REAL
 def test_real_int8_plan_from_the_qdq_file(brightness_onnx: Path, tmp_path: Path) -> None:  # pragma: no cover
-    from pouta.calibration.tensorrt_build import BuildRequest, build_engine, plan_build, tensorrt_version
+    from pouta.calibration.engines.tensorrt import BuildRequest, build_engine, plan_build, tensorrt_version
     from pouta.edge.contract.metadata import load_for_model, metadata_path
     from test_build_engine import qdq_model
 

@@ -133,7 +133,7 @@ def test_export_cli_errors_name_the_problem(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["pouta", "vanilla"])
 def test_fp16_conversion_runs_a_model_with_the_reconstruction_cue(tmp_path: Path, kind: str) -> None:
-    from pouta.calibration.fp16 import convert_to_fp16
+    from pouta.calibration.artifacts.fp16 import convert_to_fp16
 
     model, _ = _trained_like(kind)
     fit_cue_scales(model, [torch.rand(4, 3, H, W) * 0.5 + 0.3])

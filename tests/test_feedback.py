@@ -18,7 +18,7 @@ from test_liveview import get, metric_values, run_cfg
 
 pytest.importorskip("aiohttp")
 
-from pouta.calibration.holdout import holdout_sets
+from pouta.calibration.thresholds.holdout import holdout_sets
 from pouta.edge.config import build_pipeline
 from pouta.edge.contract.metadata import load_for_model
 from pouta.edge.liveview.feedback import reason_folder, safe_name

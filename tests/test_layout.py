@@ -1,9 +1,11 @@
 """The package layout: small folders that show the runtime, and no stale import paths.
 
-``edge/`` was one flat folder; it is now cut into subpackages along the pipeline
-(contract, sources, backends, sinks, liveview). These tests keep it that way: no folder
-grows past the limit, the old flat modules stay gone, and every ``pouta.edge...`` path
-named anywhere in the repository (code, tests, docs, Docker, CI) resolves.
+``edge/`` and ``calibration/`` were flat folders; they are cut into subpackages, edge/
+along the pipeline (contract, sources, backends, sinks, liveview), calibration/ along its
+outputs (thresholds, artifacts, engines). These tests keep it that way: no folder grows
+past the limit, the old flat modules stay gone, every ``pouta.edge...`` or
+``pouta.calibration...`` path named anywhere in the repository (code, tests, docs,
+Docker, CI) resolves, and the pipeline's stages import only what comes before them.
 """
 
 from __future__ import annotations
@@ -19,64 +21,36 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EDGE = ROOT / "edge"
+CUT = {"edge": EDGE, "calibration": ROOT / "calibration"}  # pouta.<name> -> folder
 MAX_MODULES = 15  # per folder, ``__init__`` included
 
-# The flat modules before the cut. Three names live on as packages (``sources``, ``sinks``,
-# ``liveview``); the rest must not import at all.
-OLD_FLAT = (
-    "auth",
-    "backend",
-    "cli",
-    "config",
-    "cuda_memory",
-    "doctor",
-    "drift",
-    "errors",
-    "fanout",
-    "feedback",
-    "frame_queue",
-    "fsutil",
-    "genicam",
-    "genicam_nodes",
-    "geometry",
-    "handshake",
-    "liveview",
-    "liveview_server",
-    "loop_thread",
-    "metadata",
-    "metrics",
-    "modbus_server",
-    "mqtt_publisher",
-    "opcua_server",
-    "overlay",
-    "pipeline",
-    "postprocess",
-    "preprocess",
-    "records",
-    "sequence",
-    "service",
-    "settings",
-    "shadow",
-    "sinks",
-    "sources",
-    "stats",
-    "tensorrt_backend",
-)
-STILL_TOP_LEVEL = {
-    "auth",
-    "cli",
-    "config",
-    "doctor",
-    "drift",
-    "frame_queue",
-    "pipeline",
-    "postprocess",
-    "sequence",
-    "service",
-    "stats",
+# The flat modules before the cut: still a top-level module, a package now (which
+# re-exports nothing), or gone.
+OLD_FLAT = {
+    "edge": {
+        "module": "auth cli config doctor drift frame_queue pipeline postprocess sequence service stats",
+        "package": "sources sinks liveview",
+        "gone": "backend cuda_memory errors fanout feedback fsutil genicam genicam_nodes geometry "
+        "handshake liveview_server loop_thread metadata metrics modbus_server mqtt_publisher "
+        "opcua_server overlay preprocess records settings shadow tensorrt_backend",
+    },
+    "calibration": {
+        "module": "calibset cli errors scoring steps",
+        "package": "thresholds",
+        "gone": "binomial engine_inspect fp16 guard holdout operating_point plots qdq_check quantize "
+        "report tensorrt_build",
+    },
 }
-NOW_PACKAGES = {"sources", "sinks", "liveview"}
-SUBPACKAGES = ("contract", "backends", "sources", "sinks", "liveview")
+OLD_CASES = [
+    (top, kind, name)
+    for top, kinds in OLD_FLAT.items()
+    for kind, names in kinds.items()
+    for name in names.split()
+]
+SUBPACKAGES = {
+    "edge": ("contract", "backends", "sources", "sinks", "liveview"),
+    "calibration": ("thresholds", "artifacts", "engines"),
+}
 
 SKIP_DIRS = {".git", ".venv", "__pycache__", "site", "build", "dist", "runs", "demo", ".ruff_cache"}
 TEXT_SUFFIXES = {".py", ".md", ".yml", ".yaml", ".cfg", ".toml", ".txt", ".sh", ".in"}
@@ -86,39 +60,44 @@ def _folders(root: Path) -> list[Path]:
     return [root, *(p for p in root.rglob("*") if p.is_dir() and p.name != "__pycache__")]
 
 
-def test_no_edge_folder_holds_more_than_the_limit() -> None:
-    for folder in _folders(EDGE):
+@pytest.mark.parametrize("top", sorted(CUT))
+def test_no_folder_holds_more_than_the_limit(top: str) -> None:
+    for folder in _folders(CUT[top]):
         modules = sorted(p.name for p in folder.glob("*.py"))
         assert len(modules) <= MAX_MODULES, f"{folder.relative_to(ROOT)}: {len(modules)} modules"
 
 
-def test_edge_is_cut_into_the_pipeline_subpackages() -> None:
-    for name in SUBPACKAGES:
-        spec = importlib.util.find_spec(f"pouta.edge.{name}")
+@pytest.mark.parametrize("top", sorted(CUT))
+def test_folders_are_cut_into_subpackages(top: str) -> None:
+    for name in SUBPACKAGES[top]:
+        spec = importlib.util.find_spec(f"pouta.{top}.{name}")
         assert spec is not None and spec.submodule_search_locations, name
-    # The live view's static files moved with it and are package data of that package.
+
+
+def test_live_view_static_files_are_package_data_of_the_live_view() -> None:
     static = importlib.resources.files("pouta.edge.liveview").joinpath("static")
     assert static.joinpath("index.html").is_file() and static.joinpath("app.js").is_file()
 
 
-@pytest.mark.parametrize("old", OLD_FLAT)
-def test_old_flat_module_paths_are_gone(old: str) -> None:
-    spec = importlib.util.find_spec(f"pouta.edge.{old}")
-    if old in STILL_TOP_LEVEL:
+@pytest.mark.parametrize(("top", "kind", "old"), OLD_CASES)
+def test_old_flat_module_paths_are_gone(top: str, kind: str, old: str) -> None:
+    spec = importlib.util.find_spec(f"pouta.{top}.{old}")
+    if kind == "module":
         assert spec is not None and spec.submodule_search_locations is None
-    elif old in NOW_PACKAGES:
+    elif kind == "package":
         # The name is a package now, which re-exports nothing: an old
         # ``from pouta.edge.sinks import ResultWriter`` fails instead of silently working.
         assert spec is not None and spec.submodule_search_locations is not None
-        pkg = importlib.import_module(f"pouta.edge.{old}")
+        pkg = importlib.import_module(f"pouta.{top}.{old}")
         public = [n for n in vars(pkg) if not n.startswith("__")]
-        assert not set(public) - {m.stem for m in (EDGE / old).glob("*.py")}, public
+        assert not set(public) - {m.stem for m in (CUT[top] / old).glob("*.py")}, public
     else:
-        assert spec is None, f"pouta.edge.{old} still imports"
+        assert spec is None, f"pouta.{top}.{old} still imports"
 
 
-def test_package_inits_state_their_rule_and_export_nothing() -> None:
-    for init in EDGE.rglob("__init__.py"):
+@pytest.mark.parametrize("top", sorted(CUT))
+def test_package_inits_state_their_rule_and_export_nothing(top: str) -> None:
+    for init in CUT[top].rglob("__init__.py"):
         tree = ast.parse(init.read_text(encoding="utf-8"))
         doc = ast.get_docstring(tree)
         assert doc and len(doc.split()) > 10, f"{init.relative_to(ROOT)}: state the package's rule"
@@ -137,15 +116,15 @@ def _text_files() -> list[Path]:
     return out
 
 
-DOTTED = re.compile(r"\bpouta\.edge((?:\.\w+)+)")
-FROM_EDGE = re.compile(r"\bfrom pouta\.edge import ([\w ,]+)")
+DOTTED = re.compile(r"\bpouta\.(edge|calibration)((?:\.\w+)+)")
+FROM_TOP = re.compile(r"\bfrom pouta\.(edge|calibration) import ([\w ,]+)")
 
 
 def _resolves(dotted: str) -> bool:
-    """A dotted path under ``pouta.edge``: each package step is a real subpackage or module, and what
-    follows the first plain module is one of its attributes."""
+    """A dotted path under ``pouta.<top>``: each package step is a real subpackage or
+    module, and what follows the first plain module is one of its attributes."""
     parts = dotted.split(".")
-    name = "pouta.edge"
+    name = ".".join(parts[:2])
     for i, part in enumerate(parts[2:], start=2):
         candidate = f"{name}.{part}"
         spec = importlib.util.find_spec(candidate)
@@ -154,64 +133,84 @@ def _resolves(dotted: str) -> bool:
         name = candidate
         if spec.submodule_search_locations is None:
             rest = parts[i + 1 :]
-            if not rest:
-                return True
-            return hasattr(importlib.import_module(name), rest[0])
+            return not rest or hasattr(importlib.import_module(name), rest[0])
     return True
 
 
-def test_every_edge_path_named_in_the_repository_resolves() -> None:
+def test_every_path_named_in_the_repository_resolves() -> None:
     stale = []
     for path in _text_files():
         text = path.read_text(encoding="utf-8", errors="replace")
         for m in DOTTED.finditer(text):
-            dotted = "pouta.edge" + m[1]
+            dotted = f"pouta.{m[1]}{m[2]}"
             if not _resolves(dotted):
                 stale.append(f"{path.relative_to(ROOT)}: {dotted}")
-        for m in FROM_EDGE.finditer(text):
-            for name in m[1].split(","):
+        for m in FROM_TOP.finditer(text):
+            for name in m[2].split(","):
                 base = name.split(" as ")[0].strip()
-                if base and importlib.util.find_spec(f"pouta.edge.{base}") is None:
-                    stale.append(f"{path.relative_to(ROOT)}: from pouta.edge import {base}")
+                if base and importlib.util.find_spec(f"pouta.{m[1]}.{base}") is None:
+                    stale.append(f"{path.relative_to(ROOT)}: from pouta.{m[1]} import {base}")
     assert not stale, "\n".join(stale)
 
 
-def _edge_imports(path: Path) -> set[str]:
-    """The pouta.edge modules a module imports (relative imports resolved), lazy ones included."""
-    package = ["pouta", "edge", *path.parent.relative_to(EDGE).parts]
+def _pouta_imports(top: str, path: Path) -> set[str]:
+    """The pouta modules a module imports (relative imports resolved), lazy ones included."""
+    package = ["pouta", top, *path.parent.relative_to(CUT[top]).parts]
     out = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.level:
             base = package[: len(package) - (node.level - 1)]
             out.add(".".join([*base, *(node.module.split(".") if node.module else [])]))
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pouta.edge"):
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pouta."):
             out.add(node.module or "")
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("pouta."))
     return out
 
 
-# What a package may import from the rest of pouta.edge: the pipeline's stages depend on
-# the contract and on earlier stages, never on the wiring (cli, config, service) or on
-# the live view that sits on top of them.
+# What a subpackage may import from pouta. edge/: the pipeline's stages depend on the
+# contract and on earlier stages, never on the wiring (cli, config, service) or on the
+# live view that sits on top of them. calibration/: thresholds, artifacts and engines
+# are independent of each other and of the commands that chain them (cli, steps).
+CONTRACT = "pouta.edge.contract"
 ALLOWED = {
-    "contract": ("pouta.edge.contract", "pouta.edge.postprocess"),
-    "sources": ("pouta.edge.contract", "pouta.edge.sources", "pouta.edge.postprocess"),
-    "backends": ("pouta.edge.contract", "pouta.edge.backends"),
-    "sinks": (
-        "pouta.edge.contract",
+    ("edge", "contract"): (CONTRACT, "pouta.edge.postprocess"),
+    ("edge", "sources"): (CONTRACT, "pouta.edge.sources", "pouta.edge.postprocess"),
+    ("edge", "backends"): (CONTRACT, "pouta.edge.backends"),
+    ("edge", "sinks"): (
+        CONTRACT,
         "pouta.edge.sinks",
         "pouta.edge.postprocess",
         "pouta.edge.sources.protocol",
         "pouta.edge.backends.protocol",
         "pouta.edge.auth",
     ),
+    ("calibration", "thresholds"): (
+        CONTRACT,
+        "pouta.calibration.thresholds",
+        "pouta.calibration.errors",
+        "pouta.calibration.calibset",
+    ),
+    ("calibration", "artifacts"): (
+        CONTRACT,
+        "pouta.calibration.artifacts",
+        "pouta.calibration.errors",
+        "pouta.trainer.metrics",
+    ),
+    ("calibration", "engines"): (
+        CONTRACT,
+        "pouta.calibration.engines",
+        "pouta.calibration.errors",
+        "pouta.edge.backends.tensorrt",
+    ),
 }
 
 
-@pytest.mark.parametrize("package", sorted(ALLOWED))
-def test_pipeline_stages_import_only_what_comes_before_them(package: str) -> None:
+@pytest.mark.parametrize(("top", "package"), sorted(ALLOWED))
+def test_subpackages_import_only_what_comes_before_them(top: str, package: str) -> None:
     wrong = []
-    for path in (EDGE / package).glob("*.py"):
-        for name in _edge_imports(path):
-            if not any(name == a or name.startswith(a + ".") for a in ALLOWED[package]):
+    for path in (CUT[top] / package).glob("*.py"):
+        for name in _pouta_imports(top, path):
+            if not any(name == a or name.startswith(a + ".") for a in ALLOWED[top, package]):
                 wrong.append(f"{path.relative_to(ROOT)} imports {name}")
     assert not wrong, "\n".join(wrong)

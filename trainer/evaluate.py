@@ -28,7 +28,7 @@ from typing import Any
 
 import cv2
 import numpy as np
-from pouta.calibration.plots import save_score_histogram
+from pouta.calibration.thresholds.plots import save_score_histogram
 from pouta.edge.contract.errors import PoutaError
 from pouta.edge.contract.geometry import FrameGeometry, score_frames
 from pouta.edge.contract.overlay import draw_overlay, to_bgr8

@@ -67,7 +67,7 @@ class Thresholds:
     defect_score_stats: dict[str, float] = field(default_factory=dict)
     scored_with: str = ""  # artifact file name whose outputs were used (fp32/int8 ...)
     # What a quality engineer signs: the objective with its stated-confidence bound and the
-    # rates measured on held-out parts (``pouta.calibration.operating_point``).
+    # rates measured on held-out parts (``pouta.calibration.thresholds.operating_point``).
     operating_point: dict[str, Any] = field(default_factory=dict)
 
 

@@ -65,7 +65,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from pouta.edge.contract.fsutil import atomic_path
 from pouta.edge.contract.metadata import INPUT_NAME, OUTPUT_ANOMALY_MAP, OUTPUT_SCORE, VALUE_RANGE
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
 from .qdq_check import MIN_QDQ_OPSET, WEIGHT_AXIS, check_tensorrt_qdq, default_opset
 
 CALIB_METHODS: dict[str, CalibrationMethod] = {

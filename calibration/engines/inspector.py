@@ -7,7 +7,7 @@ import json
 import re
 from typing import Any
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
 
 _PRECISION_PATTERNS = (
     ("int8", re.compile(r"\bint8\b", re.IGNORECASE)),

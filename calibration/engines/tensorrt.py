@@ -36,8 +36,8 @@ from typing import Any
 from pouta.edge.backends.tensorrt import MIN_TENSORRT
 from pouta.edge.contract.metadata import INPUT_NAME
 
-from .engine_inspect import check_precisions, fused_layer_names, layer_precisions
-from .errors import CalibrationError
+from ..errors import CalibrationError
+from .inspector import check_precisions, fused_layer_names, layer_precisions
 
 PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_WORKSPACE_MB = 1024

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
 
 WARN_FLIP_RATE = 0.10  # share of held-out verdicts changed that earns a warning
 

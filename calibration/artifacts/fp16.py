@@ -23,7 +23,7 @@ import onnx
 from onnx import helper
 from onnxconverter_common import float16
 
-from .errors import CalibrationError
+from ..errors import CalibrationError
 from .quantize import _name_nodes, _save_atomic
 
 FP16_SUFFIX = ".fp16.onnx"

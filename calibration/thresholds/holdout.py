@@ -13,10 +13,10 @@ from pathlib import Path
 
 from pouta.edge.contract.metadata import ModelMetadata
 
-from .calibset import ImageSet, list_images, load_image_set
-from .errors import CalibrationError
+from ..calibset import ImageSet, list_images, load_image_set
+from ..errors import CalibrationError
 from .operating_point import defect_type
-from .thresholds import check_enough
+from .rules import check_enough
 
 Log = Callable[[str], None]
 

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 from pouta.edge.contract.metadata import Thresholds
 
+from ..errors import CalibrationError
 from .binomial import allowed_exceedances, min_parts, upper_bound
-from .errors import CalibrationError
 
 TARGET_RULES = ("target-false-reject", "target-escape")
 IMAGE_RULES = ("normal-max-margin", "normal-quantile", "f1-optimal", *TARGET_RULES)
@@ -287,7 +287,7 @@ def calibrate_thresholds(
     """Both thresholds plus the evidence behind them, ready for the metadata sidecar.
 
     A target rule's guarantee (objective, n, rank, bound) goes to ``operating_point``, where
-    the holdout's measured rates join it (``pouta.calibration.operating_point``)."""
+    the holdout's measured rates join it (``pouta.calibration.thresholds.operating_point``)."""
     defect = np.asarray(defect_scores if defect_scores is not None else [], dtype=np.float64)
     img, params = image_threshold(
         rule,
