@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pouta.benchmarks import cli, common, report, timing
 from pouta.benchmarks.accuracy import checkpoint_for
@@ -293,3 +294,43 @@ def test_few_defects_rows_never_score_their_training_defects(tmp_path: Path) -> 
     assert not set(moved) & set(kept) and len(kept) + 3 == len(list((cat / "test").glob("*/*")))
     assert len(real_defects(str(defects), Preprocessor(64, 64))) == 3
     assert few_defects_split(tmp_path / "row" / "data" / "nomask", 3, tmp_path / "x") is None
+
+
+def test_cue_weights_rescore_each_image_as_the_model_does_and_choose_on_validation(tmp_path: Path) -> None:
+    import torch
+    from pouta.benchmarks import cue_weights
+    from pouta.edge.preprocess import Preprocessor
+    from pouta.trainer.checkpoint import load_model, save_checkpoint
+    from pouta.trainer.data import open_dataset
+    from pouta.trainer.demo_data import make_demo_dataset
+    from pouta.trainer.evaluate import evaluate, torch_scorer
+    from pouta.trainer.models import build_model, preset_config
+
+    root = tmp_path / "data"
+    cat = make_demo_dataset(root, n_train=8, n_test_good=6, n_test_defect=6, size=64)
+    model = build_model(preset_config("tiny", kind="prn", height=64, width=64, memory_size=64, prn_width=8))
+    dataset = open_dataset(cat, split="train")
+    pre = Preprocessor(64, 64)
+    train = torch.from_numpy(np.stack([dataset.load(i, pre)[0] for i in range(len(dataset.records))]))
+    model.fit_prototypes([train[:6]], seed=0)
+    model.fit_cues([train[6:]])
+    model.cfg = model.cfg.with_(cue_weights=(0.25, 0.75))
+    ckpt = save_checkpoint(tmp_path / "bench" / "quality" / cat.name / "prn" / "model.pt", model, model.cfg)
+
+    scored = cue_weights.score_category(ckpt, cat)
+    loaded, _, _ = load_model(ckpt)
+    report = evaluate(torch_scorer(loaded), open_dataset(cat, split="test"), pre, progress=False)
+    by_path = {r["path"]: r["score"] for r in report["scores"]}
+    # the checkpoint's own weighting rescored image by image is what pouta-eval scores, and
+    # the same weight listed as an option gives the same scores
+    for stored, listed in zip(scored[cue_weights.STORED], scored["0.25"], strict=True):
+        assert stored["score"] == pytest.approx(by_path[stored["path"]], abs=1e-5)
+        assert stored["score"] == pytest.approx(listed["score"], abs=1e-6)
+    assert scored["0"] != scored["1"]
+
+    res = cue_weights.run_cue_weights(root, tmp_path / "bench" / "quality", tmp_path / "out")
+    val = {name: res["means"][name]["val"] for name in cue_weights.option_names()[:-1]}
+    best = max(val.values(), key=lambda m: (round(m["image_auroc"], 4), round(m["recall_at_zero_fr"], 4)))
+    assert val[f"{res['chosen']:g}"] == best
+    md = (tmp_path / "out" / "cue_weights.md").read_text(encoding="utf-8")
+    assert f"head weight **{res['chosen']:g}**" in md and "| stored |" in md

@@ -39,6 +39,7 @@ from .layers import (
     image_score,
     map_smoothings,
     resize_to,
+    scaled_cue,
 )
 
 PRN_TAPS = ("s4", "s8", "s16", "s32")
@@ -178,6 +179,19 @@ class PRN(nn.Module):
         a = discriminator_map(logits, smoothing)
         r = d if smoothing is None else smoothing(d)
         return fuse_cues(a, r, self.cfg.cue_scales, self.cfg.cue_weights)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def cue_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(head, distance) [N,1,H,W] in [0,1), each scaled by its fitted normal level and
+        blurred as the image score sees them: the fused map is their ``cue_weights`` sum."""
+        if self.cfg.cue_scales is None:
+            raise ValueError("cue_maps: the cue scales are not fitted (fit_cues)")
+        taps = self.backbone(x)
+        a = discriminator_map(self.logits(taps, x), self.smoothing)
+        d = self.cue_distance(taps, x)
+        r = d if self.smoothing is None else self.smoothing(d)
+        k_a, k_r = self.cfg.cue_scales
+        return scaled_cue(a, k_a), scaled_cue(r, k_r)
 
     @torch.no_grad()
     def fit_prototypes(self, batches: Sequence[torch.Tensor], seed: int, tick: Tick | None = None) -> None:
