@@ -36,7 +36,7 @@ def option_names() -> list[str]:
 def score_category(checkpoint: Path, category: Path) -> dict[str, list[dict[str, Any]]]:
     """{option: [{path, label, score}] per test image} for one PRN checkpoint."""
     import torch
-    from pouta.edge.geometry import pooled_max
+    from pouta.edge.contract.geometry import pooled_max
     from pouta.trainer.checkpoint import load_model
     from pouta.trainer.data import open_dataset
     from pouta.trainer.geometry import preprocessor_for_training

@@ -299,7 +299,7 @@ def test_few_defects_rows_never_score_their_training_defects(tmp_path: Path) -> 
 def test_cue_weights_rescore_each_image_as_the_model_does_and_choose_on_validation(tmp_path: Path) -> None:
     import torch
     from pouta.benchmarks import cue_weights
-    from pouta.edge.preprocess import Preprocessor
+    from pouta.edge.contract.preprocess import Preprocessor
     from pouta.trainer.checkpoint import load_model, save_checkpoint
     from pouta.trainer.data import open_dataset
     from pouta.trainer.demo_data import make_demo_dataset
