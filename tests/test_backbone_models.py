@@ -17,7 +17,7 @@ from pouta.trainer.export import export_onnx
 from pouta.trainer.models import KINDS, MODEL_KINDS, build_model, preset_config
 from pouta.trainer.models.backbone import Backbone, lite0_weights_path
 from pouta.trainer.models.features import greedy_coreset
-from pouta.trainer.models.prn import WindowAttention, prn_loss
+from pouta.trainer.models.prn import HEAD_WEIGHT, WindowAttention, prn_loss
 
 torch.set_num_threads(2)
 
@@ -179,7 +179,7 @@ def test_prn_prototypes_residuals_training_and_checkpoint(tmp_path: Path) -> Non
         losses.append(float(loss.total.detach()))
     assert losses[-1] < 0.7 * losses[0]
     scales, weights = model.fit_cues([train[18:]])
-    assert abs(sum(weights) - 1) < 1e-6 and min(scales) > 0
+    assert weights == (HEAD_WEIGHT, 1 - HEAD_WEIGHT) and min(scales) > 0
     model.eval()
     path = save_checkpoint(tmp_path / "prn.pt", model, model.cfg)
     loaded, lcfg, _ = load_model(path)
