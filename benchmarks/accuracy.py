@@ -162,7 +162,7 @@ def untrained_checkpoint(kind: str, preset: str, size: str | None, out: Path) ->
 
 def _evaluate(scorer: Any, data: Path, height: int, width: int, out_dir: Path) -> dict[str, float | None]:
     from pouta.edge.contract.preprocess import Preprocessor
-    from pouta.trainer.data import open_dataset
+    from pouta.trainer.data.readers import open_dataset
     from pouta.trainer.evaluate import evaluate
 
     dataset = open_dataset(data, "test")
@@ -189,7 +189,7 @@ def run_accuracy(
     for mod in (
         "pouta.trainer.train",
         "pouta.trainer.evaluate",
-        "pouta.trainer.data",
+        "pouta.trainer.data.readers",
         "pouta.trainer.export",
     ):
         importlib.import_module(mod)

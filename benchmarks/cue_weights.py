@@ -38,7 +38,7 @@ def score_category(checkpoint: Path, category: Path) -> dict[str, list[dict[str,
     import torch
     from pouta.edge.contract.geometry import pooled_max
     from pouta.trainer.checkpoint import load_model
-    from pouta.trainer.data import open_dataset
+    from pouta.trainer.data.readers import open_dataset
     from pouta.trainer.geometry import preprocessor_for_training
 
     model, cfg, info = load_model(checkpoint)

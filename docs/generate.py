@@ -47,7 +47,7 @@ FLAT_COMMANDS = (
     ("pouta-bench", "pouta.benchmarks.cli", "main"),
     ("pouta-cost", "pouta.trainer.models.cost", "main"),
     ("pouta-demo", "pouta.trainer.demo", "main"),
-    ("pouta-demo-data", "pouta.trainer.demo_data", "main"),
+    ("pouta-demo-data", "pouta.trainer.data.demo_data", "main"),
 )
 _OWN = {"help", "set", "print_config", "config"}
 
@@ -291,7 +291,7 @@ def schemas() -> Iterator[tuple[str, str, list[Key]]]:
     """(command, how its settings are given, keys) for every command with a settings schema."""
     from pouta.edge.config import run_schema
     from pouta.trainer.models import ModelConfig
-    from pouta.trainer.synthesis import SynthesisConfig
+    from pouta.trainer.synthesis.anomalies import SynthesisConfig
     from pouta.trainer.train_config import train_schema
 
     run = run_schema()

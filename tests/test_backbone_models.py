@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from pouta.edge.contract.errors import ConfigError
 from pouta.trainer.checkpoint import load_model, save_checkpoint
-from pouta.trainer.demo_data import make_demo_dataset
+from pouta.trainer.data.demo_data import make_demo_dataset
 from pouta.trainer.export import export_onnx
 from pouta.trainer.models import KINDS, MODEL_KINDS, build_model, preset_config
 from pouta.trainer.models.backbone import Backbone, lite0_weights_path
@@ -239,8 +239,8 @@ def test_pouta_train_features_cli_end_to_end(tmp_path: Path) -> None:
 def test_real_defects_are_used_as_they_are_and_pasted_on_good_parts(tmp_path: Path) -> None:
     from pouta.edge.contract.errors import ConfigError as CfgError
     from pouta.edge.contract.preprocess import Preprocessor
-    from pouta.trainer.synthesis import AnomalySynthesizer, SynthesisConfig
-    from pouta.trainer.training_set import REAL_DEFECT_PROBABILITY, TrainingSet, real_defects
+    from pouta.trainer.data.training_set import REAL_DEFECT_PROBABILITY, TrainingSet, real_defects
+    from pouta.trainer.synthesis.anomalies import AnomalySynthesizer, SynthesisConfig
 
     cat = _textures(tmp_path)
     pre = Preprocessor(64, 64)
@@ -275,9 +275,9 @@ def test_real_defects_are_used_as_they_are_and_pasted_on_good_parts(tmp_path: Pa
 
 
 def test_size_auto_gives_backbone_kinds_multiples_of_32(tmp_path: Path) -> None:
+    from pouta.trainer.data.training_set import resolve_geometry
     from pouta.trainer.train import parser
     from pouta.trainer.train_config import build_config, model_config_from
-    from pouta.trainer.training_set import resolve_geometry
 
     paths = []
     for i in range(2):

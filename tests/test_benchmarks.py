@@ -283,8 +283,8 @@ def test_quality_splits_and_recall_at_zero_false_rejects() -> None:
 def test_few_defects_rows_never_score_their_training_defects(tmp_path: Path) -> None:
     from pouta.benchmarks.quality import few_defects_split, split_of
     from pouta.edge.contract.preprocess import Preprocessor
-    from pouta.trainer.demo_data import make_demo_dataset
-    from pouta.trainer.training_set import real_defects
+    from pouta.trainer.data.demo_data import make_demo_dataset
+    from pouta.trainer.data.training_set import real_defects
 
     cat = make_demo_dataset(tmp_path / "src", n_train=4, n_test_good=4, n_test_defect=8, size=64)
     data, defects = few_defects_split(cat, 3, tmp_path / "row")
@@ -301,8 +301,8 @@ def test_cue_weights_rescore_each_image_as_the_model_does_and_choose_on_validati
     from pouta.benchmarks import cue_weights
     from pouta.edge.contract.preprocess import Preprocessor
     from pouta.trainer.checkpoint import load_model, save_checkpoint
-    from pouta.trainer.data import open_dataset
-    from pouta.trainer.demo_data import make_demo_dataset
+    from pouta.trainer.data.demo_data import make_demo_dataset
+    from pouta.trainer.data.readers import open_dataset
     from pouta.trainer.evaluate import evaluate, torch_scorer
     from pouta.trainer.models import build_model, preset_config
 

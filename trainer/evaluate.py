@@ -35,7 +35,7 @@ from pouta.edge.contract.overlay import draw_overlay, to_bgr8
 from pouta.edge.contract.preprocess import Preprocessor
 from pouta.edge.contract.settings import add_config_args, hw_arg, settings_or_exit
 
-from .data import InspectionDataset, open_dataset
+from .data.readers import InspectionDataset, open_dataset
 from .metrics import aupro, average_precision, pixel_metrics, roc_auc
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from pouta.edge.contract.settings import Schema, merge, parse_hw, parse_sets, re
 
 from .geometry import AUTO_WIDTHS, cue_setting, map_blur_setting, width_setting
 from .models import BACKBONE_KINDS, ModelConfig, preset_config
-from .synthesis import SynthesisConfig
+from .synthesis.anomalies import SynthesisConfig
 
 PRESETS = ("tiny", "paper")
 # Training defaults a kind needs other than the preset's (PRN: the paper's weight decay).

@@ -193,7 +193,7 @@ def make_demo_dataset(
         f"{'grayscale' if grayscale else 'colour'}, seed {seed}.\n"
         f"train/good: {n_train}; test/good: {n_test_good}; "
         f"test/<{'|'.join(defect_types)}>: {n_test_defect} each, masks in ground_truth/.\n"
-        "Made by pouta-demo-data (pouta.trainer.demo_data).\n"
+        "Made by pouta-demo-data (pouta.trainer.data.demo_data).\n"
     )
     return root
 

@@ -2,7 +2,7 @@
 images with synthetic anomalies, as torch tensors) and the deterministic batch order.
 
 Only training imports this module (it needs torch); synthesis itself, grids and the
-calibration tools use ``pouta.trainer.synthesis``, which does not.
+calibration tools use ``pouta.trainer.synthesis.anomalies``, which does not.
 """
 
 from __future__ import annotations
@@ -21,18 +21,18 @@ from pouta.edge.contract.errors import ConfigError, ImageReadError
 from pouta.edge.contract.preprocess import Preprocessor, read_image
 from torch.utils.data import Dataset
 
-from .augment import rotate_image
-from .geometry import (
+from ..geometry import (
     AUTO_WIDTHS,
     TILED_DISC_WIDEN,
     choose_geometry,
     preprocessor_for_training,
     scan_images,
 )
-from .models import ModelConfig
-from .models.config import BACKBONE_KINDS, BACKBONE_SIZE_MULTIPLE, SIZE_MULTIPLE
-from .synthesis import AnomalySynthesizer, SynthesisConfig
-from .train_config import resolve_auto_model
+from ..models import ModelConfig
+from ..models.config import BACKBONE_KINDS, BACKBONE_SIZE_MULTIPLE, SIZE_MULTIPLE
+from ..synthesis.anomalies import AnomalySynthesizer, SynthesisConfig
+from ..synthesis.augment import rotate_image
+from ..train_config import resolve_auto_model
 
 MIN_SAMPLES_PER_EPOCH = 128  # small sets: fewer worker restarts (one per epoch)
 HELD_OUT_SHARE = 0.15
@@ -250,7 +250,7 @@ def single_threaded_opencv() -> None:
 
 
 def training_paths(cfg: dict[str, Any]) -> list[Path]:
-    from .data import open_dataset
+    from .readers import open_dataset
 
     d = cfg["data"]
     if not d["root"]:
@@ -315,7 +315,7 @@ def real_defects(folder: str | None, pre: Preprocessor) -> list[tuple[np.ndarray
     ``<type>/`` with ``ground_truth/<type>/<name>_mask.png``), at work size."""
     if not folder:
         return []
-    from .data import open_dataset
+    from .readers import open_dataset
 
     root = Path(folder)
     ds = (

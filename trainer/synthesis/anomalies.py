@@ -13,7 +13,7 @@ A share ``1 - anomaly_prob`` of samples stays normal (M = 0, image unchanged).
 Every random choice is drawn from the ``np.random.Generator`` passed in, so a sample is a
 pure function of that generator's seed. ``TrainingSet`` seeds it with (seed, epoch,
 index): batches are reproducible after a resume and independent of DataLoader workers.
-``pouta.trainer.training_set.TrainingSet`` (which needs torch) serves the samples.
+``pouta.trainer.data.training_set.TrainingSet`` (which needs torch) serves the samples.
 """
 
 from __future__ import annotations
