@@ -22,7 +22,7 @@ from typing import Any
 from pouta.edge.contract import settings
 from pouta.edge.contract.errors import ConfigError
 
-from . import accuracy, cost, cue_weights, endtoend, latency, quality, report, report_charts, synthetic
+from . import report, report_charts, synthetic
 from .common import (
     DEFAULT_DATA,
     Result,
@@ -34,6 +34,7 @@ from .common import (
     to_jsonable,
     usable_cores,
 )
+from .sections import accuracy, cost, cue_weights, endtoend, latency, quality
 from .timing import TimingPlan
 
 # "quality" trains models per real category (hours on a CPU) and "cue-weights" rescores its

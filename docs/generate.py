@@ -410,7 +410,7 @@ def quality_split_table() -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
 
-    from pouta.benchmarks.quality import row_metric
+    from pouta.benchmarks.sections.quality import row_metric
 
     def split(r: dict[str, Any], name: str, metric: str) -> str:
         return _f3(row_metric(r, f"{name}/{metric}"))
@@ -500,7 +500,7 @@ def quality_chart_markdown() -> str:
 
 
 def write_quality_chart(path: Path) -> Path:
-    from pouta.benchmarks.quality import chart
+    from pouta.benchmarks.sections.quality import chart
 
     reports = [json.loads(p.read_text(encoding="utf-8")) for p in QUALITY_REPORTS.values()]
     merged = {

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pouta.benchmarks import cli, common, report, timing
-from pouta.benchmarks.accuracy import checkpoint_for
+from pouta.benchmarks.sections.accuracy import checkpoint_for
 
 
 def _has(module: str) -> bool:
@@ -93,7 +93,7 @@ def test_quick_accuracy_and_endtoend(quick_run: tuple[dict, Path, float]) -> Non
         assert isinstance(acc["rows"]["pouta-int8-ort"]["image_auroc"], float)
         assert acc["latency_b1"]["pouta-int8"]["median_ms"] > 0
     e2e = res["sections"]["e2e"]
-    if not _has("pouta.benchmarks.runtime_overhead"):
+    if not _has("pouta.benchmarks.sections.runtime_overhead"):
         assert e2e["status"] == "unavailable"
     else:
         assert e2e["status"] == "ok", e2e
@@ -172,7 +172,7 @@ def test_module_entry_point_help() -> None:
 
 
 def test_train_command_uses_flags_the_trainer_has(tmp_path: Path) -> None:
-    from pouta.benchmarks.accuracy import train_command
+    from pouta.benchmarks.sections.accuracy import train_command
 
     cmd = train_command(tmp_path / "data", "pouta", "tiny", 8.0, 100, tmp_path / "out", 0, "128x128")
     proc = subprocess.run([*cmd[:3], "--help"], capture_output=True, text=True, timeout=120)
@@ -226,7 +226,7 @@ def test_quality_section_trains_and_tabulates_every_category(tmp_path: Path) -> 
     assert [r["image_auroc"] for r in again["rows"]] == [r["image_auroc"] for r in sec["rows"]]
     assert all(r["train_command"].startswith("/other/venv/") for r in again["rows"])
     # Another code version (an edited default) or another command is not reused.
-    from pouta.benchmarks.quality import code_fingerprint, reusable
+    from pouta.benchmarks.sections.quality import code_fingerprint, reusable
 
     row = again["rows"][0]
     cmd = [sys.executable, *shlex.split(row["train_command"])[1:]]
@@ -236,7 +236,7 @@ def test_quality_section_trains_and_tabulates_every_category(tmp_path: Path) -> 
 
 
 def test_tiling_cost_compares_the_auto_tiling_with_the_whole_image(tmp_path: Path) -> None:
-    from pouta.benchmarks import tiling_cost
+    from pouta.benchmarks.sections import tiling_cost
 
     source = (460, 1130)  # bsd_type2's frames: auto tiling keeps the short side two tiles long
     paths = tiling_cost.export_pair(tmp_path, source)
@@ -262,7 +262,7 @@ def test_tiling_cost_compares_the_auto_tiling_with_the_whole_image(tmp_path: Pat
 
 
 def test_quality_splits_and_recall_at_zero_false_rejects() -> None:
-    from pouta.benchmarks.quality import split_metrics, split_of
+    from pouta.benchmarks.sections.quality import split_metrics, split_of
 
     paths = [f"/d/cat/test/{t}/{i:03d}.png" for t in ("good", "crack") for i in range(60)]
     assert {split_of(p) for p in paths} == {"val", "report"}
@@ -281,7 +281,7 @@ def test_quality_splits_and_recall_at_zero_false_rejects() -> None:
 
 
 def test_few_defects_rows_never_score_their_training_defects(tmp_path: Path) -> None:
-    from pouta.benchmarks.quality import few_defects_split, split_of
+    from pouta.benchmarks.sections.quality import few_defects_split, split_of
     from pouta.edge.contract.preprocess import Preprocessor
     from pouta.trainer.data.demo_data import make_demo_dataset
     from pouta.trainer.data.training_set import real_defects
@@ -298,7 +298,7 @@ def test_few_defects_rows_never_score_their_training_defects(tmp_path: Path) -> 
 
 def test_cue_weights_rescore_each_image_as_the_model_does_and_choose_on_validation(tmp_path: Path) -> None:
     import torch
-    from pouta.benchmarks import cue_weights
+    from pouta.benchmarks.sections import cue_weights
     from pouta.edge.contract.preprocess import Preprocessor
     from pouta.trainer.checkpoint import load_model, save_checkpoint
     from pouta.trainer.data.demo_data import make_demo_dataset

@@ -362,7 +362,7 @@ def test_real_int8_plan_from_the_qdq_file(brightness_onnx: Path, tmp_path: Path)
 
 
 def test_bench_runtime_smoke(brightness_onnx: Path) -> None:
-    from pouta.benchmarks.runtime_overhead import measure_overhead
+    from pouta.benchmarks.sections.runtime_overhead import measure_overhead
 
     r = measure_overhead(brightness_onnx, frames=20, fsync=False)
     d = r["drop_test"]

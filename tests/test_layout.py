@@ -51,6 +51,11 @@ OLD_FLAT = {
         "package": "data synthesis",
         "gone": "augment defect_modes demo_data textures training_set",
     },
+    "benchmarks": {
+        "module": "artifacts cli common models report report_charts synthetic timing",
+        "package": "",
+        "gone": "accuracy cost cue_weights endtoend latency liveview_load quality runtime_overhead tiling_cost",
+    },
 }
 OLD_CASES = [
     (top, kind, name)
@@ -62,6 +67,7 @@ SUBPACKAGES = {
     "edge": ("contract", "backends", "sources", "sinks", "liveview"),
     "calibration": ("thresholds", "artifacts", "engines"),
     "trainer": ("data", "synthesis", "models"),
+    "benchmarks": ("sections",),
 }
 # The model registry is the models package's API (``build_model``, ``KINDS``), as in timm.
 REGISTRY_INITS = {"trainer/models/__init__.py"}
@@ -132,8 +138,8 @@ def _text_files() -> list[Path]:
     return out
 
 
-DOTTED = re.compile(r"\bpouta\.(edge|calibration|trainer)((?:\.\w+)+)")
-FROM_TOP = re.compile(r"\bfrom pouta\.(edge|calibration|trainer) import ([\w ,]+)")
+DOTTED = re.compile(r"\bpouta\.(edge|calibration|trainer|benchmarks)((?:\.\w+)+)")
+FROM_TOP = re.compile(r"\bfrom pouta\.(edge|calibration|trainer|benchmarks) import ([\w ,]+)")
 
 
 def _resolves(dotted: str) -> bool:

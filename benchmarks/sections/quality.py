@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..common import Result, log
 from .accuracy import run_training
-from .common import Result, log
 
 KINDS = ("pouta", "vanilla", "prn", "features", "prn+defects")
 FEW_DEFECTS = 5  # real defective parts a "+defects" row trains on (taken out of the test set)

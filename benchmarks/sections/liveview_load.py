@@ -1,6 +1,6 @@
 """Does watching slow inspection? fps with N live-view clients vs none.
 
-``python -m pouta.benchmarks.liveview_load [--model M.onnx] [--clients 5] [--seconds 8] [--rounds 3]``
+``python -m pouta.benchmarks.sections.liveview_load [--model M.onnx] [--clients 5] [--seconds 8] [--rounds 3]``
 
 The edge pipeline replays in-memory frames (``block`` policy: fps is what the runtime
 sustains) with the files sink, the live view and the metrics sink attached, in
@@ -31,8 +31,8 @@ import numpy as np
 def default_model(work: Path, size: int = 128) -> Path:
     from pouta.calibration.cli import calibrate_main
 
-    from . import models
-    from .synthetic import make_image_folder
+    from .. import models
+    from ..synthetic import make_image_folder
 
     model, cfg = models.random_model("tiny", size, size)
     path = models.export(model, cfg, work / "tiny.onnx", size, size)
@@ -43,7 +43,7 @@ def default_model(work: Path, size: int = 128) -> Path:
 
 
 def frames(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
-    from .synthetic import _defect, _part
+    from ..synthetic import _defect, _part
 
     rng = np.random.default_rng(seed)
     out = []
@@ -76,7 +76,7 @@ def one_run(
     proc = None
     try:
         if clients:
-            cmd = [sys.executable, "-m", "pouta.benchmarks.liveview_load", "--client", server.url]
+            cmd = [sys.executable, "-m", "pouta.benchmarks.sections.liveview_load", "--client", server.url]
             proc = subprocess.Popen([*cmd, "--clients", str(clients)], stdout=subprocess.PIPE, text=True)
             time.sleep(1.0)  # clients connected and streaming before the timed run starts
         s = pipe.run()
@@ -149,7 +149,7 @@ async def _clients(base: str, n: int) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m pouta.benchmarks.liveview_load", description=__doc__.splitlines()[0]
+        prog="python -m pouta.benchmarks.sections.liveview_load", description=__doc__.splitlines()[0]
     )
     ap.add_argument(
         "--model", type=Path, help="contract ONNX with calibrated thresholds (default: tiny POUTA)"

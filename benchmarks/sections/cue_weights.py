@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import Result, log
+from ..common import Result, log
 from .quality import SPLIT_METRICS, SPLITS, find_categories, split_metrics
 
 HEAD_WEIGHTS = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0)

@@ -4,7 +4,7 @@ The folder is replayed through the runtime's own ``Pipeline`` (threaded acquire 
 infer -> write, ``block`` policy so no frame is dropped and fps is what the runtime
 sustains). The pipeline times preprocess, backend, postprocess and write itself; the
 source's read (file decode) is timed here by wrapping the source. Then
-``pouta.benchmarks.runtime_overhead.measure_overhead`` adds its view: overhead over the pure
+``pouta.benchmarks.sections.runtime_overhead.measure_overhead`` adds its view: overhead over the pure
 backend call, and the drop test (camera faster than inference).
 """
 
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .common import Result, error_line, log
+from ..common import Result, error_line, log
 
 STAGES = ("source", "preprocess", "backend", "postprocess", "write")
 # Pipeline stat name -> stage name in the report.
@@ -123,7 +123,7 @@ def replay(model: Path, frames: Path, threads: int, max_frames: int, out_dir: Pa
 
 
 def overhead(model: Path, threads: int, frames: int) -> Result:
-    from pouta.benchmarks.runtime_overhead import measure_overhead
+    from pouta.benchmarks.sections.runtime_overhead import measure_overhead
 
     raw = measure_overhead(model, frames=frames, threads=threads)
     keep = (

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from . import artifacts, models
-from .common import (
+from .. import artifacts, models
+from ..common import (
     KINDS,
     PAPER_LATENCY_RATIO,
     TARGET_INT8_RATIO,
@@ -31,7 +31,7 @@ from .common import (
     log,
     ratio,
 )
-from .timing import Step, TimingPlan, interleaved, paired_ratio
+from ..timing import Step, TimingPlan, interleaved, paired_ratio
 
 # Calibration images for the latency section's INT8 files: their speed does not depend on
 # how well they are calibrated, and 128 paper-size images take minutes on a 2-core CPU.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import models
-from .common import (
+from .. import models
+from ..common import (
     PAPER,
     TARGET_FLOP_RATIO,
     TARGET_PARAMS_TOL,

@@ -18,9 +18,9 @@ from typing import Any
 
 from pouta.edge.contract.settings import parse_hw
 
-from . import artifacts, models
-from .common import KINDS, Result, error_line, latency_stats, log, progress, ratio, skipped
-from .timing import TimingPlan, interleaved
+from .. import artifacts, models
+from ..common import KINDS, Result, error_line, latency_stats, log, progress, ratio, skipped
+from ..timing import TimingPlan, interleaved
 
 # model.pt is the trainer's final checkpoint; last.pt is its resumable one (same weights at the end).
 CHECKPOINT_NAMES = ("model.pt", "last.pt", "last.ckpt", "best.pt", "best.ckpt", "checkpoint.pt")

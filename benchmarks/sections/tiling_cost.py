@@ -1,6 +1,6 @@
 """What tiling costs at run time: ms per frame of a tiled model vs the whole-image model.
 
-``python -m pouta.benchmarks.tiling_cost [--source-size 460 1130] [--frames 40] [--rounds 3]``
+``python -m pouta.benchmarks.sections.tiling_cost [--source-size 460 1130] [--frames 40] [--rounds 3]``
 
 ``whole`` and ``tiled`` are the same randomly initialised ``tiny`` POUTA (speed does not
 depend on the weights), exported once as a whole-image 128x128 input and once with the
@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from . import models
+from .. import models
 
 
 def export_pair(work: Path, source_hw: tuple[int, int], size: int = 128) -> dict[str, Path]:
@@ -92,7 +92,7 @@ def compare(paths: dict[str, Path], source_hw: tuple[int, int], frames: int, rou
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m pouta.benchmarks.tiling_cost", description=__doc__.splitlines()[0]
+        prog="python -m pouta.benchmarks.sections.tiling_cost", description=__doc__.splitlines()[0]
     )
     ap.add_argument("--source-size", type=int, nargs=2, default=(460, 1130), metavar=("H", "W"))
     ap.add_argument("--frames", type=int, default=40, help="frames per measurement")

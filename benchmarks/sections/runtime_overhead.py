@@ -7,7 +7,7 @@ where the source runs faster than inference with ``drop-oldest``: every part acq
 must have its result file, a dropped one with verdict NOT_INSPECTED (parts without a
 record = 0).
 
-    python -m pouta.benchmarks.runtime_overhead MODEL.onnx --frames 300
+    python -m pouta.benchmarks.sections.runtime_overhead MODEL.onnx --frames 300
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def measure_overhead(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m pouta.benchmarks.runtime_overhead", description=__doc__.splitlines()[0]
+        prog="python -m pouta.benchmarks.sections.runtime_overhead", description=__doc__.splitlines()[0]
     )
     ap.add_argument("model")
     ap.add_argument("--frames", type=int, default=300)
