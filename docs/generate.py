@@ -35,6 +35,7 @@ SPLIT_REPORT = REPORTS / "quality-10min-cpu-2core" / "pretrained" / "quality.jso
 BENCH_REPORT = REPORTS / "cpu-2core-avx2" / "results.json"
 ACCURACY_REPORT = REPORTS / "cpu-2core-avx2" / "accuracy-e2e" / "results.json"
 TILING_REPORT = REPORTS / "tiling-cost-cpu-2core" / "result.json"
+CUE_WEIGHTS_REPORT = REPORTS / "cue-weights-prn-cpu-2core" / "cue_weights.json"
 MARKER = re.compile(r"^<!-- generated: ([a-z-]+) -->$", re.M)
 
 # Commands whose flat options are their settings (``--set NAME=VALUE``, ``--config``):
@@ -435,6 +436,13 @@ def quality_split_table() -> str:
     return "\n".join(lines)
 
 
+def cue_weights_table() -> str:
+    """PRN's head weight per split, as ``pouta-bench --sections cue-weights`` tabulates it."""
+    from pouta.benchmarks.sections.cue_weights import markdown
+
+    return "\n".join(markdown(json.loads(CUE_WEIGHTS_REPORT.read_text(encoding="utf-8"))))
+
+
 def bench_targets() -> str:
     res = json.loads(BENCH_REPORT.read_text(encoding="utf-8"))
     lines = ["| target | measured | met |", "|---|---|---|"]
@@ -519,6 +527,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "quality-table": quality_table,
     "quality-split-table": quality_split_table,
     "quality-chart": quality_chart_markdown,
+    "cue-weights-table": cue_weights_table,
     "bench-targets": bench_targets,
     "accuracy-table": accuracy_table,
     "tiling-table": tiling_table,

@@ -334,3 +334,17 @@ def test_cue_weights_rescore_each_image_as_the_model_does_and_choose_on_validati
     assert val[f"{res['chosen']:g}"] == best
     md = (tmp_path / "out" / "cue_weights.md").read_text(encoding="utf-8")
     assert f"head weight **{res['chosen']:g}**" in md and "| stored |" in md
+
+
+def test_prn_ships_the_head_weight_its_committed_validation_report_chose() -> None:
+    from pouta.benchmarks.sections import cue_weights
+    from pouta.trainer.models.prn import HEAD_WEIGHT
+
+    path = (
+        Path(__file__).resolve().parents[1] / "benchmarks/reports/cue-weights-prn-cpu-2core/cue_weights.json"
+    )
+    res = json.loads(path.read_text(encoding="utf-8"))
+    assert (
+        cue_weights.summarise(res["categories"])["chosen"] == res["chosen"]
+    )  # chosen on val, as the code says
+    assert res["chosen"] == HEAD_WEIGHT

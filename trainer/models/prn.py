@@ -51,7 +51,7 @@ PROTOTYPE_SHARE = 4  # prototypes per scale = memory_size / this
 # The learned head's share of the fused map (the patch distance gets the rest), chosen on
 # the validation split by ``pouta-bench --sections cue-weights``: a fixed share, because the
 # head's steadiness on a few held-out good parts says little about how well it ranks defects.
-HEAD_WEIGHT = 0.6
+HEAD_WEIGHT = 0.75
 
 
 class WindowAttention(nn.Module):
