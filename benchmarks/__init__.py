@@ -6,4 +6,8 @@
 
 Programmatic use: ``pouta.benchmarks.cli.run(Options(...)) -> dict`` (also written to
 ``<out>/results.json``); ``pouta.benchmarks.report.markdown(results)`` rebuilds the report.
+
+Layout rule: each measurement is a module of ``sections``; what several of them share (the
+models they build, artifacts, timing, synthetic frames, the report and its charts) sits
+here beside ``cli``, which declares the options and sequences the sections.
 """

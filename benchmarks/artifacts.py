@@ -24,7 +24,7 @@ def _artifact(fp32: Path, suffix: str) -> Path:
 
 def int8_unavailable(target: str = "int8") -> str | None:
     try:
-        importlib.import_module("pouta.calibration.quantize")
+        importlib.import_module("pouta.calibration.artifacts.quantize")
         importlib.import_module("pouta.calibration.calibset")
     except ImportError as exc:
         return f"pouta.calibration cannot quantize: {error_line(exc)}"
@@ -74,7 +74,11 @@ def trt_unavailable() -> str | None:
             return "no CUDA device"
     except ImportError:
         pass
-    for mod in ("pouta.edge.tensorrt_backend", "pouta.calibration.tensorrt_build", "pouta.calibration.fp16"):
+    for mod in (
+        "pouta.edge.backends.tensorrt",
+        "pouta.calibration.engines.tensorrt",
+        "pouta.calibration.artifacts.fp16",
+    ):
         try:
             importlib.import_module(mod)
         except ImportError as exc:
@@ -84,7 +88,7 @@ def trt_unavailable() -> str | None:
 
 def fp16_onnx(fp32: Path) -> Path:
     """The FP16 ONNX (FP32 I/O) that strongly typed TensorRT (10+) builds FP16 engines from."""
-    from pouta.calibration.fp16 import convert_to_fp16
+    from pouta.calibration.artifacts.fp16 import convert_to_fp16
 
     out = _artifact(fp32, ".fp16.onnx")
     if not out.is_file():
@@ -95,8 +99,8 @@ def fp16_onnx(fp32: Path) -> Path:
 
 def trt_engine(fp32: Path, precision: str, calib_dir: Path | None, batch: int) -> Path:
     """A TensorRT plan for ``fp32`` at ``precision`` with a fixed batch (min = opt = max)."""
-    from pouta.calibration.tensorrt_build import BuildRequest, build_engine, plan_build, tensorrt_version
-    from pouta.edge.metadata import load_for_model
+    from pouta.calibration.engines.tensorrt import BuildRequest, build_engine, plan_build, tensorrt_version
+    from pouta.edge.contract.metadata import load_for_model
 
     stem = fp32.name[: -len(".onnx")] if fp32.name.endswith(".onnx") else fp32.name
     plan_path = fp32.with_name(f"{stem}.{precision}.b{batch}.plan")
@@ -130,6 +134,6 @@ def trt_engine(fp32: Path, precision: str, calib_dir: Path | None, batch: int) -
 
 
 def trt_backend(fp32: Path, precision: str, calib_dir: Path | None, batch: int) -> Any:
-    from pouta.edge.tensorrt_backend import TensorRTBackend
+    from pouta.edge.backends.tensorrt import TensorRTBackend
 
     return TensorRTBackend(trt_engine(fp32, precision, calib_dir, batch), max_batch=batch)

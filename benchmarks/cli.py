@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pouta.edge import settings
-from pouta.edge.errors import ConfigError
+from pouta.edge.contract import settings
+from pouta.edge.contract.errors import ConfigError
 
-from . import accuracy, cost, endtoend, latency, quality, report, report_charts, synthetic
+from . import report, report_charts, synthetic
 from .common import (
     DEFAULT_DATA,
     Result,
@@ -34,11 +34,13 @@ from .common import (
     to_jsonable,
     usable_cores,
 )
+from .sections import accuracy, cost, cue_weights, endtoend, latency, quality
 from .timing import TimingPlan
 
-# "quality" trains two models per real category (hours on a CPU): only when asked for.
+# "quality" trains models per real category (hours on a CPU) and "cue-weights" rescores its
+# PRNs: only when asked for.
 DEFAULT_SECTIONS = ("cost", "latency", "accuracy", "e2e")
-SECTIONS = (*DEFAULT_SECTIONS, "quality")
+SECTIONS = (*DEFAULT_SECTIONS, "quality", "cue-weights")
 BACKEND_NAMES = (
     "torch-cpu-fp32",
     "torch-cuda-fp32",
@@ -193,8 +195,8 @@ def parser() -> argparse.ArgumentParser:
         "--sections",
         type=_csv_of(SECTIONS),
         default=None,
-        help=f"sections to run (default {','.join(DEFAULT_SECTIONS)}; 'quality' trains POUTA and vanilla "
-        "on every category under --data)",
+        help=f"sections to run (default {','.join(DEFAULT_SECTIONS)}; 'quality' trains --quality-kinds "
+        "on every category under --data; 'cue-weights' rescores its PRNs per head weight)",
     )
     ap.add_argument("--data", type=Path, default=None, help=f"MVTec-layout category (default {DEFAULT_DATA})")
     ap.add_argument(
@@ -372,6 +374,14 @@ def run(opts: Options) -> Result:
         )
         if want("quality") and opts.data is not None
         else skipped("not selected (--sections quality --data ROOT)")
+    )
+    sections["cue-weights"] = (
+        run_isolated(
+            "cue-weights",
+            lambda: cue_weights.run_cue_weights(opts.data, opts.out / "quality", opts.out / "cue-weights"),
+        )
+        if want("cue-weights") and opts.data is not None
+        else skipped("not selected (--sections cue-weights --data ROOT)")
     )
     results["sections"] = sections
     results["targets"] = [

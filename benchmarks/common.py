@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pouta.edge.metadata import ARTIFACT_TOOLS, tool_versions
+from pouta.edge.contract.metadata import ARTIFACT_TOOLS, tool_versions
 
 # Paper Table 5 (224x224, batch 1). FLOPs there are almost certainly MACs (thop style).
 PAPER = {

@@ -80,7 +80,7 @@ def random_model(preset: str, height: int, width: int, **overrides: Any) -> tupl
 
 
 def export(model: Any, cfg: Any, path: Path, height: int, width: int, tiling: Any = None) -> Path:
-    """ONNX + sidecar; ``tiling`` (``pouta.edge.geometry.Tiling``) makes it a tiled model."""
+    """ONNX + sidecar; ``tiling`` (``pouta.edge.contract.geometry.Tiling``) makes it a tiled model."""
     from pouta.trainer.export import export_onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -91,7 +91,7 @@ def markdown(res: Result) -> str:
     lines += _accuracy_md(secs.get("accuracy", {}), res.get("charts", {}))
     lines += _e2e_md(secs.get("e2e", {}))
     if secs.get("quality", {}).get("rows"):
-        from .quality import markdown as quality_md
+        from .sections.quality import markdown as quality_md
 
         lines += ["## Quality over the real categories", "", *quality_md(secs["quality"]), ""]
     return "\n".join(lines) + "\n"

@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
-from pouta.edge.errors import ImageReadError
-from pouta.edge.geometry import FrameGeometry
-from pouta.edge.metadata import INPUT_NAME
-from pouta.edge.preprocess import IMAGE_EXTENSIONS, Preprocessor, is_image_file, read_image
+from pouta.edge.contract.errors import ImageReadError
+from pouta.edge.contract.geometry import FrameGeometry
+from pouta.edge.contract.metadata import INPUT_NAME
+from pouta.edge.contract.preprocess import IMAGE_EXTENSIONS, Preprocessor, is_image_file, read_image
 
 from .errors import CalibrationError
 

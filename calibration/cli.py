@@ -11,17 +11,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pouta.edge.errors import PoutaError
-from pouta.edge.metadata import ModelMetadata, load_for_model, metadata_path
-from pouta.edge.preprocess import preprocessor_for, read_image
-from pouta.edge.settings import add_config_args, dump, resolve_namespace
+from pouta.edge.contract.errors import PoutaError
+from pouta.edge.contract.metadata import ModelMetadata, load_for_model, metadata_path
+from pouta.edge.contract.preprocess import preprocessor_for, read_image
+from pouta.edge.contract.settings import add_config_args, dump, resolve_namespace
 
+from .artifacts.guard import WARN_FLIP_RATE
+from .artifacts.quantize import CALIB_METHODS, DEFAULT_CALIB_METHOD
 from .calibset import DEFAULT_MIN_IMAGES, DEFAULT_N_CALIB, DEFAULT_SYNTHETIC_FRACTION, list_images
-from .errors import CalibrationError
-from .guard import WARN_FLIP_RATE
-from .quantize import CALIB_METHODS, DEFAULT_CALIB_METHOD
-from .steps import CalibOptions, ThresholdOptions, build_portable, calibrate_model, write_sidecar
-from .tensorrt_build import (
+from .engines.tensorrt import (
     DEFAULT_WORKSPACE_MB,
     BuildRequest,
     build_engine,
@@ -29,7 +27,9 @@ from .tensorrt_build import (
     tensorrt_version,
     trtexec_command,
 )
-from .thresholds import (
+from .errors import CalibrationError
+from .steps import CalibOptions, ThresholdOptions, build_portable, calibrate_model, write_sidecar
+from .thresholds.rules import (
     DEFAULT_CONFIDENCE,
     DEFAULT_IMAGE_RULE,
     DEFAULT_IQR_K,

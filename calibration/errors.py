@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pouta.edge.errors import PoutaError
+from pouta.edge.contract.errors import PoutaError
 
 
 class CalibrationError(PoutaError):

@@ -10,11 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from pouta.edge.backend import Backend
-from pouta.edge.geometry import score_frames
+from pouta.edge.backends.protocol import Backend
+from pouta.edge.contract.geometry import score_frames
 
 from .calibset import ImageSet
-from .thresholds import PixelHistogram
+from .thresholds.rules import PixelHistogram
 
 
 @dataclass

@@ -9,17 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pouta.edge.backend import OnnxRuntimeBackend
-from pouta.edge.fsutil import atomic_write_json, sha256_file
-from pouta.edge.metadata import (
+from pouta.edge.backends.onnx_runtime import OnnxRuntimeBackend
+from pouta.edge.contract.fsutil import atomic_write_json, sha256_file
+from pouta.edge.contract.metadata import (
     ModelMetadata,
     Thresholds,
     load_for_model,
     metadata_path,
     operating_point_line,
 )
-from pouta.edge.preprocess import preprocessor_for
+from pouta.edge.contract.preprocess import preprocessor_for
 
+from .artifacts.fp16 import FP16_SUFFIX, convert_to_fp16
+from .artifacts.guard import GuardReport, check_share, compare
+from .artifacts.quantize import CPU_SUFFIX, DEFAULT_CALIB_METHOD, TRT_SUFFIX, artifact_path, quantize_pair
 from .calibset import (
     DEFAULT_MIN_IMAGES,
     DEFAULT_N_CALIB,
@@ -29,15 +32,12 @@ from .calibset import (
     load_image_set,
 )
 from .errors import CalibrationError
-from .fp16 import FP16_SUFFIX, convert_to_fp16
-from .guard import GuardReport, check_share, compare
-from .holdout import Holdout, defect_types, prepare_holdout
-from .operating_point import HeldOut, measure
-from .plots import save_score_histogram
-from .quantize import CPU_SUFFIX, DEFAULT_CALIB_METHOD, TRT_SUFFIX, artifact_path, quantize_pair
-from .report import write_report
 from .scoring import score_set
-from .thresholds import (
+from .thresholds.holdout import Holdout, defect_types, prepare_holdout
+from .thresholds.operating_point import HeldOut, measure
+from .thresholds.plots import save_score_histogram
+from .thresholds.report import write_report
+from .thresholds.rules import (
     DEFAULT_CONFIDENCE,
     DEFAULT_IMAGE_RULE,
     DEFAULT_IQR_K,

@@ -35,6 +35,7 @@ SPLIT_REPORT = REPORTS / "quality-10min-cpu-2core" / "pretrained" / "quality.jso
 BENCH_REPORT = REPORTS / "cpu-2core-avx2" / "results.json"
 ACCURACY_REPORT = REPORTS / "cpu-2core-avx2" / "accuracy-e2e" / "results.json"
 TILING_REPORT = REPORTS / "tiling-cost-cpu-2core" / "result.json"
+CUE_WEIGHTS_REPORT = REPORTS / "cue-weights-prn-cpu-2core" / "cue_weights.json"
 MARKER = re.compile(r"^<!-- generated: ([a-z-]+) -->$", re.M)
 
 # Commands whose flat options are their settings (``--set NAME=VALUE``, ``--config``):
@@ -47,7 +48,7 @@ FLAT_COMMANDS = (
     ("pouta-bench", "pouta.benchmarks.cli", "main"),
     ("pouta-cost", "pouta.trainer.models.cost", "main"),
     ("pouta-demo", "pouta.trainer.demo", "main"),
-    ("pouta-demo-data", "pouta.trainer.demo_data", "main"),
+    ("pouta-demo-data", "pouta.trainer.data.demo_data", "main"),
 )
 _OWN = {"help", "set", "print_config", "config"}
 
@@ -299,7 +300,7 @@ def schemas() -> Iterator[tuple[str, str, list[Key]]]:
     """(command, how its settings are given, keys) for every command with a settings schema."""
     from pouta.edge.config import run_schema
     from pouta.trainer.models import ModelConfig
-    from pouta.trainer.synthesis import SynthesisConfig
+    from pouta.trainer.synthesis.anomalies import SynthesisConfig
     from pouta.trainer.train_config import train_schema
 
     run = run_schema()
@@ -418,7 +419,7 @@ def quality_split_table() -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
 
-    from pouta.benchmarks.quality import row_metric
+    from pouta.benchmarks.sections.quality import row_metric
 
     def split(r: dict[str, Any], name: str, metric: str) -> str:
         return _f3(row_metric(r, f"{name}/{metric}"))
@@ -441,6 +442,13 @@ def quality_split_table() -> str:
                 f"| {_f3(m.get('pixel_auroc'))} | |"
             )
     return "\n".join(lines)
+
+
+def cue_weights_table() -> str:
+    """PRN's head weight per split, as ``pouta-bench --sections cue-weights`` tabulates it."""
+    from pouta.benchmarks.sections.cue_weights import markdown
+
+    return "\n".join(markdown(json.loads(CUE_WEIGHTS_REPORT.read_text(encoding="utf-8"))))
 
 
 def bench_targets() -> str:
@@ -494,7 +502,7 @@ def tiling_table() -> str:
 
 def modbus_registers() -> str:
     """The register map exactly as the Modbus server defines it."""
-    from pouta.edge.modbus_server import REGISTERS
+    from pouta.edge.sinks.modbus import REGISTERS
 
     lines = ["| address | name | words | access | meaning |", "|---|---|---|---|---|"]
     for addr, name, words, access, meaning in REGISTERS:
@@ -508,7 +516,7 @@ def quality_chart_markdown() -> str:
 
 
 def write_quality_chart(path: Path) -> Path:
-    from pouta.benchmarks.quality import chart
+    from pouta.benchmarks.sections.quality import chart
 
     reports = [json.loads(p.read_text(encoding="utf-8")) for p in QUALITY_REPORTS.values()]
     merged = {
@@ -527,6 +535,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "quality-table": quality_table,
     "quality-split-table": quality_split_table,
     "quality-chart": quality_chart_markdown,
+    "cue-weights-table": cue_weights_table,
     "bench-targets": bench_targets,
     "accuracy-table": accuracy_table,
     "tiling-table": tiling_table,

@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .errors import PoutaError, UnavailableError
-from .sources import SourceError
+from .contract.errors import PoutaError, UnavailableError
+from .sources.protocol import SourceError
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -323,7 +323,7 @@ def _print_summary(s: dict[str, Any], out_dir: str) -> None:
             f"wrong {s['labelled'] - s['correct']}"
         )
     if "shadow" in s["sinks"]:
-        from .shadow import summary_line
+        from .sinks.shadow import summary_line
 
         lines.append(summary_line(s["sinks"]["shadow"]))
     lines.append(f"results in {out_dir}  (model {s['model_id']}, {s['backend']})")
@@ -346,7 +346,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     overrides = _run_overrides(a)
     cfg = load_config(a.config, overrides, a.set)
     if a.print_config:
-        from .settings import dump
+        from .contract.settings import dump
 
         print(dump(redacted(cfg)), end="")
         return EXIT_OK
@@ -414,12 +414,12 @@ def _run_pipeline(
         return out
 
     if cfg["http"]["enabled"]:
-        from .liveview_server import attach_http
+        from .liveview.server import attach_http
 
         server = attach_http(pipe, cfg, reload)
     watchdog = SystemdWatchdog()
     try:
-        from .metadata import operating_point_line
+        from .contract.metadata import operating_point_line
 
         op = operating_point_line(pipe.backend.metadata.thresholds, pipe.post.image_threshold)
         if op:
@@ -438,7 +438,7 @@ def _run_pipeline(
             while reloads:
                 try:
                     if reloads.pop() == getattr(signal, "SIGUSR1", None):
-                        from .shadow import promote
+                        from .sinks.shadow import promote
 
                         print(promote(pipe)[1], file=sys.stderr, flush=True)
                         continue
@@ -466,7 +466,7 @@ def _run_pipeline(
     summary["stopped_by"] = stop_reason[0] if stop_reason else None
     _print_summary(summary, cfg["output"]["dir"])
     if a.summary_json:
-        from .fsutil import atomic_write_json
+        from .contract.fsutil import atomic_write_json
 
         atomic_write_json(a.summary_json, summary)
     if pipe.fatal is not None:
@@ -516,9 +516,9 @@ def cmd_capture(a: argparse.Namespace) -> int:
     import cv2
 
     from .config import load_config, make_source
-    from .fsutil import atomic_write_bytes
-    from .overlay import to_bgr8
-    from .sources import FrameTimeout
+    from .contract.fsutil import atomic_write_bytes
+    from .contract.overlay import to_bgr8
+    from .sources.protocol import FrameTimeout
 
     cfg = load_config(None, {"source": _source_overrides(a)})
     src = make_source(cfg["source"])
@@ -554,7 +554,7 @@ def cmd_capture(a: argparse.Namespace) -> int:
 
 
 def cmd_cameras(a: argparse.Namespace) -> int:
-    from .genicam import list_cameras
+    from .sources.genicam import list_cameras
 
     cams = list_cameras(a.cti)
     if not cams:
@@ -580,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "install-service":
             return cmd_install_service(args)
         if args.command == "promote":
-            from .shadow import signal_promote
+            from .sinks.shadow import signal_promote
 
             print(signal_promote(args.pid))
             return EXIT_OK

@@ -11,18 +11,19 @@ from typing import Any
 import yaml
 
 from .auth import read_secret
-from .backend import Backend, open_backend
-from .errors import ConfigError
-from .geometry import Roi
-from .metadata import Thresholds, check_request
+from .backends.protocol import Backend, open_backend
+from .contract.errors import ConfigError
+from .contract.geometry import Roi
+from .contract.metadata import Thresholds, check_request
+from .contract.preprocess import preprocessor_for
+from .contract.settings import Schema, resolve
 from .pipeline import Pipeline
 from .postprocess import PostProcessor
-from .preprocess import preprocessor_for
-from .records import ResultSink
 from .sequence import SequenceCounter
-from .settings import Schema, resolve
-from .sinks import ResultWriter
-from .sources import FrameSource, ImageFolderSource, VideoSource
+from .sinks.files import ResultWriter
+from .sinks.records import ResultSink
+from .sources.protocol import FrameSource
+from .sources.replay import ImageFolderSource, VideoSource
 
 
 def default_config() -> dict[str, Any]:
@@ -40,7 +41,7 @@ def load_config(
     overrides: dict[str, Any] | None = None,
     sets: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Defaults <- YAML ``path`` <- ``--set`` items <- flag ``overrides`` (``pouta.edge.settings``)."""
+    """Defaults <- YAML ``path`` <- ``--set`` items <- flag ``overrides`` (``pouta.edge.contract.settings``)."""
     return resolve(run_schema(), path, sets, overrides)
 
 
@@ -55,7 +56,7 @@ def make_source(scfg: dict[str, Any]) -> FrameSource:
     if kind == "uvc":
         return VideoSource(int(scfg["camera"] or 0))
     if kind == "genicam":
-        from .genicam import GenICamSource
+        from .sources.genicam import GenICamSource
 
         return GenICamSource.from_config(scfg)
     raise ConfigError(
@@ -91,9 +92,9 @@ def check_artifact_hash(path: str | os.PathLike[str], allow_modified: bool = Fal
     file would run with another model's thresholds and id. ``allow_modified`` only warns."""
     import logging
 
-    from .errors import MetadataError
-    from .fsutil import sha256_file
-    from .metadata import load_for_model
+    from .contract.errors import MetadataError
+    from .contract.fsutil import sha256_file
+    from .contract.metadata import load_for_model
 
     p = Path(path)
     if not p.is_file():
@@ -162,7 +163,7 @@ def build_pipeline(cfg: dict[str, Any], source: FrameSource | None = None) -> Pi
 
 def make_shadow(cfg: dict[str, Any]) -> ResultSink:
     """The candidate of ``--shadow``: opened like the live model, same ROI, its own thresholds."""
-    from .shadow import ModelSlot, ShadowSink
+    from .sinks.shadow import ModelSlot, ShadowSink
 
     backend = make_backend({**cfg["model"], "path": cfg["shadow"]["path"]})
     try:
@@ -231,7 +232,7 @@ def make_sinks(cfg: dict[str, Any]) -> list[ResultSink]:
     mb, ua, mq = cfg["modbus"], cfg["opcua"], cfg["mqtt"]
     try:
         if mb["enabled"]:
-            from .modbus_server import ModbusResultServer
+            from .sinks.modbus import ModbusResultServer
 
             sinks.append(
                 ModbusResultServer(
@@ -245,7 +246,7 @@ def make_sinks(cfg: dict[str, Any]) -> list[ResultSink]:
                 )
             )
         if ua["enabled"]:
-            from .opcua_server import OpcUaResultServer
+            from .sinks.opcua import OpcUaResultServer
 
             sinks.append(
                 OpcUaResultServer(
@@ -261,7 +262,7 @@ def make_sinks(cfg: dict[str, Any]) -> list[ResultSink]:
                 )
             )
         if mq["enabled"]:
-            from .mqtt_publisher import MqttPublisher
+            from .sinks.mqtt import MqttPublisher
 
             sinks.append(
                 MqttPublisher(

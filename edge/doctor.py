@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import PoutaError
-from .tensorrt_backend import MIN_TENSORRT
+from .backends.tensorrt import MIN_TENSORRT
+from .contract.errors import PoutaError
 
 L4T_RELEASE = Path("/etc/nv_tegra_release")
 # L4T major release -> JetPack, and what it means here.
@@ -68,7 +68,7 @@ def driver_version() -> tuple[int | None, str]:
         if cuda.cuDriverGetVersion(ctypes.byref(v)) == 0:
             return v.value, lib
     try:
-        from .cuda_memory import import_cudart
+        from .backends.cuda_memory import import_cudart
 
         err, v = import_cudart().cudaDriverGetVersion()
         if int(err) == 0 and v:
@@ -122,7 +122,7 @@ def _package_version(dists: tuple[str, ...], modules: tuple[str, ...]) -> str:
 
 
 def _binding(name: str, modules: tuple[str, ...], dists: tuple[str, ...]) -> Finding:
-    from .cuda_memory import CudaError, open_implementation
+    from .backends.cuda_memory import CudaError, open_implementation
 
     try:
         mem = open_implementation(name)
@@ -181,7 +181,7 @@ def diagnose(plan: Path | None = None, l4t_release: Path = L4T_RELEASE) -> tuple
 
 
 def _open_plan(plan: Path) -> Finding:
-    from .tensorrt_backend import TensorRTBackend
+    from .backends.tensorrt import TensorRTBackend
 
     try:
         backend = TensorRTBackend(plan)

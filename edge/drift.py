@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError
-from .metadata import Thresholds
+from .contract.errors import ConfigError
+from .contract.metadata import Thresholds
 
 log = logging.getLogger("pouta.edge.drift")
 

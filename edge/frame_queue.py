@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
-from .sources import Frame
+from .contract.errors import ConfigError
+from .sources.protocol import Frame
 from .stats import Stats
 
 POLICIES = ("drop-oldest", "block")

@@ -1,7 +1,7 @@
 """source -> preprocess -> backend -> postprocess -> sinks, in threads joined by queues.
 
 Acquisition, inference and result fan-out each have their own thread, and every sink
-has its own worker thread (``fanout``), so a slow disk or a lost broker never stalls the
+has its own worker thread (``sinks.fanout``), so a slow disk or a lost broker never stalls the
 camera or the other sinks. When the camera is faster than inference, the frame queue
 applies the policy: ``drop-oldest`` (the newest part is the one still in front of the
 camera) or ``block`` (back-pressure on the source).
@@ -39,16 +39,16 @@ from typing import Any
 
 import numpy as np
 
-from .backend import Backend
-from .errors import ConfigError, ImageReadError
-from .fanout import SinkWorker
+from .backends.protocol import Backend
+from .contract.errors import ConfigError, ImageReadError
+from .contract.preprocess import Preprocessor
 from .frame_queue import END, FrameQueue, PendingPart
 from .postprocess import NOT_INSPECTED, NonFiniteOutput, PostProcessor
-from .preprocess import Preprocessor
-from .records import PartResult, ResultSink, clean_part_id, utc_iso
 from .sequence import SequenceCounter, SequenceError
-from .shadow import ModelSlot
-from .sources import Frame, FrameSource, FrameTimeout, signal_verdict
+from .sinks.fanout import SinkWorker
+from .sinks.records import PartResult, ResultSink, clean_part_id, utc_iso
+from .sinks.shadow import ModelSlot
+from .sources.protocol import Frame, FrameSource, FrameTimeout, signal_verdict
 from .stats import Stats, percentile, status_line
 
 log = logging.getLogger("pouta.edge.pipeline")

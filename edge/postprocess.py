@@ -14,9 +14,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .errors import ConfigError
-from .geometry import FrameGeometry
-from .metadata import Thresholds
+from .contract.errors import ConfigError
+from .contract.geometry import FrameGeometry
+from .contract.metadata import Thresholds
 
 # The verdict vocabulary of every record, file, register and message.
 OK = "OK"

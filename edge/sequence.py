@@ -21,8 +21,8 @@ import os
 import threading
 from pathlib import Path
 
-from .errors import ConfigError, PoutaError
-from .fsutil import atomic_write_json
+from .contract.errors import ConfigError, PoutaError
+from .contract.fsutil import atomic_write_json
 
 log = logging.getLogger("pouta.edge.sequence")
 

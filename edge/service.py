@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
+from .contract.errors import ConfigError
 
 if TYPE_CHECKING:
     from .drift import ScoreDrift
@@ -182,7 +182,7 @@ def install_service(
     )
     if dry_run:
         return text
-    from .fsutil import atomic_write_text
+    from .contract.fsutil import atomic_write_text
 
     target = Path(unit_dir) / f"{name}.service"
     try:
@@ -208,8 +208,8 @@ def reload_thresholds(
     """Re-read the config and the model's sidecar; swap in a post-processor with the new
     thresholds. Raises ``PoutaError`` (and changes nothing) when either is invalid."""
     from .config import load_config, make_postprocessor
+    from .contract.metadata import load_for_model
     from .drift import calibration_median
-    from .metadata import load_for_model
 
     cfg = load_config(config, overrides, sets)
     model = cfg["model"]["path"]

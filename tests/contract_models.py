@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from pouta.edge.metadata import (
+from pouta.edge.contract.metadata import (
     INPUT_NAME,
     OUTPUT_ANOMALY_MAP,
     OUTPUT_SCORE,

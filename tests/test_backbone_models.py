@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from pouta.edge.errors import ConfigError
+from pouta.edge.contract.errors import ConfigError
 from pouta.trainer.checkpoint import load_model, save_checkpoint
-from pouta.trainer.demo_data import make_demo_dataset
+from pouta.trainer.data.demo_data import make_demo_dataset
 from pouta.trainer.export import export_onnx
 from pouta.trainer.models import BACKBONE_KINDS, KINDS, MODEL_KINDS, build_model, preset_config
 from pouta.trainer.models.backbone import Backbone, lite0_weights_path
 from pouta.trainer.models.features import greedy_coreset
-from pouta.trainer.models.prn import WindowAttention, prn_loss
+from pouta.trainer.models.prn import HEAD_WEIGHT, WindowAttention, prn_loss
 
 torch.set_num_threads(2)
 
@@ -179,7 +179,7 @@ def test_prn_prototypes_residuals_training_and_checkpoint(tmp_path: Path) -> Non
         losses.append(float(loss.total.detach()))
     assert losses[-1] < 0.7 * losses[0]
     scales, weights = model.fit_cues([train[18:]])
-    assert abs(sum(weights) - 1) < 1e-6 and min(scales) > 0
+    assert weights == (HEAD_WEIGHT, 1 - HEAD_WEIGHT) and min(scales) > 0
     model.eval()
     path = save_checkpoint(tmp_path / "prn.pt", model, model.cfg)
     loaded, lcfg, _ = load_model(path)
@@ -237,10 +237,10 @@ def test_pouta_train_features_cli_end_to_end(tmp_path: Path) -> None:
 
 
 def test_real_defects_are_used_as_they_are_and_pasted_on_good_parts(tmp_path: Path) -> None:
-    from pouta.edge.errors import ConfigError as CfgError
-    from pouta.edge.preprocess import Preprocessor
-    from pouta.trainer.synthesis import AnomalySynthesizer, SynthesisConfig
-    from pouta.trainer.training_set import REAL_DEFECT_PROBABILITY, TrainingSet, real_defects
+    from pouta.edge.contract.errors import ConfigError as CfgError
+    from pouta.edge.contract.preprocess import Preprocessor
+    from pouta.trainer.data.training_set import REAL_DEFECT_PROBABILITY, TrainingSet, real_defects
+    from pouta.trainer.synthesis.anomalies import AnomalySynthesizer, SynthesisConfig
 
     cat = _textures(tmp_path)
     pre = Preprocessor(64, 64)
@@ -275,9 +275,9 @@ def test_real_defects_are_used_as_they_are_and_pasted_on_good_parts(tmp_path: Pa
 
 
 def test_size_auto_gives_backbone_kinds_multiples_of_32(tmp_path: Path) -> None:
+    from pouta.trainer.data.training_set import resolve_geometry
     from pouta.trainer.train import parser
     from pouta.trainer.train_config import build_config, model_config_from
-    from pouta.trainer.training_set import resolve_geometry
 
     paths = []
     for i in range(2):

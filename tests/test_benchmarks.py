@@ -11,9 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pouta.benchmarks import cli, common, report, timing
-from pouta.benchmarks.accuracy import checkpoint_for
+from pouta.benchmarks.sections.accuracy import checkpoint_for
 
 
 def _has(module: str) -> bool:
@@ -54,7 +55,7 @@ def test_quick_latency_measures_both_models_per_backend(quick_run: tuple[dict, P
     assert lat["status"] == "ok", lat
     measured = [n for n, be in lat["backends"].items() if be["status"] == "ok"]
     assert {"torch-cpu-fp32", "ort-cpu-fp32"} <= set(measured), lat["backends"]
-    if _has("pouta.calibration.quantize"):
+    if _has("pouta.calibration.artifacts.quantize"):
         assert "ort-cpu-int8" in measured, lat["backends"]["ort-cpu-int8"]
     for name in measured:
         for b in ("1", "2"):
@@ -92,7 +93,7 @@ def test_quick_accuracy_and_endtoend(quick_run: tuple[dict, Path, float]) -> Non
         assert isinstance(acc["rows"]["pouta-int8-ort"]["image_auroc"], float)
         assert acc["latency_b1"]["pouta-int8"]["median_ms"] > 0
     e2e = res["sections"]["e2e"]
-    if not _has("pouta.benchmarks.runtime_overhead"):
+    if not _has("pouta.benchmarks.sections.runtime_overhead"):
         assert e2e["status"] == "unavailable"
     else:
         assert e2e["status"] == "ok", e2e
@@ -171,7 +172,7 @@ def test_module_entry_point_help() -> None:
 
 
 def test_train_command_uses_flags_the_trainer_has(tmp_path: Path) -> None:
-    from pouta.benchmarks.accuracy import train_command
+    from pouta.benchmarks.sections.accuracy import train_command
 
     cmd = train_command(tmp_path / "data", "pouta", "tiny", 8.0, 100, tmp_path / "out", 0, "128x128")
     proc = subprocess.run([*cmd[:3], "--help"], capture_output=True, text=True, timeout=120)
@@ -225,7 +226,7 @@ def test_quality_section_trains_and_tabulates_every_category(tmp_path: Path) -> 
     assert [r["image_auroc"] for r in again["rows"]] == [r["image_auroc"] for r in sec["rows"]]
     assert all(r["train_command"].startswith("/other/venv/") for r in again["rows"])
     # Another code version (an edited default) or another command is not reused.
-    from pouta.benchmarks.quality import code_fingerprint, reusable
+    from pouta.benchmarks.sections.quality import code_fingerprint, reusable
 
     row = again["rows"][0]
     cmd = [sys.executable, *shlex.split(row["train_command"])[1:]]
@@ -235,7 +236,7 @@ def test_quality_section_trains_and_tabulates_every_category(tmp_path: Path) -> 
 
 
 def test_tiling_cost_compares_the_auto_tiling_with_the_whole_image(tmp_path: Path) -> None:
-    from pouta.benchmarks import tiling_cost
+    from pouta.benchmarks.sections import tiling_cost
 
     source = (460, 1130)  # bsd_type2's frames: auto tiling keeps the short side two tiles long
     paths = tiling_cost.export_pair(tmp_path, source)
@@ -253,7 +254,7 @@ def test_tiling_cost_compares_the_auto_tiling_with_the_whole_image(tmp_path: Pat
         (t["pre_post_ms_per_frame"] - w["pre_post_ms_per_frame"]) / 20, abs=1e-3
     )
     # the default tiled model is the one with the wider discriminator, cut into the same tiles
-    from pouta.edge.metadata import load_for_model
+    from pouta.edge.contract.metadata import load_for_model
 
     widths = {k: load_for_model(p).model_config["disc_widths"] for k, p in paths.items()}
     assert widths == {"whole": [16, 16, 32, 32], "tiled": [16, 16, 32, 32], "tiled_auto": [32, 32, 64, 64]}
@@ -261,7 +262,7 @@ def test_tiling_cost_compares_the_auto_tiling_with_the_whole_image(tmp_path: Pat
 
 
 def test_quality_splits_and_recall_at_zero_false_rejects() -> None:
-    from pouta.benchmarks.quality import split_metrics, split_of
+    from pouta.benchmarks.sections.quality import split_metrics, split_of
 
     paths = [f"/d/cat/test/{t}/{i:03d}.png" for t in ("good", "crack") for i in range(60)]
     assert {split_of(p) for p in paths} == {"val", "report"}
@@ -280,10 +281,10 @@ def test_quality_splits_and_recall_at_zero_false_rejects() -> None:
 
 
 def test_few_defects_rows_never_score_their_training_defects(tmp_path: Path) -> None:
-    from pouta.benchmarks.quality import few_defects_split, split_of
-    from pouta.edge.preprocess import Preprocessor
-    from pouta.trainer.demo_data import make_demo_dataset
-    from pouta.trainer.training_set import real_defects
+    from pouta.benchmarks.sections.quality import few_defects_split, split_of
+    from pouta.edge.contract.preprocess import Preprocessor
+    from pouta.trainer.data.demo_data import make_demo_dataset
+    from pouta.trainer.data.training_set import real_defects
 
     cat = make_demo_dataset(tmp_path / "src", n_train=4, n_test_good=4, n_test_defect=8, size=64)
     data, defects = few_defects_split(cat, 3, tmp_path / "row")
@@ -296,7 +297,7 @@ def test_few_defects_rows_never_score_their_training_defects(tmp_path: Path) -> 
 
 
 def test_redi_ablation_rows_train_redi_with_one_part_off(tmp_path: Path) -> None:
-    from pouta.benchmarks.quality import KINDS, commands
+    from pouta.benchmarks.sections.quality import KINDS, commands
     from pouta.trainer.train import parser
     from pouta.trainer.train_config import build_config, model_config_from
 
@@ -309,3 +310,57 @@ def test_redi_ablation_rows_train_redi_with_one_part_off(tmp_path: Path) -> None
         assert train[train.index("--kind") + 1] == "redi" and str(tmp_path / row / "model.pt") in evaluate
         mcfg = model_config_from(build_config(parser().parse_args(train[3:])))
         assert {k: getattr(mcfg, k) for k in on} == {**on, **off}, row
+
+
+def test_cue_weights_rescore_each_image_as_the_model_does_and_choose_on_validation(tmp_path: Path) -> None:
+    import torch
+    from pouta.benchmarks.sections import cue_weights
+    from pouta.edge.contract.preprocess import Preprocessor
+    from pouta.trainer.checkpoint import load_model, save_checkpoint
+    from pouta.trainer.data.demo_data import make_demo_dataset
+    from pouta.trainer.data.readers import open_dataset
+    from pouta.trainer.evaluate import evaluate, torch_scorer
+    from pouta.trainer.models import build_model, preset_config
+
+    root = tmp_path / "data"
+    cat = make_demo_dataset(root, n_train=8, n_test_good=6, n_test_defect=6, size=64)
+    model = build_model(preset_config("tiny", kind="prn", height=64, width=64, memory_size=64, prn_width=8))
+    dataset = open_dataset(cat, split="train")
+    pre = Preprocessor(64, 64)
+    train = torch.from_numpy(np.stack([dataset.load(i, pre)[0] for i in range(len(dataset.records))]))
+    model.fit_prototypes([train[:6]], seed=0)
+    model.fit_cues([train[6:]])
+    model.cfg = model.cfg.with_(cue_weights=(0.25, 0.75))
+    ckpt = save_checkpoint(tmp_path / "bench" / "quality" / cat.name / "prn" / "model.pt", model, model.cfg)
+
+    scored = cue_weights.score_category(ckpt, cat)
+    loaded, _, _ = load_model(ckpt)
+    report = evaluate(torch_scorer(loaded), open_dataset(cat, split="test"), pre, progress=False)
+    by_path = {r["path"]: r["score"] for r in report["scores"]}
+    # the checkpoint's own weighting rescored image by image is what pouta-eval scores, and
+    # the same weight listed as an option gives the same scores
+    for stored, listed in zip(scored[cue_weights.STORED], scored["0.25"], strict=True):
+        assert stored["score"] == pytest.approx(by_path[stored["path"]], abs=1e-5)
+        assert stored["score"] == pytest.approx(listed["score"], abs=1e-6)
+    assert scored["0"] != scored["1"]
+
+    res = cue_weights.run_cue_weights(root, tmp_path / "bench" / "quality", tmp_path / "out")
+    val = {name: res["means"][name]["val"] for name in cue_weights.option_names()[:-1]}
+    best = max(val.values(), key=lambda m: (round(m["image_auroc"], 4), round(m["recall_at_zero_fr"], 4)))
+    assert val[f"{res['chosen']:g}"] == best
+    md = (tmp_path / "out" / "cue_weights.md").read_text(encoding="utf-8")
+    assert f"head weight **{res['chosen']:g}**" in md and "| stored |" in md
+
+
+def test_prn_ships_the_head_weight_its_committed_validation_report_chose() -> None:
+    from pouta.benchmarks.sections import cue_weights
+    from pouta.trainer.models.prn import HEAD_WEIGHT
+
+    path = (
+        Path(__file__).resolve().parents[1] / "benchmarks/reports/cue-weights-prn-cpu-2core/cue_weights.json"
+    )
+    res = json.loads(path.read_text(encoding="utf-8"))
+    assert (
+        cue_weights.summarise(res["categories"])["chosen"] == res["chosen"]
+    )  # chosen on val, as the code says
+    assert res["chosen"] == HEAD_WEIGHT

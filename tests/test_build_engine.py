@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 from fake_tensorrt import install_gpu_stack
-from pouta.calibration.engine_inspect import check_precisions, layer_precisions
-from pouta.calibration.errors import CalibrationError
-from pouta.calibration.tensorrt_build import (
+from pouta.calibration.engines.inspector import check_precisions, layer_precisions
+from pouta.calibration.engines.tensorrt import (
     BuildRequest,
     build_engine,
     plan_build,
     tensorrt_version,
     trtexec_command,
 )
+from pouta.calibration.errors import CalibrationError
 from pouta.edge.doctor import tensorrt_problem
 
 FP32, FP16, QDQ = Path("m.onnx"), Path("m.fp16.onnx"), Path("m.int8.trt.onnx")
@@ -207,7 +207,7 @@ def test_trtexec_line_builds_the_same_plan() -> None:
 
 
 def _build(version: str, onnx: Path, tmp_path: Path, precision: str = "fp16", **kw: object) -> object:
-    from pouta.calibration.fp16 import convert_to_fp16
+    from pouta.calibration.artifacts.fp16 import convert_to_fp16
 
     fp16 = tmp_path / "m.fp16.onnx"
     if not fp16.is_file():
@@ -307,7 +307,7 @@ def test_fake_inspector_follows_profiling_verbosity(
     monkeypatch: pytest.MonkeyPatch, brightness_onnx: Path, tmp_path: Path, version: str
 ) -> None:
     """The fake says only what TensorRT documents: names only by default, types with DETAILED."""
-    from pouta.calibration.fp16 import convert_to_fp16
+    from pouta.calibration.artifacts.fp16 import convert_to_fp16
 
     install_gpu_stack(monkeypatch, version)
     import tensorrt as trt
@@ -407,7 +407,7 @@ def qdq_model(fp32: Path, tmp_path: Path) -> Path:
 def test_build_real_engine(
     brightness_onnx: Path, tmp_path: Path, precision: str
 ) -> None:  # pragma: no cover - GPU only
-    from pouta.calibration.fp16 import convert_to_fp16
+    from pouta.calibration.artifacts.fp16 import convert_to_fp16
 
     fp16 = convert_to_fp16(brightness_onnx, tmp_path / "model.fp16.onnx")
     qdq = qdq_model(brightness_onnx, tmp_path) if precision == "int8" else None

@@ -15,8 +15,8 @@ from contract_models import dark_part, make_brightness_model
 from pouta.calibration import cli
 from pouta.calibration.calibset import ImageSetReader, load_image_set
 from pouta.calibration.errors import CalibrationError
-from pouta.edge.metadata import load_for_model, metadata_path
-from pouta.edge.preprocess import Preprocessor
+from pouta.edge.contract.metadata import load_for_model, metadata_path
+from pouta.edge.contract.preprocess import Preprocessor
 
 H = W = 64
 PRE = Preprocessor(H, W)
@@ -137,7 +137,7 @@ def test_build_engine_without_tensorrt_writes_portable_artifacts(
 
 
 def test_guard_flip_tolerance_catches_what_auroc_cannot() -> None:
-    from pouta.calibration.guard import WARN_FLIP_RATE, compare
+    from pouta.calibration.artifacts.guard import WARN_FLIP_RATE, compare
 
     labels = np.repeat([False, True], 10)
     ref = np.concatenate([np.linspace(0.1, 0.4, 10), np.linspace(0.6, 0.9, 10)])
@@ -256,7 +256,9 @@ def test_cli_one_line_errors(
 def test_calibration_imports_without_torch() -> None:
     import pouta.calibration as pkg
 
-    modules = [f"pouta.calibration.{m.name}" for m in pkgutil.iter_modules(pkg.__path__)]
+    # Every module of every subpackage (thresholds, artifacts, engines) too.
+    modules = [m.name for m in pkgutil.walk_packages(pkg.__path__, "pouta.calibration.")]
+    assert {"pouta.calibration.thresholds.rules", "pouta.calibration.engines.tensorrt"} <= set(modules)
     code = (
         "import sys\n"
         "class Block:\n"
@@ -276,7 +278,7 @@ def test_calibration_imports_without_torch() -> None:
 
 
 def test_holdout_labelled_split_and_unused_normals(tmp_path: Path) -> None:
-    from pouta.calibration.holdout import holdout_sets
+    from pouta.calibration.thresholds.holdout import holdout_sets
 
     calib = _parts(tmp_path / "calib", 12)
     test = tmp_path / "test"

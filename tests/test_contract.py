@@ -9,10 +9,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from pouta.edge.errors import ImageReadError, MetadataError
-from pouta.edge.fsutil import atomic_write_bytes, atomic_write_json
-from pouta.edge.geometry import Roi
-from pouta.edge.metadata import (
+from pouta.edge.contract.errors import ImageReadError, MetadataError
+from pouta.edge.contract.fsutil import atomic_write_bytes, atomic_write_json
+from pouta.edge.contract.geometry import Roi
+from pouta.edge.contract.metadata import (
     InputSpec,
     ModelMetadata,
     Thresholds,
@@ -21,7 +21,7 @@ from pouta.edge.metadata import (
     load_for_model,
     metadata_path,
 )
-from pouta.edge.preprocess import Preprocessor, read_image, read_mask
+from pouta.edge.contract.preprocess import Preprocessor, read_image, read_mask
 
 
 def test_gray_is_replicated_and_scaled() -> None:
@@ -174,7 +174,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path, monkeypatch: pyt
 
 
 def test_shrink_area_antialiases_and_matches_inter_area() -> None:
-    from pouta.edge.preprocess import shrink_area
+    from pouta.edge.contract.preprocess import shrink_area
 
     # 1-px checkerboard: an anti-aliased shrink gives flat mid-grey, a bilinear one aliases.
     board = (np.indices((1080, 1920)).sum(axis=0) % 2 * 255).astype(np.uint8)

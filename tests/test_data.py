@@ -9,9 +9,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from pouta.edge.errors import PoutaError
-from pouta.edge.preprocess import Preprocessor
-from pouta.trainer.data import DatasetError, ImageRecord, open_dataset
+from pouta.edge.contract.errors import PoutaError
+from pouta.edge.contract.preprocess import Preprocessor
+from pouta.trainer.data.readers import DatasetError, ImageRecord, open_dataset
 
 PRE = Preprocessor(16, 16)
 
@@ -239,7 +239,7 @@ def test_record_is_frozen() -> None:
 
 def test_data_module_imports_without_torch() -> None:
     code = (
-        "import sys; import pouta.trainer.data, pouta.trainer.metrics, pouta.trainer.synthesis;"
+        "import sys; import pouta.trainer.data.readers, pouta.trainer.metrics, pouta.trainer.synthesis.anomalies;"
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from pouta.trainer.data import open_dataset
-from pouta.trainer.demo_data import DEFECT_TYPES, main, make_demo_dataset
+from pouta.trainer.data.demo_data import DEFECT_TYPES, main, make_demo_dataset
+from pouta.trainer.data.readers import open_dataset
 
 
 def test_layout_and_masks(tmp_path: Path) -> None:

@@ -12,8 +12,14 @@ import numpy as np
 import pytest
 from contract_models import make_brightness_model
 from pouta.edge.config import build_pipeline, load_config
-from pouta.edge.genicam import GenICamSource
-from pouta.edge.genicam_nodes import BAYER_CODES, TriggerConfig, apply_settings, apply_trigger, convert
+from pouta.edge.sources.genicam import GenICamSource
+from pouta.edge.sources.genicam_nodes import (
+    BAYER_CODES,
+    TriggerConfig,
+    apply_settings,
+    apply_trigger,
+    convert,
+)
 
 pytest.importorskip("harvesters.core", reason="harvesters not installed (pip install '.[camera]')")
 genicam = pytest.importorskip("genicam", reason="genicam (viky.cti simulator) not installed")
@@ -85,7 +91,7 @@ def test_apply_settings_reports_missing_and_triggers() -> None:
 
 def test_software_trigger_without_the_node_is_named(caplog: pytest.LogCaptureFixture) -> None:
     src = GenICamSource(cti=str(VIKY), camera=0, trigger="software", timeout_s=0.5)
-    with caplog.at_level("WARNING", logger="pouta.edge.genicam"):
+    with caplog.at_level("WARNING", logger="pouta.edge.sources.genicam"):
         src.open()
     try:
         assert "TriggerSoftware" in src.missing_nodes and "TriggerMode" in src.missing_nodes

@@ -13,17 +13,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fake_tensorrt import install_gpu_stack
-from pouta.edge.cuda_memory import CudaError, open_cuda_memory
-from pouta.edge.doctor import jetpack_from_l4t, tensorrt_problem
-from pouta.edge.errors import ConfigError, MetadataError
-from pouta.edge.metadata import InputSpec, ModelMetadata
-from pouta.edge.tensorrt_backend import (
+from pouta.edge.backends.cuda_memory import CudaError, open_cuda_memory
+from pouta.edge.backends.tensorrt import (
     TensorRTBackend,
     buffer_nbytes,
     check_engine_tensors,
     numpy_dtype,
     plan_buffers,
 )
+from pouta.edge.contract.errors import ConfigError, MetadataError
+from pouta.edge.contract.metadata import InputSpec, ModelMetadata
+from pouta.edge.doctor import jetpack_from_l4t, tensorrt_problem
 
 F32 = np.dtype(np.float32)
 
@@ -82,9 +82,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def build_plan(onnx: Path, tmp_path: Path, name: str = "m.plan", max_batch: int = 2, **kw: object) -> Path:
     """A plan + sidecar through pouta's own build path (fake or real TensorRT)."""
     import tensorrt
-    from pouta.calibration.fp16 import convert_to_fp16
-    from pouta.calibration.tensorrt_build import BuildRequest, build_engine, plan_build
-    from pouta.edge.metadata import load_for_model, metadata_path
+    from pouta.calibration.artifacts.fp16 import convert_to_fp16
+    from pouta.calibration.engines.tensorrt import BuildRequest, build_engine, plan_build
+    from pouta.edge.contract.metadata import load_for_model, metadata_path
 
     fp16 = tmp_path / "m.fp16.onnx"
     if not fp16.is_file():
@@ -103,7 +103,7 @@ def build_plan(onnx: Path, tmp_path: Path, name: str = "m.plan", max_batch: int 
 
 def exercise(plan: Path, onnx: Path, cuda: str | None) -> None:
     """Open in this thread, run in a worker thread (as the pipeline does), change batch, close."""
-    from pouta.edge.backend import OnnxRuntimeBackend
+    from pouta.edge.backends.onnx_runtime import OnnxRuntimeBackend
 
     backend = TensorRTBackend(plan, cuda=cuda)
     ort = OnnxRuntimeBackend(onnx)
@@ -165,7 +165,7 @@ def test_pycuda_backend_in_the_real_pipeline(
 def test_version_compatible_plan_needs_host_code_allowed(
     monkeypatch: pytest.MonkeyPatch, brightness_onnx: Path, tmp_path: Path
 ) -> None:
-    from pouta.edge.metadata import load_for_model, metadata_path
+    from pouta.edge.contract.metadata import load_for_model, metadata_path
 
     _, fake = install_gpu_stack(monkeypatch, "10.3.0")
     plan = build_plan(brightness_onnx, tmp_path, version_compatible=True)
@@ -216,7 +216,7 @@ def test_rejected_batch_keeps_the_backend_usable_and_nothing_leaks(
 def test_failing_open_releases_the_stream(
     monkeypatch: pytest.MonkeyPatch, brightness_onnx: Path, tmp_path: Path
 ) -> None:
-    from pouta.edge.metadata import load_for_model
+    from pouta.edge.contract.metadata import load_for_model
 
     gpu, _ = install_gpu_stack(monkeypatch, "10.3.0")
     plan = build_plan(brightness_onnx, tmp_path)
@@ -302,8 +302,8 @@ def _jetpack_rows() -> list[tuple[str, str, str, bool]]:
 
 
 def test_jetpack_table_in_the_docs_is_what_the_code_accepts() -> None:
+    from pouta.calibration.engines.tensorrt import BuildRequest, plan_build
     from pouta.calibration.errors import CalibrationError
-    from pouta.calibration.tensorrt_build import BuildRequest, plan_build
 
     rows = _jetpack_rows()
     assert {r[3] for r in rows} == {True, False} and len(rows) >= 4, rows
@@ -346,8 +346,8 @@ def test_real_plan_in_worker_thread_batch_change_close(
 @pytest.mark.trt
 @_REAL
 def test_real_int8_plan_from_the_qdq_file(brightness_onnx: Path, tmp_path: Path) -> None:  # pragma: no cover
-    from pouta.calibration.tensorrt_build import BuildRequest, build_engine, plan_build, tensorrt_version
-    from pouta.edge.metadata import load_for_model, metadata_path
+    from pouta.calibration.engines.tensorrt import BuildRequest, build_engine, plan_build, tensorrt_version
+    from pouta.edge.contract.metadata import load_for_model, metadata_path
     from test_build_engine import qdq_model
 
     qdq = qdq_model(brightness_onnx, tmp_path)
@@ -362,7 +362,7 @@ def test_real_int8_plan_from_the_qdq_file(brightness_onnx: Path, tmp_path: Path)
 
 
 def test_bench_runtime_smoke(brightness_onnx: Path) -> None:
-    from pouta.benchmarks.runtime_overhead import measure_overhead
+    from pouta.benchmarks.sections.runtime_overhead import measure_overhead
 
     r = measure_overhead(brightness_onnx, frames=20, fsync=False)
     d = r["drop_test"]

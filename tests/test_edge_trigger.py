@@ -19,14 +19,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pouta.edge.errors import ConfigError
-from pouta.edge.sources import ArraySource, FrameTimeout, signal_verdict
+from pouta.edge.contract.errors import ConfigError
+from pouta.edge.sources.protocol import FrameTimeout, signal_verdict
+from pouta.edge.sources.replay import ArraySource
 
 genicam = pytest.importorskip("genicam", reason="genicam (viky.cti simulator) not installed")
 pytest.importorskip("harvesters.core", reason="harvesters not installed (pip install '.[camera]')")
 from genicam import genapi, gentl  # noqa: E402
-from pouta.edge.genicam import GenICamSource  # noqa: E402
-from pouta.edge.genicam_nodes import StrobeConfig, TriggerConfig  # noqa: E402
+from pouta.edge.sources.genicam import GenICamSource  # noqa: E402
+from pouta.edge.sources.genicam_nodes import StrobeConfig, TriggerConfig  # noqa: E402
 
 VIKY = Path(genicam.__file__).parent / "viky.cti"
 TRIGGER_NODES = {
@@ -290,7 +291,7 @@ def test_config_and_cli_keys(tmp_path: Path, caplog: pytest.LogCaptureFixture) -
     assert (src.strobe.line, src.strobe.pulse_s) == ("Line2", 0.02)
 
     # The old key still works, with a deprecation warning; it cannot contradict the new one.
-    with caplog.at_level(logging.WARNING, logger="pouta.edge.genicam"):
+    with caplog.at_level(logging.WARNING, logger="pouta.edge.sources.genicam"):
         old = GenICamSource.from_config({"camera": "sim", "software_trigger": True, "trigger": "off"})
     assert old.trigger.mode == "software" and "deprecated" in caplog.text
     with pytest.raises(ConfigError, match="software_trigger: true conflicts with source.trigger: line0"):
@@ -425,7 +426,7 @@ def test_missing_nodes_named_in_one_warning(caplog: pytest.LogCaptureFixture) ->
         nodes={"ExposureTime": 500, "Width": 8},
         strobe=StrobeConfig("Line1", "UserOutput0", 0.01),
     )
-    with caplog.at_level(logging.WARNING, logger="pouta.edge.genicam"):
+    with caplog.at_level(logging.WARNING, logger="pouta.edge.sources.genicam"):
         src.open()
         src.drop_connection()
         cam.stalled = True
@@ -539,7 +540,7 @@ def test_viky_software_trigger_idle_30s_then_device_destroyed(
             "output": {"dir": str(tmp_path / "out"), "fsync": False, "overlays": "none"},
         },
     )
-    with caplog.at_level(logging.WARNING, logger="pouta.edge.genicam"):
+    with caplog.at_level(logging.WARNING, logger="pouta.edge.sources.genicam"):
         pipe = build_pipeline(cfg)
         src = pipe.source
         assert isinstance(src, GenICamSource)

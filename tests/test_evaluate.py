@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pouta.edge.preprocess import Preprocessor
-from pouta.trainer.data import open_dataset
-from pouta.trainer.demo_data import make_demo_dataset
+from pouta.edge.contract.preprocess import Preprocessor
+from pouta.trainer.data.demo_data import make_demo_dataset
+from pouta.trainer.data.readers import open_dataset
 from pouta.trainer.evaluate import NO_MASKS_NOTE, Scorer, evaluate, main
 
 SIZE = 64

@@ -9,8 +9,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from pouta.edge.fsutil import sha256_file
-from pouta.edge.metadata import ModelMetadata, check_io, metadata_path
+from pouta.edge.contract.fsutil import sha256_file
+from pouta.edge.contract.metadata import ModelMetadata, check_io, metadata_path
 from pouta.trainer.checkpoint import save_checkpoint
 from pouta.trainer.export import export_onnx
 from pouta.trainer.export import main as export_main
@@ -133,7 +133,7 @@ def test_export_cli_errors_name_the_problem(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("kind", ["pouta", "vanilla"])
 def test_fp16_conversion_runs_a_model_with_the_reconstruction_cue(tmp_path: Path, kind: str) -> None:
-    from pouta.calibration.fp16 import convert_to_fp16
+    from pouta.calibration.artifacts.fp16 import convert_to_fp16
 
     model, _ = _trained_like(kind)
     fit_cue_scales(model, [torch.rand(4, 3, H, W) * 0.5 + 0.3])

@@ -24,9 +24,9 @@ import pytest
 from contract_models import dark_part, make_brightness_model
 from onnx import TensorProto, helper, numpy_helper
 from pouta.edge import cli
-from pouta.edge.backend import OnnxRuntimeBackend
-from pouta.edge.errors import ConfigError, MetadataError
-from pouta.edge.metadata import (
+from pouta.edge.backends.onnx_runtime import OnnxRuntimeBackend
+from pouta.edge.contract.errors import ConfigError, MetadataError
+from pouta.edge.contract.metadata import (
     INPUT_NAME,
     OUTPUT_ANOMALY_MAP,
     OUTPUT_SCORE,
@@ -36,13 +36,14 @@ from pouta.edge.metadata import (
     load_for_model,
     metadata_path,
 )
+from pouta.edge.contract.preprocess import preprocessor_for
 from pouta.edge.pipeline import Pipeline
 from pouta.edge.postprocess import PostProcessor
-from pouta.edge.preprocess import preprocessor_for
-from pouta.edge.records import PartResult
 from pouta.edge.sequence import SequenceCounter
-from pouta.edge.sinks import ResultWriter
-from pouta.edge.sources import ArraySource, Frame, FrameTimeout
+from pouta.edge.sinks.files import ResultWriter
+from pouta.edge.sinks.records import PartResult
+from pouta.edge.sources.protocol import Frame, FrameTimeout
+from pouta.edge.sources.replay import ArraySource
 
 SIZE = 64
 
@@ -508,7 +509,7 @@ def test_opcua_anonymous_and_wrong_password_writes_refused_right_user_acks(tmp_p
     from asyncua.crypto.cert_gen import setup_self_signed_certificate
     from cryptography.x509.oid import ExtendedKeyUsageOID
     from pouta.edge.auth import hash_password
-    from pouta.edge.opcua_server import OpcUaResultServer
+    from pouta.edge.sinks.opcua import OpcUaResultServer
 
     users = tmp_path / "users.yaml"
     users.write_text(
@@ -616,7 +617,7 @@ def test_opcua_anonymous_and_wrong_password_writes_refused_right_user_acks(tmp_p
 
 def test_modbus_forged_write_from_unlisted_address_refused(tmp_path: Path) -> None:
     pytest.importorskip("pymodbus", reason="needs pouta-edge[plc]")
-    from pouta.edge.modbus_server import ModbusResultServer
+    from pouta.edge.sinks.modbus import ModbusResultServer
     from pymodbus.client import ModbusTcpClient
 
     # The PLC's address is 127.0.0.2; the forger connects from 127.0.0.1.
@@ -651,7 +652,7 @@ def test_modbus_forged_write_from_unlisted_address_refused(tmp_path: Path) -> No
 
 def test_plc_that_never_acks_delays_only_its_own_sink(tmp_path: Path) -> None:
     pytest.importorskip("pymodbus", reason="needs pouta-edge[plc]")
-    from pouta.edge.modbus_server import RESULT_AGE, ModbusResultServer
+    from pouta.edge.sinks.modbus import RESULT_AGE, ModbusResultServer
     from pymodbus.client import ModbusTcpClient
 
     server = ModbusResultServer("127.0.0.1", 0, handshake=True, ack_timeout_s=0.1)
@@ -705,7 +706,7 @@ def test_live_view_token_required_except_health_and_secrets_not_printed(
     import urllib.request
 
     from pouta.edge.config import build_pipeline, load_config
-    from pouta.edge.liveview_server import attach_http
+    from pouta.edge.liveview.server import attach_http
 
     model = make_brightness_model(tmp_path / "model.onnx", SIZE, SIZE)
     token = tmp_path / "token"
@@ -752,8 +753,8 @@ def test_live_view_token_required_except_health_and_secrets_not_printed(
         attach_http(pipe, cfg)
     pipe.close()
     # Beyond loopback without a token: refused before anything listens.
-    from pouta.edge.liveview import LiveViewSink
-    from pouta.edge.liveview_server import LiveServer
+    from pouta.edge.liveview.page import LiveViewSink
+    from pouta.edge.liveview.server import LiveServer
 
     view = LiveViewSink()
     with pytest.raises(ConfigError, match="token"):
@@ -923,7 +924,7 @@ def test_corrupt_or_swapped_model_is_a_one_line_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import cv2
-    from pouta.edge.fsutil import sha256_file
+    from pouta.edge.contract.fsutil import sha256_file
 
     images = tmp_path / "imgs"
     images.mkdir()
@@ -1037,7 +1038,7 @@ def test_default_run_exposes_nothing_beyond_loopback(tmp_path: Path) -> None:
     from urllib.parse import urlparse
 
     from pouta.edge.config import load_config
-    from pouta.edge.liveview import is_loopback, parse_listen
+    from pouta.edge.liveview.page import is_loopback, parse_listen
 
     cfg = load_config(None)
     assert is_loopback(cfg["modbus"]["host"])
@@ -1050,7 +1051,7 @@ def test_default_run_exposes_nothing_beyond_loopback(tmp_path: Path) -> None:
     assert is_loopback(cfg["modbus"]["host"]) and is_loopback(parse_listen(cfg["http"]["listen"])[0])
     # The real listening socket of a server built with its defaults.
     pytest.importorskip("pymodbus", reason="needs pouta-edge[plc]")
-    from pouta.edge.modbus_server import ModbusResultServer
+    from pouta.edge.sinks.modbus import ModbusResultServer
 
     server = ModbusResultServer(port=0)
     try:

@@ -18,12 +18,12 @@ from test_liveview import get, metric_values, run_cfg
 
 pytest.importorskip("aiohttp")
 
-from pouta.calibration.holdout import holdout_sets
+from pouta.calibration.thresholds.holdout import holdout_sets
 from pouta.edge.config import build_pipeline
-from pouta.edge.feedback import reason_folder, safe_name
-from pouta.edge.liveview_server import attach_http
-from pouta.edge.metadata import load_for_model
-from pouta.edge.sources import ArraySource
+from pouta.edge.contract.metadata import load_for_model
+from pouta.edge.liveview.feedback import reason_folder, safe_name
+from pouta.edge.liveview.server import attach_http
+from pouta.edge.sources.replay import ArraySource
 
 
 def post(url: str, body: Any, token: str | None = "s3cret") -> tuple[int, str]:

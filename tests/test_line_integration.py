@@ -28,8 +28,8 @@ from contract_models import dark_part, make_brightness_model
 from pouta.edge.config import build_pipeline, load_config
 from pouta.edge.pipeline import Pipeline
 from pouta.edge.sequence import SequenceCounter
-from pouta.edge.sinks import ResultWriter
-from pouta.edge.sources import ArraySource
+from pouta.edge.sinks.files import ResultWriter
+from pouta.edge.sources.replay import ArraySource
 
 
 def free_port() -> int:
@@ -379,7 +379,7 @@ def test_sequence_survives_restart_and_never_repeats(tmp_path: Path) -> None:
     nxt = b.next()
     assert nxt > 25 and nxt <= 25 + 10
     path.write_text("garbage")
-    from pouta.edge.errors import ConfigError
+    from pouta.edge.contract.errors import ConfigError
 
     with pytest.raises(ConfigError, match="seq.json"):
         SequenceCounter(path)
@@ -388,7 +388,7 @@ def test_sequence_survives_restart_and_never_repeats(tmp_path: Path) -> None:
 # -- Modbus -------------------------------------------------------------------------
 def test_modbus_plc_reads_every_part_with_handshake(brightness_onnx: Path, tmp_path: Path) -> None:
     pytest.importorskip("pymodbus", reason="needs pouta-edge[plc]")
-    from pouta.edge.modbus_server import ModbusResultServer
+    from pouta.edge.sinks.modbus import ModbusResultServer
 
     server = ModbusResultServer("127.0.0.1", 0, handshake=True, ack_timeout_s=5.0)
     # The PLC writes the next part's id before it triggers: it is echoed with the result.
@@ -419,7 +419,7 @@ def test_modbus_plc_reads_every_part_with_handshake(brightness_onnx: Path, tmp_p
 
 def test_modbus_refuses_writes_to_result_registers() -> None:
     pytest.importorskip("pymodbus", reason="needs pouta-edge[plc]")
-    from pouta.edge.modbus_server import ModbusResultServer
+    from pouta.edge.sinks.modbus import ModbusResultServer
     from pymodbus.client import ModbusTcpClient
 
     server = ModbusResultServer("127.0.0.1", 0)
@@ -435,7 +435,7 @@ def test_modbus_refuses_writes_to_result_registers() -> None:
 # -- OPC UA ----------------------------------------------------------------------------
 def test_opcua_client_receives_every_result(brightness_onnx: Path, tmp_path: Path) -> None:
     pytest.importorskip("asyncua", reason="needs pouta-edge[plc]")
-    from pouta.edge.opcua_server import OpcUaResultServer
+    from pouta.edge.sinks.opcua import OpcUaResultServer
 
     url = f"opc.tcp://127.0.0.1:{free_port()}/pouta/"
     # Delivery only: an unencrypted endpoint, asked for explicitly (security: tests/test_fault_injection.py).
@@ -453,7 +453,7 @@ def test_opcua_client_receives_every_result(brightness_onnx: Path, tmp_path: Pat
 
 def test_opcua_close_waits_for_a_slow_subscriber(brightness_onnx: Path, tmp_path: Path) -> None:
     pytest.importorskip("asyncua", reason="needs pouta-edge[plc]")
-    from pouta.edge.opcua_server import CLOSE_LINGER_S, OpcUaResultServer
+    from pouta.edge.sinks.opcua import CLOSE_LINGER_S, OpcUaResultServer
 
     url = f"opc.tcp://127.0.0.1:{free_port()}/pouta/"
     server = OpcUaResultServer(url, security=["None"])
@@ -475,7 +475,7 @@ def test_mqtt_every_part_once_and_buffer_survives_broker_loss(
     brightness_onnx: Path, tmp_path: Path, broker: Broker
 ) -> None:
     pytest.importorskip("paho.mqtt", reason="needs pouta-edge[mqtt]")
-    from pouta.edge.mqtt_publisher import MqttPublisher
+    from pouta.edge.sinks.mqtt import MqttPublisher
 
     sub = Subscriber(broker.port, "line/result")
     link = Link(broker.port)
@@ -509,9 +509,9 @@ def test_soak_all_sinks_broker_restart_and_disk_full(tmp_path: Path, broker: Bro
     pytest.importorskip("pymodbus", reason="needs pouta-edge[plc]")
     pytest.importorskip("asyncua", reason="needs pouta-edge[plc]")
     pytest.importorskip("paho.mqtt", reason="needs pouta-edge[mqtt]")
-    from pouta.edge.modbus_server import ModbusResultServer
-    from pouta.edge.mqtt_publisher import MqttPublisher
-    from pouta.edge.opcua_server import OpcUaResultServer
+    from pouta.edge.sinks.modbus import ModbusResultServer
+    from pouta.edge.sinks.mqtt import MqttPublisher
+    from pouta.edge.sinks.opcua import OpcUaResultServer
 
     model = make_brightness_model(tmp_path / "m.onnx", 64, 64)
     out = tmp_path / "out"

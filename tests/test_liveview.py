@@ -29,12 +29,12 @@ from contract_models import dark_part, make_brightness_model
 pytest.importorskip("aiohttp", reason="the live view needs the [ui] extra (aiohttp)")
 prom_parser = pytest.importorskip("prometheus_client.parser", reason="the [ui] extra (prometheus-client)")
 
-from pouta.calibration.thresholds import calibrate_thresholds  # noqa: E402
+from pouta.calibration.thresholds.rules import calibrate_thresholds  # noqa: E402
 from pouta.edge import cli  # noqa: E402
 from pouta.edge.config import build_pipeline, load_config  # noqa: E402
-from pouta.edge.liveview_server import attach_http  # noqa: E402
-from pouta.edge.metadata import load_for_model, metadata_path  # noqa: E402
-from pouta.edge.sources import ArraySource  # noqa: E402
+from pouta.edge.contract.metadata import load_for_model, metadata_path  # noqa: E402
+from pouta.edge.liveview.server import attach_http  # noqa: E402
+from pouta.edge.sources.replay import ArraySource  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from pouta.edge.errors import ConfigError
+from pouta.edge.contract.errors import ConfigError
 from pouta.trainer.losses import ssim_map
 from pouta.trainer.models import (
     POUTA,

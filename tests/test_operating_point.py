@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 from contract_models import dark_part, make_brightness_model
 from pouta.calibration import cli
-from pouta.calibration.binomial import (
+from pouta.calibration.errors import CalibrationError
+from pouta.calibration.thresholds.binomial import (
     allowed_exceedances,
     binom_cdf,
     clopper_pearson,
     min_parts,
     upper_bound,
 )
-from pouta.calibration.errors import CalibrationError
-from pouta.calibration.thresholds import escape_threshold, false_reject_threshold
-from pouta.edge.metadata import Thresholds, load_for_model, operating_point_line
+from pouta.calibration.thresholds.rules import escape_threshold, false_reject_threshold
+from pouta.edge.contract.metadata import Thresholds, load_for_model, operating_point_line
 
 stats = pytest.importorskip("scipy.stats")
 
@@ -169,8 +169,8 @@ def line(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _held_scores(model: Path, folder: Path) -> np.ndarray:
     from pouta.calibration.calibset import load_image_set
     from pouta.calibration.scoring import score_set
-    from pouta.edge.backend import OnnxRuntimeBackend
-    from pouta.edge.preprocess import preprocessor_for
+    from pouta.edge.backends.onnx_runtime import OnnxRuntimeBackend
+    from pouta.edge.contract.preprocess import preprocessor_for
 
     meta = load_for_model(model)
     images = load_image_set(folder, preprocessor_for(meta), n=None, min_images=1)
@@ -287,8 +287,8 @@ def test_start_line_for_old_sidecars_and_overridden_thresholds() -> None:
 
 
 def _report_case(tmp_path: Path) -> tuple[Thresholds, np.ndarray, object]:
-    from pouta.calibration.operating_point import HeldOut, measure
-    from pouta.calibration.thresholds import calibrate_thresholds
+    from pouta.calibration.thresholds.operating_point import HeldOut, measure
+    from pouta.calibration.thresholds.rules import calibrate_thresholds
 
     rng = np.random.default_rng(3)
     calib = rng.beta(20, 30, 120)
@@ -313,7 +313,7 @@ def _report_case(tmp_path: Path) -> tuple[Thresholds, np.ndarray, object]:
 
 
 def test_report_figure_puts_the_chosen_point_on_the_roc(tmp_path: Path) -> None:
-    from pouta.calibration.plots import operating_point_figure
+    from pouta.calibration.thresholds.plots import operating_point_figure
 
     t, calib, held = _report_case(tmp_path)
     fig = operating_point_figure(t.image, calib, held, 0.95, ("false_reject", 0.05))  # type: ignore[arg-type]
@@ -332,7 +332,7 @@ def test_report_figure_puts_the_chosen_point_on_the_roc(tmp_path: Path) -> None:
 
 
 def test_report_html_names_threshold_rates_and_nearest_misses(tmp_path: Path) -> None:
-    from pouta.calibration.report import write_report
+    from pouta.calibration.thresholds.report import write_report
 
     t, calib, held = _report_case(tmp_path)
     png, page = write_report(tmp_path / "m.int8.onnx", t, calib, held)  # type: ignore[arg-type]

@@ -10,14 +10,19 @@ import onnx
 import pytest
 from contract_models import dark_part, make_brightness_model
 from onnx import TensorProto, helper, numpy_helper
+from pouta.calibration.artifacts.fp16 import convert_to_fp16
+from pouta.calibration.artifacts.qdq_check import check_tensorrt_qdq, quantized_weight_layers
+from pouta.calibration.artifacts.quantize import (
+    head_exclusions,
+    input_conv_exclusions,
+    prepare_model,
+    quantize_pair,
+)
 from pouta.calibration.calibset import ImageSetReader, load_image_set
-from pouta.calibration.fp16 import convert_to_fp16
-from pouta.calibration.qdq_check import check_tensorrt_qdq, quantized_weight_layers
-from pouta.calibration.quantize import head_exclusions, input_conv_exclusions, prepare_model, quantize_pair
 from pouta.calibration.scoring import score_set
-from pouta.edge.backend import OnnxRuntimeBackend, has_signed_int8_activations
-from pouta.edge.metadata import load_for_model
-from pouta.edge.preprocess import preprocessor_for
+from pouta.edge.backends.onnx_runtime import OnnxRuntimeBackend, has_signed_int8_activations
+from pouta.edge.contract.metadata import load_for_model
+from pouta.edge.contract.preprocess import preprocessor_for
 from pouta.trainer.metrics import roc_auc
 
 H = W = 64

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pouta.edge.errors import ConfigError
+from pouta.edge.contract.errors import ConfigError
 from pouta.trainer.models import build_model, preset_config
 from pouta.trainer.models.redi import (
     HOGMap,
@@ -255,7 +255,7 @@ def test_retrieval_picks_the_same_gallery_image_in_torch_and_onnx_runtime(tmp_pa
     from pouta.trainer.export import export_onnx
 
     torch.manual_seed(0)
-    from pouta.trainer.demo_data import make_demo_dataset
+    from pouta.trainer.data.demo_data import make_demo_dataset
 
     cat = make_demo_dataset(tmp_path / "d", n_train=12, n_test_good=2, n_test_defect=2, size=SIZE)
     imgs = torch.from_numpy(np.stack([_read(p) for p in sorted((cat / "train" / "good").glob("*.png"))]))
@@ -293,7 +293,7 @@ def _read(p: Path) -> np.ndarray:
 
 @pytest.mark.slow
 def test_train_export_and_the_runtime_score_like_pouta_eval(tmp_path: Path) -> None:
-    from pouta.trainer.demo_data import make_demo_dataset
+    from pouta.trainer.data.demo_data import make_demo_dataset
 
     cat = make_demo_dataset(tmp_path / "d", n_train=16, n_test_good=3, n_test_defect=2, size=SIZE)
     out = tmp_path / "run"
@@ -335,13 +335,13 @@ def test_train_export_and_the_runtime_score_like_pouta_eval(tmp_path: Path) -> N
 @pytest.mark.slow
 def test_int8_and_fp16_files_keep_the_retrieval_in_float_and_stay_finite(tmp_path: Path) -> None:
     import onnx
+    from pouta.calibration.artifacts.fp16 import convert_to_fp16
+    from pouta.calibration.artifacts.quantize import prepare_model, quantize_pair
     from pouta.calibration.calibset import ImageSetReader, load_image_set
-    from pouta.calibration.fp16 import convert_to_fp16
-    from pouta.calibration.quantize import prepare_model, quantize_pair
-    from pouta.edge.backend import OnnxRuntimeBackend
-    from pouta.edge.metadata import load_for_model
-    from pouta.edge.preprocess import preprocessor_for
-    from pouta.trainer.demo_data import make_demo_dataset
+    from pouta.edge.backends.onnx_runtime import OnnxRuntimeBackend
+    from pouta.edge.contract.metadata import load_for_model
+    from pouta.edge.contract.preprocess import preprocessor_for
+    from pouta.trainer.data.demo_data import make_demo_dataset
     from pouta.trainer.export import export_onnx
 
     torch.manual_seed(0)

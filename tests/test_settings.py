@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pouta.edge.errors import ConfigError
-from pouta.edge.settings import Schema, merge, parse_sets, resolve
+from pouta.edge.contract.errors import ConfigError
+from pouta.edge.contract.settings import Schema, merge, parse_sets, resolve
 
 SCHEMA = Schema(
     {
@@ -160,7 +160,7 @@ def test_bench_set_and_print_config(capsys: pytest.CaptureFixture[str]) -> None:
         ("pouta.trainer.export", ["m.pt", "-o", "m.onnx"], "opset", 18, "opsett=18", "unknown key"),
         ("pouta.trainer.models.cost", [], "size", "64x64", "json=maybe", "expected true/false"),
         ("pouta.trainer.demo", [], "train_minutes", 1.5, "steps=many", "expected an integer"),
-        ("pouta.trainer.demo_data", [], "n_train", 12, "n_trian=12", "unknown key"),
+        ("pouta.trainer.data.demo_data", [], "n_train", 12, "n_trian=12", "unknown key"),
     ],
 )
 def test_small_commands_set_and_print_config(

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from contract_models import make_brightness_model
 from pouta.edge import cli
-from pouta.edge.fsutil import sha256_file
-from pouta.edge.metadata import load_for_model, metadata_path
+from pouta.edge.contract.fsutil import sha256_file
+from pouta.edge.contract.metadata import load_for_model, metadata_path
 
 SIZE = 64
 
@@ -169,7 +169,7 @@ def test_promote_needs_a_running_process_and_a_shadow(
     assert cli.main(["promote", "--pid", "999999999"]) == cli.EXIT_CONFIG
     assert "promote --pid 999999999: no such process" in capsys.readouterr().err
 
-    from pouta.edge.shadow import promote
+    from pouta.edge.sinks.shadow import promote
 
     ok, message = promote(SimpleNamespace(sinks=[], model_id="m"))
     assert not ok and "has no shadow model" in message
@@ -178,7 +178,7 @@ def test_promote_needs_a_running_process_and_a_shadow(
 def test_shadow_counts_reach_prometheus(line: dict[str, Path], tmp_path: Path) -> None:
     pytest.importorskip("prometheus_client")
     from pouta.edge.config import build_pipeline, load_config
-    from pouta.edge.metrics import PipelineCollector
+    from pouta.edge.liveview.metrics import PipelineCollector
     from prometheus_client import CollectorRegistry, generate_latest
 
     live_alone = _run(line, tmp_path / "a", "live")
@@ -211,8 +211,8 @@ def test_live_view_shows_operating_point_report_and_shadow(line: dict[str, Path]
 
     from pouta.calibration import cli as calib_cli
     from pouta.edge.config import build_pipeline, load_config
-    from pouta.edge.liveview_server import attach_http
-    from pouta.edge.metadata import operating_point_line
+    from pouta.edge.contract.metadata import operating_point_line
+    from pouta.edge.liveview.server import attach_http
 
     model = _model(tmp_path / "model.onnx", 0.5)
     calib = tmp_path / "calib"
@@ -258,7 +258,7 @@ def test_live_view_promote_needs_the_token_and_swaps_mid_run(line: dict[str, Pat
     import urllib.request
 
     from pouta.edge.config import build_pipeline, load_config
-    from pouta.edge.liveview_server import attach_http
+    from pouta.edge.liveview.server import attach_http
 
     cand_alone = _run(line, tmp_path / "b", "candidate")
     live_alone = _run(line, tmp_path / "a", "live")

@@ -7,10 +7,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from pouta.edge.errors import ConfigError
-from pouta.edge.geometry import Tiling
-from pouta.edge.preprocess import Preprocessor
-from pouta.trainer.synthesis import AnomalySynthesizer, SynthesisConfig, perlin_noise
+from pouta.edge.contract.errors import ConfigError
+from pouta.edge.contract.geometry import Tiling
+from pouta.edge.contract.preprocess import Preprocessor
+from pouta.trainer.synthesis.anomalies import AnomalySynthesizer, SynthesisConfig, perlin_noise
 
 H, W = 48, 64
 
@@ -122,7 +122,7 @@ def test_save_grid_writes_png(tmp_path: Path, synth: AnomalySynthesizer) -> None
 
 def test_training_set_is_a_pure_function_of_seed_epoch_index(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    from pouta.trainer.training_set import MIN_SAMPLES_PER_EPOCH, TrainingSet
+    from pouta.trainer.data.training_set import MIN_SAMPLES_PER_EPOCH, TrainingSet
 
     paths = []
     for i in range(4):
@@ -223,7 +223,7 @@ def test_grids_show_exactly_what_each_mode_makes(tmp_path: Path) -> None:
 
 def test_tiled_training_set_gives_random_crops_of_the_work_image(tmp_path: Path) -> None:
     torch = pytest.importorskip("torch")
-    from pouta.trainer.training_set import TrainingSet
+    from pouta.trainer.data.training_set import TrainingSet
 
     # A tall 16-bit grayscale image with a horizontal ramp: a crop's values say where it lies.
     ramp = np.tile(np.linspace(0, 65535, 200).astype(np.uint16), (500, 1))

@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 from pouta.calibration.errors import CalibrationError
-from pouta.calibration.plots import save_score_histogram
-from pouta.calibration.thresholds import PixelHistogram, calibrate_thresholds, image_threshold
+from pouta.calibration.thresholds.plots import save_score_histogram
+from pouta.calibration.thresholds.rules import PixelHistogram, calibrate_thresholds, image_threshold
 
 
 def test_normal_max_margin() -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from pouta.edge.geometry import Tiling, pooled_max, tile_origins
-from pouta.edge.metadata import ModelMetadata, metadata_path
-from pouta.edge.preprocess import Preprocessor, preprocessor_for
+from pouta.edge.contract.geometry import Tiling, pooled_max, tile_origins
+from pouta.edge.contract.metadata import ModelMetadata, metadata_path
+from pouta.edge.contract.preprocess import Preprocessor, preprocessor_for
 from pouta.trainer.geometry import DataStats, choose_geometry
 
 

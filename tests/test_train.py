@@ -15,12 +15,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from pouta.edge.errors import ConfigError
+from pouta.edge.contract.errors import ConfigError
 from pouta.trainer.checkpoint import load_model, read_checkpoint, save_checkpoint
+from pouta.trainer.data.training_set import epoch_batches
 from pouta.trainer.models import build_model, preset_config
 from pouta.trainer.train import StepPace, _fit_to_budget, lr_at, parser, train
 from pouta.trainer.train_config import build_config, model_config_from
-from pouta.trainer.training_set import epoch_batches
 
 torch.set_num_threads(2)
 
@@ -109,7 +109,7 @@ def test_reconstruction_cue_follows_the_geometry_unless_set(
     expected: bool,
     said: str | None,
 ) -> None:
-    from pouta.trainer.training_set import resolve_geometry
+    from pouta.trainer.data.training_set import resolve_geometry
 
     sets = [] if cue_set is None else [f"model.reconstruction_cue={cue_set}"]
     cfg = build_config(_args(size="32x32", set=sets))
@@ -135,7 +135,7 @@ def test_discriminator_widths_follow_the_geometry_unless_set(
     widths: list[int],
     fusion: int,
 ) -> None:
-    from pouta.trainer.training_set import resolve_geometry
+    from pouta.trainer.data.training_set import resolve_geometry
 
     cfg = build_config(_args(size="32x32", set=sets))
     resolve_geometry(cfg, _flat_images(tmp_path, hw))
@@ -163,7 +163,7 @@ def test_map_blur_is_round_on_the_part_unless_set(
     sets: list[str],
     sigma_hw: list[float] | None,
 ) -> None:
-    from pouta.trainer.training_set import resolve_geometry
+    from pouta.trainer.data.training_set import resolve_geometry
 
     cfg = build_config(_args(size="32x32", set=sets))
     if not sets:

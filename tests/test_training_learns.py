@@ -35,7 +35,7 @@ FLOOR_CAUGHT = {"pouta": 0.5, "vanilla": 0.5, "features": 0.4, "prn": 0.05}
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from pouta.trainer.demo_data import make_demo_dataset
+    from pouta.trainer.data.demo_data import make_demo_dataset
 
     root = tmp_path_factory.mktemp("learns")
     category = make_demo_dataset(

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pouta.edge.errors import ConfigError
-from pouta.edge.fsutil import atomic_path
+from pouta.edge.contract.errors import ConfigError
+from pouta.edge.contract.fsutil import atomic_path
 from torch import nn
 
 from .models import ModelConfig, build_model

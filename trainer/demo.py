@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from pouta.edge.settings import add_config_args, settings_or_exit
+from pouta.edge.contract.settings import add_config_args, settings_or_exit
 
 # The demo's operating point, in the line's currency: at most 5% of good parts rejected,
 # with 95% confidence. The order-statistic bound needs 59 good parts for that (the largest

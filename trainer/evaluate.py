@@ -28,14 +28,14 @@ from typing import Any
 
 import cv2
 import numpy as np
-from pouta.calibration.plots import save_score_histogram
-from pouta.edge.errors import PoutaError
-from pouta.edge.geometry import FrameGeometry, score_frames
-from pouta.edge.overlay import draw_overlay, to_bgr8
-from pouta.edge.preprocess import Preprocessor
-from pouta.edge.settings import add_config_args, hw_arg, settings_or_exit
+from pouta.calibration.thresholds.plots import save_score_histogram
+from pouta.edge.contract.errors import PoutaError
+from pouta.edge.contract.geometry import FrameGeometry, score_frames
+from pouta.edge.contract.overlay import draw_overlay, to_bgr8
+from pouta.edge.contract.preprocess import Preprocessor
+from pouta.edge.contract.settings import add_config_args, hw_arg, settings_or_exit
 
-from .data import InspectionDataset, open_dataset
+from .data.readers import InspectionDataset, open_dataset
 from .metrics import aupro, average_precision, pixel_metrics, roc_auc
 
 log = logging.getLogger(__name__)
@@ -346,8 +346,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             pre = preprocessor_for_training(info["train_config"], int(cfg.height), int(cfg.width))
             scorer = torch_scorer(model, args.device)
         else:
-            from pouta.edge.metadata import load_for_model
-            from pouta.edge.preprocess import preprocessor_for
+            from pouta.edge.contract.metadata import load_for_model
+            from pouta.edge.contract.preprocess import preprocessor_for
 
             pre = preprocessor_for(load_for_model(args.onnx))
             scorer = onnx_scorer(args.onnx)

@@ -2,7 +2,7 @@
 
     pouta-export runs/bottle/model.pt -o model.onnx [--size HxW] [--opset 17]
 
-Contract (``pouta.edge.metadata``): input ``image`` float32 [N,3,H,W] RGB in [0,1];
+Contract (``pouta.edge.contract.metadata``): input ``image`` float32 [N,3,H,W] RGB in [0,1];
 outputs ``anomaly_map`` [N,1,H,W] in [0,1] and ``score`` [N] (21x21 average-pool max,
 inside the graph); the batch axis is dynamic. The graph is traced from the inference
 path only (``aux=False``): no MSS heads, no POUTA image head, BatchNorm in eval mode.
@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from pouta.edge.errors import ConfigError, PoutaError
-from pouta.edge.fsutil import atomic_path, sha256_file
-from pouta.edge.geometry import Tiling
-from pouta.edge.metadata import (
+from pouta.edge.contract.errors import ConfigError, PoutaError
+from pouta.edge.contract.fsutil import atomic_path, sha256_file
+from pouta.edge.contract.geometry import Tiling
+from pouta.edge.contract.metadata import (
     INPUT_NAME,
     OUTPUT_ANOMALY_MAP,
     OUTPUT_SCORE,
@@ -31,7 +31,7 @@ from pouta.edge.metadata import (
     ModelMetadata,
     metadata_path,
 )
-from pouta.edge.settings import add_config_args, parse_hw, settings_or_exit
+from pouta.edge.contract.settings import add_config_args, parse_hw, settings_or_exit
 from torch import nn
 
 from .checkpoint import load_model

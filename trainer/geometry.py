@@ -53,9 +53,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pouta.edge.errors import ConfigError, ImageReadError
-from pouta.edge.geometry import Tiling
-from pouta.edge.preprocess import Preprocessor, read_image
+from pouta.edge.contract.errors import ConfigError, ImageReadError
+from pouta.edge.contract.geometry import Tiling
+from pouta.edge.contract.preprocess import Preprocessor, read_image
 
 WORK_SHORT_SIDE_IN_TILES = 2.0
 WHOLE_IMAGE_MAX_DOWNSCALE = 2.0

@@ -24,11 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pouta.edge.errors import ConfigError, PoutaError
-from pouta.edge.fsutil import atomic_write_json
-from pouta.edge.settings import dump, parse_sets
+from pouta.edge.contract.errors import ConfigError, PoutaError
+from pouta.edge.contract.fsutil import atomic_write_json
+from pouta.edge.contract.settings import dump, parse_sets
 
 from .checkpoint import read_checkpoint, save_checkpoint
+from .data.training_set import (
+    batch_stream,
+    build_training_set,
+    resolve_geometry,
+    single_threaded_opencv,
+    training_paths,
+)
 from .evaluate import progress_bar
 from .geometry import preprocessor_for_training
 from .losses import total_loss
@@ -36,13 +43,6 @@ from .models import EQUAL_CUE_WEIGHTS, KINDS, MODEL_KINDS, ModelConfig, build_mo
 from .models.prn import prn_loss
 from .train_config import build_config, model_config_from, resume_config
 from .train_log import plot_losses, truncate_log
-from .training_set import (
-    batch_stream,
-    build_training_set,
-    resolve_geometry,
-    single_threaded_opencv,
-    training_paths,
-)
 from .watchdog import StallWatchdog
 
 LAST = "last.pt"
@@ -212,7 +212,7 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
             mask = batch["mask"].to(device, non_blocking=True)
             if not (torch.isfinite(image).all() and torch.isfinite(original).all()):
                 raise TrainingError(
-                    f"step {step}: the training batch contains NaN/inf (check pouta.trainer.synthesis)"
+                    f"step {step}: the training batch contains NaN/inf (check pouta.trainer.synthesis.anomalies)"
                 )
             if hasattr(model, "training_loss"):  # a kind that computes its own loss (redi)
                 with torch.autocast(device.type, enabled=use_amp):
@@ -472,7 +472,7 @@ def _fit_to_budget(
 
 
 def _evaluate(model: torch.nn.Module, mcfg: ModelConfig, cfg: dict, out: Path, device: torch.device) -> dict:
-    from .data import open_dataset
+    from .data.readers import open_dataset
     from .evaluate import evaluate, torch_scorer
 
     d = cfg["data"]

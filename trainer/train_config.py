@@ -1,6 +1,6 @@
 """``pouta-train``'s configuration: the packaged preset YAML is the schema and the defaults.
 
-Layers (``pouta.edge.settings``): preset defaults (``configs/tiny.yaml`` or ``paper.yaml``,
+Layers (``pouta.edge.contract.settings``): preset defaults (``configs/tiny.yaml`` or ``paper.yaml``,
 the model section completed from ``ModelConfig``, synthesis from ``SynthesisConfig``)
 <- ``--config FILE`` <- ``--set KEY=VALUE`` <- flags. An unknown key or a wrong type is a
 one-line error naming the key, before any data are read.
@@ -14,12 +14,12 @@ from importlib import resources
 from typing import Any
 
 import yaml
-from pouta.edge.errors import ConfigError
-from pouta.edge.settings import Schema, merge, parse_hw, parse_sets, read_yaml, resolve
+from pouta.edge.contract.errors import ConfigError
+from pouta.edge.contract.settings import Schema, merge, parse_hw, parse_sets, read_yaml, resolve
 
 from .geometry import AUTO_WIDTHS, cue_setting, map_blur_setting, width_setting
 from .models import BACKBONE_KINDS, ModelConfig, preset_config
-from .synthesis import SynthesisConfig
+from .synthesis.anomalies import SynthesisConfig
 
 PRESETS = ("tiny", "paper")
 # Training defaults a kind needs other than the preset's (PRN: the paper's weight decay).

