@@ -32,6 +32,7 @@ QUALITY_REPORTS = {
 }
 # features and prn, with the validation / report split of each test set
 SPLIT_REPORT = REPORTS / "quality-10min-cpu-2core" / "pretrained" / "quality.json"
+DEFECTS_REPORT = REPORTS / "quality-10min-cpu-2core" / "defects-aitex" / "quality.json"
 BENCH_REPORT = REPORTS / "cpu-2core-avx2" / "results.json"
 ACCURACY_REPORT = REPORTS / "cpu-2core-avx2" / "accuracy-e2e" / "results.json"
 TILING_REPORT = REPORTS / "tiling-cost-cpu-2core" / "result.json"
@@ -409,10 +410,10 @@ def quality_table() -> str:
     return "\n".join(lines)
 
 
-def quality_split_table() -> str:
+def quality_split_table(report: Path = SPLIT_REPORT) -> str:
     """The pretrained-backbone kinds on the report split (never used to choose a default)
     and the validation split, with recall at zero false rejects."""
-    rep = json.loads(SPLIT_REPORT.read_text(encoding="utf-8"))
+    rep = json.loads(report.read_text(encoding="utf-8"))
     lines = [
         "| category | model | image AUROC (report) | recall @ 0 FR (report) | image AUROC (val) "
         "| recall @ 0 FR (val) | pixel AUROC | input |",
@@ -534,6 +535,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "extras-table": extras_table,
     "quality-table": quality_table,
     "quality-split-table": quality_split_table,
+    "quality-defects-table": lambda: quality_split_table(DEFECTS_REPORT),
     "quality-chart": quality_chart_markdown,
     "cue-weights-table": cue_weights_table,
     "bench-targets": bench_targets,
