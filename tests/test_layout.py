@@ -138,8 +138,10 @@ def _text_files() -> list[Path]:
     return out
 
 
-DOTTED = re.compile(r"\bpouta\.(edge|calibration|trainer|benchmarks)((?:\.\w+)+)")
-FROM_TOP = re.compile(r"\bfrom pouta\.(edge|calibration|trainer|benchmarks) import ([\w ,]+)")
+# also right after a backslash-n: code written into a string for a subprocess
+START = r"(?:(?<=\\n)|\b)"
+DOTTED = re.compile(START + r"pouta\.(edge|calibration|trainer|benchmarks)((?:\.\w+)+)")
+FROM_TOP = re.compile(START + r"from pouta\.(edge|calibration|trainer|benchmarks) import ([\w ,]+)")
 
 
 def _resolves(dotted: str) -> bool:

@@ -68,7 +68,7 @@ def test_large_tall_grayscale_trains_with_a_worker(tmp_path: Path) -> None:
 )
 def test_forced_stall_exits_with_the_watchdog_error(tmp_path: Path, where: str, patch: str) -> None:
     data = _tall_gray_set(tmp_path / "data", n=4)
-    script = f"import sys, time\nfrom pouta.trainer import synthesis, training_set\n{patch}\nfrom pouta.trainer.train import main\nmain(sys.argv[1:])\n"
+    script = f"import sys, time\nfrom pouta.trainer.data import training_set\nfrom pouta.trainer.synthesis import anomalies as synthesis\n{patch}\nfrom pouta.trainer.train import main\nmain(sys.argv[1:])\n"
     args = _train_cmd(data, tmp_path / "run", "--set", "train.stall_timeout_s=4")
     proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr[-2000:]
