@@ -34,6 +34,7 @@ QUALITY_REPORTS = {
 SPLIT_REPORT = REPORTS / "quality-10min-cpu-2core" / "pretrained" / "quality.json"
 DEFECTS_REPORT = REPORTS / "quality-10min-cpu-2core" / "defects-aitex" / "quality.json"
 REDI_REPORT = REPORTS / "quality-10min-cpu-2core" / "redi" / "quality.json"
+REDI_ABLATION_REPORT = REPORTS / "quality-10min-cpu-2core" / "redi-ablations-elpv" / "quality.json"
 BENCH_REPORT = REPORTS / "cpu-2core-avx2" / "results.json"
 ACCURACY_REPORT = REPORTS / "cpu-2core-avx2" / "accuracy-e2e" / "results.json"
 TILING_REPORT = REPORTS / "tiling-cost-cpu-2core" / "result.json"
@@ -538,6 +539,7 @@ GENERATORS: dict[str, Callable[[], str]] = {
     "quality-split-table": quality_split_table,
     "quality-defects-table": lambda: quality_split_table(DEFECTS_REPORT),
     "quality-redi-table": lambda: quality_split_table(REDI_REPORT),
+    "quality-redi-ablation-table": lambda: quality_split_table(REDI_ABLATION_REPORT),
     "quality-chart": quality_chart_markdown,
     "cue-weights-table": cue_weights_table,
     "bench-targets": bench_targets,
