@@ -40,7 +40,6 @@ from .evaluate import progress_bar
 from .geometry import preprocessor_for_training
 from .losses import total_loss
 from .models import EQUAL_CUE_WEIGHTS, KINDS, MODEL_KINDS, ModelConfig, build_model, fit_cue_scales
-from .models.prn import prn_loss
 from .train_config import build_config, model_config_from, resume_config
 from .train_log import plot_losses, truncate_log
 from .watchdog import StallWatchdog
@@ -138,10 +137,7 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
     tick = lambda: watchdog.beat(0)  # noqa: E731 - fitting a memory is progress, not a stall
     if not KINDS[mcfg.kind].trains:
         return _fit_only(model, cfg, dataset, data_info, out, device, tick, watchdog)
-    if ck is None and mcfg.kind == "prn":
-        mcfg = _fit_prototypes(model, dataset, seed, tick)
-        cfg["model"] = mcfg.to_dict()
-    elif ck is None and hasattr(model, "fit_before_training"):
+    if ck is None and hasattr(model, "fit_before_training"):
         mcfg = _fit_before_training(model, dataset, seed, tick)
         cfg["model"] = mcfg.to_dict()
     model = model.to(device)
@@ -214,18 +210,14 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
                 raise TrainingError(
                     f"step {step}: the training batch contains NaN/inf (check pouta.trainer.synthesis.anomalies)"
                 )
-            if hasattr(model, "training_loss"):  # a kind that computes its own loss (redi)
+            if hasattr(model, "training_loss"):  # a kind that computes its own loss (prn, redi)
                 with torch.autocast(device.type, enabled=use_amp):
                     parts = model.training_loss(image, original, mask)  # type: ignore[operator]
             else:
                 with torch.autocast(device.type, enabled=use_amp):
                     o = model(image)
-                assert o.logits is not None
-                if mcfg.kind == "prn":
-                    parts = prn_loss(o.logits, mask)
-                else:
-                    assert o.reconstruction is not None
-                    parts = total_loss(o.reconstruction, original, o.logits, mask, o.side_logits)
+                assert o.logits is not None and o.reconstruction is not None
+                parts = total_loss(o.reconstruction, original, o.logits, mask, o.side_logits)
             if not torch.isfinite(parts.total):
                 raise TrainingError(
                     f"step {step}: loss is {float(parts.total)} ({parts.as_floats()}); lower train.lr"
@@ -261,10 +253,7 @@ def _train(cfg: dict[str, Any], ck: dict[str, Any] | None, progress: bool, watch
         pbar.close()
     seconds = time.monotonic() - t0
     save(out / LAST, status, seconds)
-    if mcfg.kind == "prn":
-        mcfg = _fit_prn_cues(model, dataset, device, memory_format)
-        cfg["model"] = mcfg.to_dict()
-    elif hasattr(model, "fit_after_training"):
+    if hasattr(model, "fit_after_training"):
         mcfg = _fit_after_training(model, dataset, device, memory_format)
         cfg["model"] = mcfg.to_dict()
     elif mcfg.reconstruction_cue:
@@ -376,29 +365,16 @@ def _fit_only(
     return final
 
 
-def _fit_prototypes(model: torch.nn.Module, dataset: Any, seed: int, tick: Callable[[], None]) -> ModelConfig:
-    fit, _ = _memory_inputs(dataset)
-    t0 = time.monotonic()
-    model.fit_prototypes(_batches(fit, torch.device("cpu")), seed, tick)  # type: ignore[operator]
-    mcfg: ModelConfig = model.cfg  # type: ignore[assignment]
-    print(
-        f"pouta-train: prn: {mcfg.prototypes} prototypes per scale and a memory of {mcfg.memory_size} "
-        f"patch features from {len(fit)} normal inputs ({time.monotonic() - t0:.0f} s)",
-        flush=True,
-    )
-    return mcfg
-
-
 def _fit_before_training(
     model: torch.nn.Module, dataset: Any, seed: int, tick: Callable[[], None]
 ) -> ModelConfig:
-    """A kind's fit from good parts before training (redi: its gallery of prompts); the
-    held-out images stay out of it for ``_fit_after_training``."""
+    """A kind's fit from good parts before training (prn: prototypes and memory; redi: its
+    gallery of prompts); the held-out images stay out of it for ``_fit_after_training``."""
     fit, _ = _memory_inputs(dataset)
     t0 = time.monotonic()
-    model.fit_before_training(_batches(fit, torch.device("cpu")), seed, tick)  # type: ignore[operator]
+    fitted = model.fit_before_training(_batches(fit, torch.device("cpu")), seed, tick)  # type: ignore[operator]
     print(
-        f"pouta-train: {model.cfg.kind}: fitted from {len(fit)} normal inputs before training "  # type: ignore[union-attr]
+        f"pouta-train: {model.cfg.kind}: {fitted} from {len(fit)} normal inputs "  # type: ignore[union-attr]
         f"({time.monotonic() - t0:.0f} s)",
         flush=True,
     )
@@ -408,23 +384,11 @@ def _fit_before_training(
 def _fit_after_training(
     model: torch.nn.Module, dataset: Any, device: torch.device, memory_format: torch.memory_format
 ) -> ModelConfig:
-    """A kind's normaliser from held-out good parts after training (redi: the map's k)."""
+    """A kind's normaliser from held-out good parts after training (prn: the cues' scales;
+    redi: the map's k)."""
     _, held = _memory_inputs(dataset)
-    k = model.fit_after_training(_batches(held, device, memory_format))  # type: ignore[operator]
-    print(f"pouta-train: distance scale {k:.4g} fitted on {len(held)} held-out normal inputs", flush=True)
-    return model.cfg  # type: ignore[return-value]
-
-
-def _fit_prn_cues(
-    model: torch.nn.Module, dataset: Any, device: torch.device, memory_format: torch.memory_format
-) -> ModelConfig:
-    _, held = _memory_inputs(dataset)
-    (k_a, k_d), (w_a, w_d) = model.fit_cues(_batches(held, device, memory_format))  # type: ignore[operator]
-    print(
-        f"pouta-train: cues fitted on {len(held)} held-out normal inputs: learned map scale {k_a:.4g} "
-        f"weight {w_a:.2f}, patch distance scale {k_d:.4g} weight {w_d:.2f}",
-        flush=True,
-    )
+    fitted = model.fit_after_training(_batches(held, device, memory_format))  # type: ignore[operator]
+    print(f"pouta-train: fitted on {len(held)} held-out normal inputs: {fitted}", flush=True)
     return model.cfg  # type: ignore[return-value]
 
 

@@ -220,6 +220,24 @@ class PRN(nn.Module):
         self.cue_memory.fill(memory_rows(torch.cat(cue_rows), self.cfg.memory_size, seed, tick))
         self.cfg = self.cfg.with_(prototypes=rows)
 
+    def fit_before_training(
+        self, batches: Sequence[torch.Tensor], seed: int, tick: Tick | None = None
+    ) -> str:
+        """Training's hook: the prototypes and the cue memory. Returns a line for the log."""
+        self.fit_prototypes(batches, seed, tick)
+        return f"{self.cfg.prototypes} prototypes per scale and a memory of {self.cfg.memory_size} patch features"
+
+    def training_loss(self, image: torch.Tensor, original: torch.Tensor, mask: torch.Tensor) -> PRNLoss:
+        """Training's hook: the paper's loss on the head's logits (``original`` unused)."""
+        return prn_loss(self(image).logits, mask)
+
+    def fit_after_training(self, batches: Sequence[torch.Tensor]) -> str:
+        """Training's hook: the cues' scales on held-out normal inputs. Returns a log line."""
+        (k_a, k_d), (w_a, w_d) = self.fit_cues(batches)
+        return (
+            f"learned map scale {k_a:.4g} weight {w_a:.2f}, patch distance scale {k_d:.4g} weight {w_d:.2f}"
+        )
+
     @torch.no_grad()
     def fit_cues(self, batches: Sequence[torch.Tensor]) -> tuple[tuple[float, float], tuple[float, float]]:
         """The two cues' scales from held-out normal inputs (after training); their weights

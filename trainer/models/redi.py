@@ -353,8 +353,9 @@ class ReDi(nn.Module):
     @torch.no_grad()
     def fit_before_training(
         self, batches: Sequence[torch.Tensor], seed: int, tick: Tick | None = None
-    ) -> None:
-        """Choose the gallery from normal inputs: farthest-point over their descriptors."""
+    ) -> str:
+        """Choose the gallery from normal inputs: farthest-point over their descriptors.
+        Returns what was fitted, for the training log."""
         self.eval()
         images, descs = [], []
         for x in batches:
@@ -367,13 +368,15 @@ class ReDi(nn.Module):
         all_images, all_descs = torch.cat(images), torch.cat(descs)
         pick = gallery_pick(all_descs, self.cfg.redi_gallery, seed)
         self.gallery.fill(all_images[pick].contiguous(), all_descs[pick].contiguous())
+        return f"a gallery of {len(pick)} good parts"
 
     @torch.no_grad()
-    def fit_after_training(self, batches: Sequence[torch.Tensor]) -> float:
+    def fit_after_training(self, batches: Sequence[torch.Tensor]) -> str:
         """k from held-out normal inputs that never entered the gallery: their mean image
-        score of the raw map, so a typical good part scores about 0.5."""
+        score of the raw map, so a typical good part scores about 0.5. Returns it as a line
+        for the training log."""
         self.eval()
         self.cfg = self.cfg.with_(distance_scale=None)
         k = held_out_scale(self.distance, self.smoothing, batches)
         self.cfg = self.cfg.with_(distance_scale=k)
-        return k
+        return f"distance scale {k:.4g}"
